@@ -1,0 +1,690 @@
+//! The WebPods engine: every rule of the product, behind one cloneable [`Engine`] handle.
+//!
+//! Frontends (REST, GraphQL, WebSocket) authenticate a token into a [`Caller`] and call the
+//! engine; they never see storage or actor types. The engine owns:
+//! - **appends**: one ractor actor per active stream ([`actor`]) serializes appends with group
+//!   commit; a receipt exists only after its batch committed; idle actors stop;
+//! - **the hash chain** ([`hash`]) exactly as SPEC §5.1, computed inside the commit transaction
+//!   against the locked head, so several instances on one database never fork a chain;
+//! - **permissions** (SPEC §8), decided here for every frontend alike;
+//! - **reads**, which go straight to storage (never through the actors).
+//!
+//! Errors are one enum, [`Error`], whose [`ErrorKind`] frontends map to their transport.
+
+mod actor;
+mod batch;
+pub mod clock;
+mod error;
+pub mod hash;
+mod model;
+pub mod names;
+pub mod token;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use moka::future::Cache;
+use webpods_storage::{CreateStream, NewStream, PodRow, RecordRange, RecordRow, Store, StreamRow};
+
+pub use actor::ActorLimits;
+pub use error::{Error, ErrorKind, Result};
+pub use model::*;
+pub use token::{Claims, Scope, TokenKeys};
+
+use crate::actor::Registry;
+use crate::batch::{Entry, StreamCtx};
+use crate::clock::{iso8601, now_ms};
+use crate::names::{check_record_name, check_stream_path, is_system_path, is_valid_pod_name};
+
+/// The stream holding the pod owner, and the name of its records.
+const OWNER_STREAM: &str = ".config/owner";
+const OWNER_RECORD: &str = "owner";
+/// `.config` streams written only through their own endpoints.
+const ENDPOINT_STREAMS: [&str; 3] = [".config/owner", ".config/routing", ".config/domains"];
+
+/// Engine settings, read once from configuration by the binary.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub actors: ActorLimits,
+    /// Largest content of one record.
+    pub max_record_bytes: usize,
+    /// Largest page of a list read.
+    pub max_list_records: i64,
+    /// Custom record headers that may be stored (lowercase names).
+    pub allowed_record_headers: Vec<String>,
+    /// Safety-net lifetime of cached pods and streams.
+    pub cache_ttl: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            actors: ActorLimits {
+                max_batch_records: 4096,
+                max_batch_bytes: 16 * 1024 * 1024,
+                idle_timeout: Duration::from_secs(30),
+            },
+            max_record_bytes: 10 * 1024 * 1024,
+            max_list_records: 1000,
+            allowed_record_headers: Vec::new(),
+            cache_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Options of a list read (SPEC §4.3).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ListQuery {
+    /// `after=K` (index > K); negative = the last `-K` records.
+    pub after: Option<i64>,
+    /// `before=K` (index < K).
+    pub before: Option<i64>,
+    pub limit: Option<i64>,
+}
+
+/// The engine handle. Clone it freely.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    config: EngineConfig,
+    keys: TokenKeys,
+    registry: Arc<Registry>,
+    pods: Cache<String, PodRow>,
+    streams: Cache<(i64, String), StreamRow>,
+}
+
+impl Engine {
+    pub fn new(store: Store, config: EngineConfig, keys: TokenKeys) -> Engine {
+        let pods = Cache::builder()
+            .max_capacity(10_000)
+            .time_to_live(config.cache_ttl)
+            .build();
+        let streams = Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(config.cache_ttl)
+            .build();
+        Engine {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                keys,
+                registry: Arc::new(Registry::default()),
+                pods,
+                streams,
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// The storage handle (for health checks and operator commands).
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Stream actors alive in this instance.
+    pub fn active_actors(&self) -> usize {
+        self.inner.registry.len()
+    }
+
+    /// Commits everything queued in every stream actor and stops them (graceful shutdown).
+    pub async fn shutdown(&self) {
+        actor::flush_all(&self.inner.registry).await;
+    }
+
+    // ----- identity -------------------------------------------------------------------------
+
+    /// Turns an optional bearer token into a caller. No token = anonymous.
+    pub fn authenticate(&self, token: Option<&str>) -> Result<Caller> {
+        let Some(token) = token else {
+            return Ok(Caller::Anonymous);
+        };
+        let claims = self.inner.keys.verify(token)?;
+        let scope = match claims.scope.as_deref() {
+            None => Scope::ALL,
+            Some(s) => Scope::parse(s)
+                .ok_or_else(|| Error::new(ErrorKind::InvalidToken, "the token's scope is invalid"))?,
+        };
+        Ok(Caller::User(UserCaller {
+            user_id: claims.sub,
+            pods: claims.pods,
+            scope,
+        }))
+    }
+
+    /// Signs a token for `user_id`.
+    pub fn issue_token(
+        &self,
+        user_id: &str,
+        pods: Option<Vec<String>>,
+        scope: Scope,
+        expires_in_secs: Option<i64>,
+    ) -> Result<String> {
+        let claims = token::new_claims(user_id, now_ms() / 1000, expires_in_secs, pods, scope);
+        self.inner.keys.sign(&claims)
+    }
+
+    /// Finds or creates the local-mode user called `name`; returns its user id.
+    pub async fn ensure_local_user(&self, name: &str) -> Result<String> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let user = self
+            .inner
+            .store
+            .upsert_identity_user("local", name, None, Some(name), &id, now_ms())
+            .await?;
+        Ok(user.id)
+    }
+
+    // ----- pods -----------------------------------------------------------------------------
+
+    /// Creates a pod owned by the caller, with `.config/owner` index 0 naming them.
+    pub async fn create_pod(&self, caller: &Caller, name: &str) -> Result<Pod> {
+        let user = require_writer(caller)?;
+        if !is_valid_pod_name(name) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "invalid pod name: 2-63 of a-z, 0-9 and '-', not starting or ending with '-'",
+            ));
+        }
+        check_token_pod(user, name)?;
+        let now = now_ms();
+        let content = serde_json::json!({ "userId": user.user_id }).to_string();
+        let owner_stream = StreamCtx {
+            stream_id: 0,
+            pod_id: 0,
+            pod: name.to_string(),
+            path: OWNER_STREAM.to_string(),
+        };
+        let first = batch::chain_record(
+            &owner_stream,
+            &webpods_storage::Head::EMPTY,
+            &NewRecord {
+                name: OWNER_RECORD.to_string(),
+                content: Bytes::from(content),
+                content_type: "application/json".to_string(),
+                headers: BTreeMap::new(),
+                deleted: false,
+            },
+            &user.user_id,
+            now,
+        );
+        let streams = [
+            ("", "", "public"),
+            (names::CONFIG, names::CONFIG, "private"),
+            (OWNER_STREAM, OWNER_RECORD, "private"),
+        ];
+        let pod = self
+            .inner
+            .store
+            .create_pod(name, &user.user_id, now, &streams, &first)
+            .await?
+            .ok_or_else(|| Error::new(ErrorKind::PodExists, format!("pod {name:?} already exists")))?;
+        Ok(pod_view(&pod))
+    }
+
+    /// Pods owned by the caller.
+    pub async fn list_pods(&self, caller: &Caller) -> Result<Vec<Pod>> {
+        let user = require_user(caller)?;
+        let pods = self.inner.store.list_pods_owned_by(&user.user_id).await?;
+        Ok(pods
+            .iter()
+            .filter(|p| user.pods.as_ref().is_none_or(|l| l.contains(&p.name)))
+            .map(pod_view)
+            .collect())
+    }
+
+    /// Makes `new_owner` the pod's owner (owner only).
+    pub async fn transfer_owner(&self, caller: &Caller, pod: &str, new_owner: &str) -> Result<()> {
+        let pod = self.pod(pod).await?;
+        let user = require_writer(caller)?;
+        check_token_pod(user, &pod.name)?;
+        if pod.owner_id != user.user_id {
+            return Err(forbidden("only the pod owner may transfer it"));
+        }
+        if self.inner.store.get_user(new_owner).await?.is_none() {
+            return Err(Error::new(ErrorKind::UserNotFound, "no such user"));
+        }
+        let stream = self.existing_stream(&pod, OWNER_STREAM).await?;
+        let content = serde_json::json!({ "userId": new_owner }).to_string();
+        let entry = Entry {
+            records: vec![NewRecord {
+                name: OWNER_RECORD.to_string(),
+                content: Bytes::from(content),
+                content_type: "application/json".to_string(),
+                headers: BTreeMap::new(),
+                deleted: false,
+            }],
+            precondition: None,
+            idempotency_key: None,
+            author: user.user_id.clone(),
+        };
+        self.submit(&pod, &stream, entry).await?;
+        self.inner.pods.invalidate(&pod.name).await;
+        Ok(())
+    }
+
+    // ----- writes ---------------------------------------------------------------------------
+
+    /// Appends records to a stream (creating it and its ancestors when missing).
+    pub async fn append(
+        &self,
+        caller: &Caller,
+        pod: &str,
+        stream_path: &str,
+        req: AppendRequest,
+    ) -> Result<AppendOutcome> {
+        check_stream_path(stream_path)?;
+        if req.records.is_empty() {
+            return Err(Error::new(ErrorKind::InvalidInput, "nothing to append"));
+        }
+        for r in &req.records {
+            self.check_new_record(r)?;
+        }
+        if let Some(k) = &req.idempotency_key {
+            if k.is_empty() || k.len() > 128 {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "Idempotency-Key must be 1-128 characters",
+                ));
+            }
+        }
+        let pod = self.pod(pod).await?;
+        let user = require_writer(caller)?;
+        check_token_pod(user, &pod.name)?;
+        if ENDPOINT_STREAMS.contains(&stream_path) {
+            return Err(forbidden(format!("{stream_path} is written through its own endpoint")));
+        }
+        let stream = match self.stream(&pod, stream_path).await? {
+            Some(s) => s,
+            None => {
+                self.create_stream_path(&pod, user, stream_path, req.access.as_deref())
+                    .await?
+            }
+        };
+        self.check_write(&pod, &stream, user)?;
+        let entry = Entry {
+            records: req.records,
+            precondition: req.precondition,
+            idempotency_key: req.idempotency_key,
+            author: user.user_id.clone(),
+        };
+        let committed = self.submit(&pod, &stream, entry).await?;
+        Ok(AppendOutcome {
+            receipts: committed
+                .rows
+                .iter()
+                .map(|r| Receipt::new(&stream.path, r))
+                .collect(),
+            replayed: committed.replayed,
+        })
+    }
+
+    /// Creates an empty stream explicitly (409 `STREAM_EXISTS` if it is there).
+    pub async fn create_stream(
+        &self,
+        caller: &Caller,
+        pod: &str,
+        path: &str,
+        access: Option<&str>,
+    ) -> Result<StreamInfo> {
+        check_stream_path(path)?;
+        if path.is_empty() {
+            return Err(Error::new(ErrorKind::StreamExists, "the root stream always exists"));
+        }
+        let pod = self.pod(pod).await?;
+        let user = require_writer(caller)?;
+        check_token_pod(user, &pod.name)?;
+        if self.stream(&pod, path).await?.is_some() {
+            return Err(Error::new(ErrorKind::StreamExists, format!("stream {path:?} exists")));
+        }
+        let row = self.create_stream_path(&pod, user, path, access).await?;
+        Ok(stream_view(&row))
+    }
+
+    fn check_new_record(&self, r: &NewRecord) -> Result<()> {
+        check_record_name(&r.name)?;
+        if r.content.len() > self.inner.config.max_record_bytes {
+            return Err(Error::new(
+                ErrorKind::ContentTooLarge,
+                format!("a record may hold at most {} bytes", self.inner.config.max_record_bytes),
+            ));
+        }
+        if is_json_type(&r.content_type)
+            && serde_json::from_slice::<serde::de::IgnoredAny>(&r.content).is_err()
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidContent,
+                format!("the content is not valid JSON ({})", r.content_type),
+            ));
+        }
+        for k in r.headers.keys() {
+            if !self.inner.config.allowed_record_headers.iter().any(|a| a == k) {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("record header {k:?} is not allowed by server.allowed_record_headers"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the streams of `path` that are missing, top-down. The last one gets `access`.
+    async fn create_stream_path(
+        &self,
+        pod: &PodRow,
+        user: &UserCaller,
+        path: &str,
+        access: Option<&str>,
+    ) -> Result<StreamRow> {
+        let access = access.unwrap_or("public");
+        check_access(access)?;
+        if is_system_path(path) && pod.owner_id != user.user_id {
+            return Err(forbidden(".config streams are owner-only"));
+        }
+        let mut parent = self.existing_stream(pod, "").await?;
+        let mut end = 0;
+        while end < path.len() {
+            end = path[end..].find('/').map_or(path.len(), |i| end + i);
+            let prefix = &path[..end];
+            let is_leaf = end == path.len();
+            if let Some(s) = self.stream(pod, prefix).await? {
+                parent = s;
+                end += 1;
+                continue;
+            }
+            // Top-level streams are the owner's; deeper ones need write access to the parent.
+            let allowed = pod.owner_id == user.user_id
+                || (!parent.path.is_empty() && self.check_write(pod, &parent, user).is_ok());
+            if !allowed {
+                return Err(forbidden("you may not create streams here"));
+            }
+            let new = NewStream {
+                pod_id: pod.id,
+                parent_id: Some(parent.id),
+                path: prefix.to_string(),
+                name: names::split_last(prefix).1.to_string(),
+                access: if is_leaf { access } else { "public" }.to_string(),
+                creator_id: user.user_id.clone(),
+                created_at: now_ms(),
+            };
+            parent = match self.inner.store.create_stream(&new).await? {
+                CreateStream::Created(s) | CreateStream::Exists(s) => s,
+                CreateStream::NameConflict => {
+                    return Err(Error::new(
+                        ErrorKind::NameConflict,
+                        format!("{prefix:?} is the name of a record in its parent stream"),
+                    ));
+                }
+            };
+            end += 1;
+        }
+        Ok(parent)
+    }
+
+    async fn submit(&self, pod: &PodRow, stream: &StreamRow, entry: Entry) -> Result<actor::Committed> {
+        let ctx = Arc::new(StreamCtx {
+            stream_id: stream.id,
+            pod_id: pod.id,
+            pod: pod.name.clone(),
+            path: stream.path.clone(),
+        });
+        let i = &self.inner;
+        actor::submit(&i.registry, &ctx, &i.store, i.config.actors, entry).await
+    }
+
+    // ----- reads ----------------------------------------------------------------------------
+
+    /// What a GET of `path` on a pod host addresses: a stream, or a record name in a stream.
+    pub async fn resolve(&self, caller: &Caller, pod: &str, path: &str) -> Result<Target> {
+        let pod = self.pod(pod).await?;
+        if let Some(s) = self.stream(&pod, path).await? {
+            self.check_read(&pod, &s, caller)?;
+            return Ok(Target::Stream(stream_view(&s)));
+        }
+        let (stream_path, name) = names::split_last(path);
+        check_stream_path(stream_path)?;
+        check_record_name(name)?;
+        let s = self.existing_stream(&pod, stream_path).await?;
+        self.check_read(&pod, &s, caller)?;
+        Ok(Target::Record {
+            stream: stream_view(&s),
+            name: name.to_string(),
+        })
+    }
+
+    /// The latest record called `name`; if none and `name` is an integer, the record at that
+    /// index (negative counts from the end). Tombstoned → 404, purged → 410.
+    pub async fn read_by_name(&self, stream: &StreamInfo, name: &str) -> Result<Record> {
+        let store = &self.inner.store;
+        let row = match store.latest_by_name(stream.id, name).await? {
+            Some(r) => Some(r),
+            None => match name.parse::<i64>() {
+                Ok(i) => return self.read_by_index(stream, i).await,
+                Err(_) => None,
+            },
+        };
+        let row = row.ok_or_else(|| {
+            Error::new(ErrorKind::RecordNotFound, format!("no record named {name:?}"))
+        })?;
+        if row.deleted {
+            return Err(Error::new(ErrorKind::RecordDeleted, format!("{name:?} was deleted")));
+        }
+        readable(stream, row)
+    }
+
+    /// The record at `index` (negative counts from the end).
+    pub async fn read_by_index(&self, stream: &StreamInfo, index: i64) -> Result<Record> {
+        let store = &self.inner.store;
+        let index = if index < 0 {
+            let head = store.stream_head(stream.id).await?.unwrap_or(webpods_storage::Head::EMPTY);
+            head.index + 1 + index
+        } else {
+            index
+        };
+        let row = if index < 0 {
+            None
+        } else {
+            store.get_record(stream.id, index).await?
+        };
+        let row = row.ok_or_else(|| {
+            Error::new(ErrorKind::RecordNotFound, format!("no record at index {index}"))
+        })?;
+        readable(stream, row)
+    }
+
+    /// A page of records in index order.
+    pub async fn list(&self, stream: &StreamInfo, q: ListQuery) -> Result<RecordPage> {
+        let store = &self.inner.store;
+        let limit = q
+            .limit
+            .unwrap_or(100)
+            .clamp(1, self.inner.config.max_list_records);
+        let head = store
+            .stream_head(stream.id)
+            .await?
+            .unwrap_or(webpods_storage::Head::EMPTY);
+        let after = match q.after {
+            Some(a) if a < 0 => Some(head.index + a),
+            other => other,
+        };
+        let mut rows = store
+            .list_records(
+                stream.id,
+                RecordRange {
+                    after,
+                    before: q.before,
+                    limit: limit + 1,
+                },
+            )
+            .await?;
+        let has_more = rows.len() as i64 > limit;
+        rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        let next_index = if has_more {
+            rows.last().map(|r| r.index + 1)
+        } else {
+            None
+        };
+        Ok(RecordPage {
+            records: rows
+                .into_iter()
+                .map(|row| Record {
+                    stream_path: stream.path.clone(),
+                    row,
+                })
+                .collect(),
+            total: head.index + 1,
+            has_more,
+            next_index,
+        })
+    }
+
+    // ----- lookups and permissions ----------------------------------------------------------
+
+    async fn pod(&self, name: &str) -> Result<PodRow> {
+        let not_found = || Error::new(ErrorKind::PodNotFound, format!("pod {name:?} does not exist"));
+        if !is_valid_pod_name(name) {
+            return Err(not_found());
+        }
+        if let Some(p) = self.inner.pods.get(name).await {
+            return Ok(p);
+        }
+        let pod = self.inner.store.get_pod(name).await?.ok_or_else(not_found)?;
+        self.inner.pods.insert(name.to_string(), pod.clone()).await;
+        Ok(pod)
+    }
+
+    async fn stream(&self, pod: &PodRow, path: &str) -> Result<Option<StreamRow>> {
+        let key = (pod.id, path.to_string());
+        if let Some(s) = self.inner.streams.get(&key).await {
+            return Ok(Some(s));
+        }
+        let found = self.inner.store.get_stream(pod.id, path).await?;
+        if let Some(s) = &found {
+            self.inner.streams.insert(key, s.clone()).await;
+        }
+        Ok(found)
+    }
+
+    async fn existing_stream(&self, pod: &PodRow, path: &str) -> Result<StreamRow> {
+        self.stream(pod, path).await?.ok_or_else(|| {
+            Error::new(ErrorKind::StreamNotFound, format!("stream {path:?} does not exist"))
+        })
+    }
+
+    fn check_read(&self, pod: &PodRow, s: &StreamRow, caller: &Caller) -> Result<()> {
+        if let Caller::User(u) = caller {
+            check_token_pod(u, &pod.name)?;
+            if !u.scope.read {
+                return Err(forbidden("this token may not read"));
+            }
+        }
+        if s.access == "public" && !is_system_path(&s.path) {
+            return Ok(());
+        }
+        let user = require_user(caller)?;
+        if pod.owner_id == user.user_id || (s.access == "private" && s.creator_id == user.user_id)
+        {
+            return Ok(());
+        }
+        Err(forbidden("you may not read this stream"))
+    }
+
+    fn check_write(&self, pod: &PodRow, s: &StreamRow, user: &UserCaller) -> Result<()> {
+        if pod.owner_id == user.user_id {
+            return Ok(());
+        }
+        if is_system_path(&s.path) {
+            return Err(forbidden(".config streams are owner-only"));
+        }
+        match s.access.as_str() {
+            "public" => Ok(()),
+            "private" if s.creator_id == user.user_id => Ok(()),
+            _ => Err(forbidden("you may not write to this stream")),
+        }
+    }
+}
+
+fn readable(stream: &StreamInfo, row: RecordRow) -> Result<Record> {
+    if row.purged {
+        return Err(Error::new(
+            ErrorKind::RecordPurged,
+            format!("the content of {:?} was purged", row.name),
+        ));
+    }
+    Ok(Record {
+        stream_path: stream.path.clone(),
+        row,
+    })
+}
+
+fn forbidden(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Forbidden, msg)
+}
+
+fn require_user(caller: &Caller) -> Result<&UserCaller> {
+    match caller {
+        Caller::User(u) => Ok(u),
+        Caller::Anonymous => Err(Error::new(ErrorKind::Unauthorized, "a token is required")),
+    }
+}
+
+fn require_writer(caller: &Caller) -> Result<&UserCaller> {
+    let user = require_user(caller)?;
+    if !user.scope.write {
+        return Err(forbidden("this token may not write"));
+    }
+    Ok(user)
+}
+
+fn check_token_pod(user: &UserCaller, pod: &str) -> Result<()> {
+    match &user.pods {
+        Some(list) if !list.iter().any(|p| p == pod) => Err(Error::new(
+            ErrorKind::PodForbidden,
+            format!("this token is not valid for pod {pod:?}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `public`, `private` or `/permission-stream`.
+fn check_access(access: &str) -> Result<()> {
+    let ok = match access {
+        "public" | "private" => true,
+        a => a
+            .strip_prefix('/')
+            .is_some_and(|p| !p.is_empty() && check_stream_path(p).is_ok()),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::InvalidInput,
+            "access must be public, private or /permission-stream",
+        ))
+    }
+}
+
+fn pod_view(p: &PodRow) -> Pod {
+    Pod {
+        name: p.name.clone(),
+        created_at: iso8601(p.created_at),
+    }
+}
+
+fn stream_view(s: &StreamRow) -> StreamInfo {
+    StreamInfo {
+        id: s.id,
+        path: s.path.clone(),
+        access_permission: s.access.clone(),
+        creator_id: s.creator_id.clone(),
+        created_at: iso8601(s.created_at),
+    }
+}

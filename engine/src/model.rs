@@ -1,0 +1,255 @@
+//! The engine's public data types: what frontends pass in and get back.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::ser::SerializeMap;
+use serde_json::value::RawValue;
+
+use crate::clock::iso8601;
+use webpods_storage::RecordRow;
+
+/// Who is calling, as established from a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    Anonymous,
+    User(UserCaller),
+}
+
+/// An authenticated caller and the limits of the token used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserCaller {
+    pub user_id: String,
+    /// `None` = every pod.
+    pub pods: Option<Vec<String>>,
+    pub scope: crate::token::Scope,
+}
+
+impl Caller {
+    pub fn user_id(&self) -> Option<&str> {
+        match self {
+            Caller::Anonymous => None,
+            Caller::User(u) => Some(&u.user_id),
+        }
+    }
+}
+
+/// A pod as clients see it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pod {
+    pub name: String,
+    pub created_at: String,
+}
+
+/// One record to append.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    pub name: String,
+    pub content: Bytes,
+    pub content_type: String,
+    /// Custom headers, keys lowercased.
+    pub headers: BTreeMap<String, String>,
+    pub deleted: bool,
+}
+
+/// A condition on the head the append must extend (SPEC §4.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    /// `If-Match`: the last record has this hash.
+    LastHash(String),
+    /// `X-Expected-Index`: the first new record gets this index.
+    NextIndex(i64),
+    /// `If-None-Match: *`: the stream is empty.
+    Empty,
+}
+
+/// An append of one or more records (a batch is atomic).
+#[derive(Debug, Clone)]
+pub struct AppendRequest {
+    pub records: Vec<NewRecord>,
+    pub precondition: Option<Precondition>,
+    pub idempotency_key: Option<String>,
+    /// Access of the stream if this append creates it.
+    pub access: Option<String>,
+}
+
+/// What a committed append returns.
+#[derive(Debug, Clone)]
+pub struct AppendOutcome {
+    pub receipts: Vec<Receipt>,
+    /// `true` when an idempotency key matched an earlier append: nothing new was written.
+    pub replayed: bool,
+}
+
+/// The receipt of one appended record.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Receipt {
+    pub index: i64,
+    pub name: String,
+    pub path: String,
+    pub content_type: String,
+    pub size: i64,
+    pub content_hash: String,
+    pub hash: String,
+    pub previous_hash: Option<String>,
+    pub timestamp: String,
+}
+
+impl Receipt {
+    pub(crate) fn new(stream_path: &str, r: &RecordRow) -> Self {
+        Receipt {
+            index: r.index,
+            name: r.name.clone(),
+            path: record_path(stream_path, &r.name),
+            content_type: r.content_type.clone(),
+            size: r.size,
+            content_hash: r.content_hash.clone(),
+            hash: r.hash.clone(),
+            previous_hash: r.previous_hash.clone(),
+            timestamp: iso8601(r.timestamp),
+        }
+    }
+}
+
+/// `stream/name` (or `name` in the root stream).
+pub fn record_path(stream_path: &str, name: &str) -> String {
+    if stream_path.is_empty() {
+        name.to_string()
+    } else {
+        format!("{stream_path}/{name}")
+    }
+}
+
+/// A stored record with the path of its stream.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub stream_path: String,
+    pub row: RecordRow,
+}
+
+/// How a record's content appears in JSON.
+pub enum JsonContent<'a> {
+    Json(&'a RawValue),
+    Text(&'a str),
+    Base64(String),
+    Purged,
+}
+
+impl Record {
+    pub fn path(&self) -> String {
+        record_path(&self.stream_path, &self.row.name)
+    }
+
+    pub fn headers(&self) -> BTreeMap<String, String> {
+        serde_json::from_str(&self.row.headers).unwrap_or_default()
+    }
+
+    /// The content as it is embedded in record JSON (SPEC §4.3).
+    pub fn json_content(&self) -> JsonContent<'_> {
+        use base64::Engine as _;
+        if self.row.purged {
+            return JsonContent::Purged;
+        }
+        let bytes = &self.row.content;
+        if is_json_type(&self.row.content_type) {
+            if let Ok(s) = std::str::from_utf8(bytes) {
+                if let Ok(raw) = serde_json::from_str::<&RawValue>(s) {
+                    return JsonContent::Json(raw);
+                }
+            }
+        }
+        if is_text_type(&self.row.content_type) {
+            if let Ok(s) = std::str::from_utf8(bytes) {
+                return JsonContent::Text(s);
+            }
+        }
+        JsonContent::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+}
+
+impl Serialize for Record {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let r = &self.row;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("index", &r.index)?;
+        m.serialize_entry("name", &r.name)?;
+        m.serialize_entry("path", &self.path())?;
+        match self.json_content() {
+            JsonContent::Json(raw) => m.serialize_entry("content", raw)?,
+            JsonContent::Text(t) => m.serialize_entry("content", t)?,
+            JsonContent::Base64(b) => {
+                m.serialize_entry("content", &b)?;
+                m.serialize_entry("encoding", "base64")?;
+            }
+            JsonContent::Purged => m.serialize_entry("content", &())?,
+        }
+        m.serialize_entry("contentType", &r.content_type)?;
+        m.serialize_entry("size", &r.size)?;
+        m.serialize_entry("contentHash", &r.content_hash)?;
+        m.serialize_entry("hash", &r.hash)?;
+        m.serialize_entry("previousHash", &r.previous_hash)?;
+        m.serialize_entry("userId", &r.author)?;
+        m.serialize_entry("headers", &self.headers())?;
+        m.serialize_entry("timestamp", &iso8601(r.timestamp))?;
+        m.serialize_entry("deleted", &r.deleted)?;
+        if r.purged {
+            m.serialize_entry("purged", &true)?;
+        }
+        m.end()
+    }
+}
+
+/// `application/json` and `*+json`.
+pub fn is_json_type(ct: &str) -> bool {
+    ct == "application/json" || ct.ends_with("+json")
+}
+
+/// Types whose content is shown as a string in JSON.
+pub fn is_text_type(ct: &str) -> bool {
+    ct.starts_with("text/")
+        || ct.ends_with("+xml")
+        || matches!(
+            ct,
+            "application/xml"
+                | "application/javascript"
+                | "application/x-www-form-urlencoded"
+                | "application/yaml"
+        )
+}
+
+/// A page of records (SPEC §4.3 list form).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordPage {
+    pub records: Vec<Record>,
+    /// Records in the stream (head index + 1).
+    pub total: i64,
+    pub has_more: bool,
+    /// The index to pass as `after` for the next page.
+    pub next_index: Option<i64>,
+}
+
+/// What a GET on a pod path addresses.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The path is a stream.
+    Stream(StreamInfo),
+    /// The path is `stream/name`.
+    Record { stream: StreamInfo, name: String },
+}
+
+/// A stream as clients see it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamInfo {
+    #[serde(skip)]
+    pub id: i64,
+    pub path: String,
+    pub access_permission: String,
+    #[serde(skip)]
+    pub creator_id: String,
+    pub created_at: String,
+}

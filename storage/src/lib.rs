@@ -1,0 +1,399 @@
+//! Durable storage for WebPods: users, pods, the stream tree and the hash-chained records.
+//!
+//! One interface, [`Store`], over two backends: PostgreSQL (production, any number of server
+//! instances on one database) and SQLite (the embedded default, one instance). Migrations are
+//! embedded and applied by [`Store::migrate`].
+//!
+//! This crate knows nothing about hashing or permissions; it keeps these invariants:
+//! - a stream's records occupy indices `0..=head_index` with no gap: a batch is inserted in the
+//!   same transaction that moves `streams.head_*`, and the primary key `(stream_id, idx)` is the
+//!   last guard against a fork;
+//! - [`Store::append_batch`] locks the stream's row for the whole transaction (PostgreSQL
+//!   `SELECT … FOR UPDATE`; SQLite's single writer), hands the *real* head to the caller's batch
+//!   builder and writes whatever it returns with one statement per batch. Two writers can
+//!   therefore never extend the same head twice, whichever instance they run in;
+//! - a record name never equals a child stream's name in the same stream: record batches and
+//!   stream creation both check the other side while holding the parent stream's row lock.
+
+mod postgres;
+mod sqlite;
+
+/// Column lists shared by both backends, in the order of the row structs.
+const RECORD_COLUMNS: &str = "idx, name, content, content_type, headers, size, author, ts, \
+     content_hash, hash, previous_hash, deleted, purged";
+const STREAM_COLUMNS: &str = "id, pod_id, parent_id, path, name, access, creator_id, created_at, \
+     head_index, head_hash, head_timestamp";
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+/// Everything that can go wrong in storage.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database cannot be reached right now (connection refused, pool exhausted, shutdown).
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// The database answered with an error that is not about reachability.
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    /// The stream row disappeared (deleted concurrently).
+    #[error("stream {0} does not exist")]
+    StreamNotFound(i64),
+    /// Applying the embedded migrations failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database URL is not one we understand.
+    #[error("invalid database url: {0}")]
+    InvalidUrl(String),
+    /// Stored data that cannot be decoded (a bug or manual tampering).
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+/// The coarse class of an [`Error`], for callers that map errors to their own transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Unavailable,
+    NotFound,
+    Internal,
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Unavailable(_) => ErrorKind::Unavailable,
+            Error::StreamNotFound(_) => ErrorKind::NotFound,
+            _ => ErrorKind::Internal,
+        }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        let unavailable = match &e {
+            E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => true,
+            E::Protocol(_) => true,
+            // SQLSTATE class 08 = connection exception; 57P0x = server shutting down.
+            E::Database(db) => db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P0")),
+            _ => false,
+        };
+        if unavailable {
+            Error::Unavailable(e)
+        } else {
+            Error::Database(e)
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Pool and durability settings, read once from configuration.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Maximum PostgreSQL connections (SQLite uses one writer and this many readers, capped at 8).
+    pub max_connections: u32,
+    /// How long to wait for a pooled connection before failing with [`Error::Unavailable`].
+    pub acquire_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A user account.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct UserRow {
+    pub id: String,
+    pub created_at: i64,
+}
+
+/// A pod; `owner_id` mirrors the latest `.config/owner` record.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PodRow {
+    pub id: i64,
+    pub name: String,
+    pub owner_id: String,
+    pub created_at: i64,
+}
+
+/// The committed end of a chain. `index == -1` (and `hash == None`) for an empty stream.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Head {
+    #[sqlx(rename = "head_index")]
+    pub index: i64,
+    #[sqlx(rename = "head_hash")]
+    pub hash: Option<String>,
+    #[sqlx(rename = "head_timestamp")]
+    pub timestamp: i64,
+}
+
+impl Head {
+    pub const EMPTY: Head = Head {
+        index: -1,
+        hash: None,
+        timestamp: 0,
+    };
+}
+
+/// A stream (a node of the pod's tree).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StreamRow {
+    pub id: i64,
+    pub pod_id: i64,
+    pub parent_id: Option<i64>,
+    /// Full path without leading slash; `""` is the pod's root stream.
+    pub path: String,
+    /// Last segment of `path` (`""` for the root stream).
+    pub name: String,
+    pub access: String,
+    pub creator_id: String,
+    pub created_at: i64,
+    #[sqlx(flatten)]
+    pub head: Head,
+}
+
+/// A stored record. `content` is empty when `purged`.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct RecordRow {
+    #[sqlx(rename = "idx")]
+    pub index: i64,
+    pub name: String,
+    pub content: Vec<u8>,
+    pub content_type: String,
+    /// Custom headers as a JSON object (keys lowercased and sorted).
+    pub headers: String,
+    pub size: i64,
+    pub author: String,
+    #[sqlx(rename = "ts")]
+    pub timestamp: i64,
+    pub content_hash: String,
+    pub hash: String,
+    pub previous_hash: Option<String>,
+    pub deleted: bool,
+    pub purged: bool,
+}
+
+/// A new stream to insert.
+#[derive(Debug, Clone)]
+pub struct NewStream {
+    pub pod_id: i64,
+    pub parent_id: Option<i64>,
+    pub path: String,
+    pub name: String,
+    pub access: String,
+    pub creator_id: String,
+    pub created_at: i64,
+}
+
+/// What creating a stream did.
+#[derive(Debug, Clone)]
+pub enum CreateStream {
+    Created(StreamRow),
+    /// Another request created it first; this is the existing row.
+    Exists(StreamRow),
+    /// The parent stream has a record with the new stream's name.
+    NameConflict,
+}
+
+/// What [`Store::append_batch`] must look up, under the stream lock, before the batch is built.
+#[derive(Debug, Clone, Default)]
+pub struct BatchProbe {
+    /// Record names of the batch, checked against child stream names.
+    pub names: Vec<String>,
+    /// Idempotency keys of the batch, looked up in the stream's key table.
+    pub idempotency_keys: Vec<String>,
+}
+
+/// What the batch builder sees: the locked head and the answers to the [`BatchProbe`].
+#[derive(Debug, Clone)]
+pub struct BatchContext {
+    pub head: Head,
+    /// Names from the probe that are child streams of this stream.
+    pub conflicting_names: HashSet<String>,
+    /// Keys from the probe already used, with the records they appended.
+    pub existing_keys: HashMap<String, Vec<RecordRow>>,
+}
+
+/// An idempotency key to remember with the batch: `count` records from `first_index`.
+#[derive(Debug, Clone)]
+pub struct NewIdempotencyKey {
+    pub key: String,
+    pub first_index: i64,
+    pub count: i32,
+}
+
+/// What the batch builder decided to write; all of it commits atomically or not at all.
+#[derive(Debug, Clone, Default)]
+pub struct BatchPlan {
+    /// Consecutive records starting at `head.index + 1`.
+    pub records: Vec<RecordRow>,
+    pub idempotency_keys: Vec<NewIdempotencyKey>,
+    /// Set when the batch writes `.config/owner`: the pod's new owner.
+    pub pod_owner: Option<(i64, String)>,
+}
+
+/// One page of records in index order.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRange {
+    /// Only records with index > after.
+    pub after: Option<i64>,
+    /// Only records with index < before.
+    pub before: Option<i64>,
+    pub limit: i64,
+}
+
+/// The storage handle. Cheap to clone (pools are reference-counted).
+#[derive(Debug, Clone)]
+pub enum Store {
+    Postgres(PgStore),
+    Sqlite(SqliteStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Postgres($s) => $e,
+            Store::Sqlite($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Connects to `postgres://…` or `sqlite://path` (the SQLite file is created if missing).
+    pub async fn connect(url: &str, options: &StoreOptions) -> Result<Store> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Store::Postgres(PgStore::connect(url, options).await?))
+        } else if url.starts_with("sqlite:") {
+            Ok(Store::Sqlite(SqliteStore::connect(url, options).await?))
+        } else {
+            Err(Error::InvalidUrl(
+                "expected postgres://… or sqlite://path".to_string(),
+            ))
+        }
+    }
+
+    /// `"postgres"` or `"sqlite"`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Postgres(_) => "postgres",
+            Store::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Applies the embedded migrations (idempotent; safe to run from several instances).
+    pub async fn migrate(&self) -> Result<()> {
+        dispatch!(self, s => s.migrate().await)
+    }
+
+    /// Answers when the database is reachable.
+    pub async fn ping(&self) -> Result<()> {
+        dispatch!(self, s => s.ping().await)
+    }
+
+    /// Closes every pooled connection.
+    pub async fn close(&self) {
+        dispatch!(self, s => s.close().await)
+    }
+
+    pub async fn get_setting(&self, key: &str) -> Result<Option<String>> {
+        dispatch!(self, s => s.get_setting(key).await)
+    }
+
+    /// Stores `value` unless the key already has one; returns the value now stored.
+    pub async fn put_setting_if_absent(&self, key: &str, value: &str) -> Result<String> {
+        dispatch!(self, s => s.put_setting_if_absent(key, value).await)
+    }
+
+    pub async fn get_user(&self, id: &str) -> Result<Option<UserRow>> {
+        dispatch!(self, s => s.get_user(id).await)
+    }
+
+    /// Finds the user of an identity, creating both when missing (race-safe).
+    pub async fn upsert_identity_user(
+        &self,
+        provider: &str,
+        provider_id: &str,
+        email: Option<&str>,
+        name: Option<&str>,
+        new_user_id: &str,
+        now: i64,
+    ) -> Result<UserRow> {
+        dispatch!(self, s => s.upsert_identity_user(provider, provider_id, email, name, new_user_id, now).await)
+    }
+
+    /// Creates a pod with its initial streams `(path, name, access)` — a chain, each the parent
+    /// of the next — and the first record of the last one (`.config/owner`). `None` when the
+    /// name is taken.
+    pub async fn create_pod(
+        &self,
+        name: &str,
+        owner_id: &str,
+        created_at: i64,
+        streams: &[(&str, &str, &str)],
+        first_record: &RecordRow,
+    ) -> Result<Option<PodRow>> {
+        dispatch!(self, s => s.create_pod(name, owner_id, created_at, streams, first_record).await)
+    }
+
+    pub async fn get_pod(&self, name: &str) -> Result<Option<PodRow>> {
+        dispatch!(self, s => s.get_pod(name).await)
+    }
+
+    pub async fn list_pods_owned_by(&self, user_id: &str) -> Result<Vec<PodRow>> {
+        dispatch!(self, s => s.list_pods_owned_by(user_id).await)
+    }
+
+    pub async fn get_stream(&self, pod_id: i64, path: &str) -> Result<Option<StreamRow>> {
+        dispatch!(self, s => s.get_stream(pod_id, path).await)
+    }
+
+    /// Creates a stream under an existing parent, checking the parent's record names.
+    pub async fn create_stream(&self, stream: &NewStream) -> Result<CreateStream> {
+        dispatch!(self, s => s.create_stream(stream).await)
+    }
+
+    /// Locks the stream, shows `build` the real head and probe answers, writes its plan and
+    /// moves the head, in one transaction. Returns the plan as committed and the builder's output.
+    pub async fn append_batch<T, F>(
+        &self,
+        stream_id: i64,
+        probe: &BatchProbe,
+        build: F,
+    ) -> Result<(BatchPlan, T)>
+    where
+        F: FnOnce(BatchContext) -> (BatchPlan, T) + Send,
+        T: Send,
+    {
+        dispatch!(self, s => s.append_batch(stream_id, probe, build).await)
+    }
+
+    pub async fn get_record(&self, stream_id: i64, index: i64) -> Result<Option<RecordRow>> {
+        dispatch!(self, s => s.get_record(stream_id, index).await)
+    }
+
+    /// The latest record (highest index) with this name.
+    pub async fn latest_by_name(&self, stream_id: i64, name: &str) -> Result<Option<RecordRow>> {
+        dispatch!(self, s => s.latest_by_name(stream_id, name).await)
+    }
+
+    /// Records in index order within `range`.
+    pub async fn list_records(&self, stream_id: i64, range: RecordRange) -> Result<Vec<RecordRow>> {
+        dispatch!(self, s => s.list_records(stream_id, range).await)
+    }
+
+    /// The committed head as stored now.
+    pub async fn stream_head(&self, stream_id: i64) -> Result<Option<Head>> {
+        dispatch!(self, s => s.stream_head(stream_id).await)
+    }
+}

@@ -1,0 +1,468 @@
+//! The PostgreSQL backend: a connection pool, batches written with one `UNNEST` insert, and the
+//! stream row locked with `FOR UPDATE` so that instances sharing the database serialize on it.
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row, Transaction};
+
+use crate::{
+    BatchContext, RECORD_COLUMNS, STREAM_COLUMNS, BatchPlan, BatchProbe, CreateStream, Error, Head, NewStream, PodRow, RecordRange,
+    RecordRow, Result, StoreOptions, StreamRow, UserRow,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub(crate) async fn connect(url: &str, options: &StoreOptions) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(2))
+            .acquire_timeout(options.acquire_timeout)
+            .connect(url)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    /// The pool, for tests and benchmarks that inspect the database directly.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub(crate) async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    pub(crate) async fn get_setting(&self, key: &str) -> Result<Option<String>> {
+        let v = sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(v)
+    }
+
+    pub(crate) async fn put_setting_if_absent(&self, key: &str, value: &str) -> Result<String> {
+        sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+        let v: String = sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(v)
+    }
+
+    pub(crate) async fn get_user(&self, id: &str) -> Result<Option<UserRow>> {
+        let row = sqlx::query_as("SELECT id, created_at FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row)
+    }
+
+    pub(crate) async fn upsert_identity_user(
+        &self,
+        provider: &str,
+        provider_id: &str,
+        email: Option<&str>,
+        name: Option<&str>,
+        new_user_id: &str,
+        now: i64,
+    ) -> Result<UserRow> {
+        let mut tx = self.pool.begin().await?;
+        // Serialize concurrent first logins of one identity on an advisory lock of its key.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1 || ':' || $2))")
+            .bind(provider)
+            .bind(provider_id)
+            .execute(&mut *tx)
+            .await?;
+        let existing: Option<UserRow> = sqlx::query_as(
+            "SELECT u.id, u.created_at FROM identities i JOIN users u ON u.id = i.user_id \
+             WHERE i.provider = $1 AND i.provider_id = $2",
+        )
+        .bind(provider)
+        .bind(provider_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let user = match existing {
+            Some(u) => u,
+            None => {
+                sqlx::query("INSERT INTO users (id, created_at) VALUES ($1, $2)")
+                    .bind(new_user_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO identities (provider, provider_id, user_id, email, name, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(provider)
+                .bind(provider_id)
+                .bind(new_user_id)
+                .bind(email)
+                .bind(name)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                UserRow {
+                    id: new_user_id.to_string(),
+                    created_at: now,
+                }
+            }
+        };
+        tx.commit().await?;
+        Ok(user)
+    }
+
+    pub(crate) async fn create_pod(
+        &self,
+        name: &str,
+        owner_id: &str,
+        created_at: i64,
+        streams: &[(&str, &str, &str)],
+        first_record: &RecordRow,
+    ) -> Result<Option<PodRow>> {
+        let mut tx = self.pool.begin().await?;
+        let pod_id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO pods (name, owner_id, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO NOTHING RETURNING id",
+        )
+        .bind(name)
+        .bind(owner_id)
+        .bind(created_at)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(pod_id) = pod_id else {
+            return Ok(None);
+        };
+        let mut parent: Option<i64> = None;
+        for (path, seg, access) in streams {
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO streams (pod_id, parent_id, path, name, access, creator_id, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+            )
+            .bind(pod_id)
+            .bind(parent)
+            .bind(path)
+            .bind(seg)
+            .bind(access)
+            .bind(owner_id)
+            .bind(created_at)
+            .fetch_one(&mut *tx)
+            .await?;
+            parent = Some(id);
+        }
+        if let Some(stream_id) = parent {
+            insert_records(&mut tx, stream_id, std::slice::from_ref(first_record)).await?;
+            set_head(&mut tx, stream_id, first_record).await?;
+        }
+        tx.commit().await?;
+        Ok(Some(PodRow {
+            id: pod_id,
+            name: name.to_string(),
+            owner_id: owner_id.to_string(),
+            created_at,
+        }))
+    }
+
+    pub(crate) async fn get_pod(&self, name: &str) -> Result<Option<PodRow>> {
+        let row = sqlx::query_as("SELECT id, name, owner_id, created_at FROM pods WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row)
+    }
+
+    pub(crate) async fn list_pods_owned_by(&self, user_id: &str) -> Result<Vec<PodRow>> {
+        let rows = sqlx::query_as(
+            "SELECT id, name, owner_id, created_at FROM pods WHERE owner_id = $1 ORDER BY name",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    pub(crate) async fn get_stream(&self, pod_id: i64, path: &str) -> Result<Option<StreamRow>> {
+        let row = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {STREAM_COLUMNS} FROM streams WHERE pod_id = $1 AND path = $2"
+        )))
+        .bind(pod_id)
+        .bind(path)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
+    }
+
+    pub(crate) async fn create_stream(&self, s: &NewStream) -> Result<CreateStream> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(parent) = s.parent_id {
+            // The parent's row lock orders this against appends of a same-named record.
+            let conflict: Option<bool> = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM records WHERE stream_id = $1 AND name = $2) \
+                 FROM streams WHERE id = $1 FOR UPDATE",
+            )
+            .bind(parent)
+            .bind(&s.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match conflict {
+                None => return Err(Error::StreamNotFound(parent)),
+                Some(true) => return Ok(CreateStream::NameConflict),
+                Some(false) => {}
+            }
+        }
+        let row: Option<StreamRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO streams (pod_id, parent_id, path, name, access, creator_id, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (pod_id, path) DO NOTHING \
+             RETURNING {STREAM_COLUMNS}"
+        )))
+        .bind(s.pod_id)
+        .bind(s.parent_id)
+        .bind(&s.path)
+        .bind(&s.name)
+        .bind(&s.access)
+        .bind(&s.creator_id)
+        .bind(s.created_at)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let result = match row {
+            Some(r) => CreateStream::Created(r),
+            None => {
+                let r = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {STREAM_COLUMNS} FROM streams WHERE pod_id = $1 AND path = $2"
+                )))
+                .bind(s.pod_id)
+                .bind(&s.path)
+                .fetch_one(&mut *tx)
+                .await?;
+                CreateStream::Exists(r)
+            }
+        };
+        tx.commit().await?;
+        Ok(result)
+    }
+
+    pub(crate) async fn append_batch<T, F>(
+        &self,
+        stream_id: i64,
+        probe: &BatchProbe,
+        build: F,
+    ) -> Result<(BatchPlan, T)>
+    where
+        F: FnOnce(BatchContext) -> (BatchPlan, T) + Send,
+        T: Send,
+    {
+        let mut tx = self.pool.begin().await?;
+        // One round trip: lock the head and find record names that collide with child streams.
+        let row = sqlx::query(
+            "SELECT s.head_index, s.head_hash, s.head_timestamp, \
+                    ARRAY(SELECT c.name FROM streams c WHERE c.parent_id = s.id AND c.name = ANY($2)) \
+             FROM streams s WHERE s.id = $1 FOR UPDATE",
+        )
+        .bind(stream_id)
+        .bind(&probe.names)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Err(Error::StreamNotFound(stream_id));
+        };
+        let head = Head {
+            index: row.get(0),
+            hash: row.get(1),
+            timestamp: row.get(2),
+        };
+        let conflicting_names: HashSet<String> = row.get::<Vec<String>, _>(3).into_iter().collect();
+        let mut existing_keys = HashMap::new();
+        if !probe.idempotency_keys.is_empty() {
+            let keys = sqlx::query(
+                "SELECT key, first_index, count FROM idempotency_keys \
+                 WHERE stream_id = $1 AND key = ANY($2)",
+            )
+            .bind(stream_id)
+            .bind(&probe.idempotency_keys)
+            .fetch_all(&mut *tx)
+            .await?;
+            for k in keys {
+                let first: i64 = k.get(1);
+                let count: i32 = k.get(2);
+                let rows: Vec<RecordRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {RECORD_COLUMNS} FROM records WHERE stream_id = $1 \
+                     AND idx >= $2 AND idx < $3 ORDER BY idx"
+                )))
+                .bind(stream_id)
+                .bind(first)
+                .bind(first + i64::from(count))
+                .fetch_all(&mut *tx)
+                .await?;
+                existing_keys.insert(k.get(0), rows);
+            }
+        }
+        let (plan, out) = build(BatchContext {
+            head,
+            conflicting_names,
+            existing_keys,
+        });
+        if let Some(last) = plan.records.last() {
+            insert_records(&mut tx, stream_id, &plan.records).await?;
+            set_head(&mut tx, stream_id, last).await?;
+        }
+        if !plan.idempotency_keys.is_empty() {
+            let keys: Vec<&str> = plan.idempotency_keys.iter().map(|k| k.key.as_str()).collect();
+            let firsts: Vec<i64> = plan.idempotency_keys.iter().map(|k| k.first_index).collect();
+            let counts: Vec<i32> = plan.idempotency_keys.iter().map(|k| k.count).collect();
+            sqlx::query(
+                "INSERT INTO idempotency_keys (stream_id, key, first_index, count) \
+                 SELECT $1, * FROM UNNEST($2::text[], $3::bigint[], $4::int[])",
+            )
+            .bind(stream_id)
+            .bind(&keys)
+            .bind(&firsts)
+            .bind(&counts)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some((pod_id, owner)) = &plan.pod_owner {
+            sqlx::query("UPDATE pods SET owner_id = $2 WHERE id = $1")
+                .bind(pod_id)
+                .bind(owner)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok((plan, out))
+    }
+
+    pub(crate) async fn get_record(&self, stream_id: i64, index: i64) -> Result<Option<RecordRow>> {
+        let row = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE stream_id = $1 AND idx = $2"
+        )))
+        .bind(stream_id)
+        .bind(index)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
+    }
+
+    pub(crate) async fn latest_by_name(
+        &self,
+        stream_id: i64,
+        name: &str,
+    ) -> Result<Option<RecordRow>> {
+        let row = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE stream_id = $1 AND name = $2 \
+             ORDER BY idx DESC LIMIT 1"
+        )))
+        .bind(stream_id)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
+    }
+
+    pub(crate) async fn list_records(
+        &self,
+        stream_id: i64,
+        range: RecordRange,
+    ) -> Result<Vec<RecordRow>> {
+        let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE stream_id = $1 \
+             AND idx > $2 AND idx < $3 ORDER BY idx LIMIT $4"
+        )))
+        .bind(stream_id)
+        .bind(range.after.unwrap_or(-1))
+        .bind(range.before.unwrap_or(i64::MAX))
+        .bind(range.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    pub(crate) async fn stream_head(&self, stream_id: i64) -> Result<Option<Head>> {
+        let row = sqlx::query_as(
+            "SELECT head_index, head_hash, head_timestamp FROM streams WHERE id = $1",
+        )
+        .bind(stream_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
+    }
+}
+
+/// Inserts a batch with one statement, whatever its size.
+async fn insert_records(
+    tx: &mut Transaction<'static, Postgres>,
+    stream_id: i64,
+    records: &[RecordRow],
+) -> Result<()> {
+    let idx: Vec<i64> = records.iter().map(|r| r.index).collect();
+    let name: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
+    let content: Vec<&[u8]> = records.iter().map(|r| r.content.as_slice()).collect();
+    let content_type: Vec<&str> = records.iter().map(|r| r.content_type.as_str()).collect();
+    let headers: Vec<&str> = records.iter().map(|r| r.headers.as_str()).collect();
+    let size: Vec<i64> = records.iter().map(|r| r.size).collect();
+    let author: Vec<&str> = records.iter().map(|r| r.author.as_str()).collect();
+    let ts: Vec<i64> = records.iter().map(|r| r.timestamp).collect();
+    let content_hash: Vec<&str> = records.iter().map(|r| r.content_hash.as_str()).collect();
+    let hash: Vec<&str> = records.iter().map(|r| r.hash.as_str()).collect();
+    let previous_hash: Vec<Option<&str>> =
+        records.iter().map(|r| r.previous_hash.as_deref()).collect();
+    let deleted: Vec<bool> = records.iter().map(|r| r.deleted).collect();
+    sqlx::query(
+        "INSERT INTO records (stream_id, idx, name, content, content_type, headers, size, author, \
+                              ts, content_hash, hash, previous_hash, deleted) \
+         SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::bytea[], $5::text[], $6::text[], \
+                                  $7::bigint[], $8::text[], $9::bigint[], $10::text[], $11::text[], \
+                                  $12::text[], $13::bool[])",
+    )
+    .bind(stream_id)
+    .bind(&idx)
+    .bind(&name)
+    .bind(&content)
+    .bind(&content_type)
+    .bind(&headers)
+    .bind(&size)
+    .bind(&author)
+    .bind(&ts)
+    .bind(&content_hash)
+    .bind(&hash)
+    .bind(&previous_hash)
+    .bind(&deleted)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn set_head(
+    tx: &mut Transaction<'static, Postgres>,
+    stream_id: i64,
+    last: &RecordRow,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE streams SET head_index = $2, head_hash = $3, head_timestamp = $4 WHERE id = $1",
+    )
+    .bind(stream_id)
+    .bind(last.index)
+    .bind(&last.hash)
+    .bind(last.timestamp)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,468 @@
+//! The SQLite backend, the embedded default: WAL journal, `synchronous=FULL` (a receipt means
+//! the batch is on disk), one writer connection shared by every stream actor (SQLite has one
+//! writer anyway; several would only trade `database is locked` errors) and a small pool of
+//! readers. Write transactions start with `BEGIN IMMEDIATE`, so a second process on the same
+//! file (e.g. `webpods token issue`) waits on `busy_timeout` instead of failing mid-transaction.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+
+use crate::{
+    BatchContext, BatchPlan, BatchProbe, CreateStream, Error, Head, NewStream, PodRow,
+    RECORD_COLUMNS, RecordRange, RecordRow, Result, STREAM_COLUMNS, StoreOptions, StreamRow,
+    UserRow,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Rows per multi-row `INSERT` (13 parameters each, under SQLite's 32766-variable limit).
+const INSERT_CHUNK: usize = 2000;
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    readers: SqlitePool,
+}
+
+impl SqliteStore {
+    pub(crate) async fn connect(url: &str, options: &StoreOptions) -> Result<Self> {
+        let base = SqliteConnectOptions::from_str(url)
+            .map_err(|e| Error::InvalidUrl(e.to_string()))?
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(options.acquire_timeout)
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(base.clone().create_if_missing(true))
+            .await?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(options.max_connections.clamp(1, 8))
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(base.read_only(true))
+            .await?;
+        Ok(Self { writer, readers })
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    pub(crate) async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.writer).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.readers).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn close(&self) {
+        self.readers.close().await;
+        self.writer.close().await;
+    }
+
+    pub(crate) async fn get_setting(&self, key: &str) -> Result<Option<String>> {
+        let v = sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.readers)
+            .await?;
+        Ok(v)
+    }
+
+    pub(crate) async fn put_setting_if_absent(&self, key: &str, value: &str) -> Result<String> {
+        let mut tx = self.begin().await?;
+        sqlx::query("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING")
+            .bind(key)
+            .bind(value)
+            .execute(&mut *tx)
+            .await?;
+        let v: String = sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(v)
+    }
+
+    pub(crate) async fn get_user(&self, id: &str) -> Result<Option<UserRow>> {
+        let row = sqlx::query_as("SELECT id, created_at FROM users WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.readers)
+            .await?;
+        Ok(row)
+    }
+
+    pub(crate) async fn upsert_identity_user(
+        &self,
+        provider: &str,
+        provider_id: &str,
+        email: Option<&str>,
+        name: Option<&str>,
+        new_user_id: &str,
+        now: i64,
+    ) -> Result<UserRow> {
+        let mut tx = self.begin().await?;
+        let existing: Option<UserRow> = sqlx::query_as(
+            "SELECT u.id, u.created_at FROM identities i JOIN users u ON u.id = i.user_id \
+             WHERE i.provider = ? AND i.provider_id = ?",
+        )
+        .bind(provider)
+        .bind(provider_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let user = match existing {
+            Some(u) => u,
+            None => {
+                sqlx::query("INSERT INTO users (id, created_at) VALUES (?, ?)")
+                    .bind(new_user_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO identities (provider, provider_id, user_id, email, name, created_at) \
+                     VALUES (?, ?, ?, ?, ?, ?)",
+                )
+                .bind(provider)
+                .bind(provider_id)
+                .bind(new_user_id)
+                .bind(email)
+                .bind(name)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                UserRow {
+                    id: new_user_id.to_string(),
+                    created_at: now,
+                }
+            }
+        };
+        tx.commit().await?;
+        Ok(user)
+    }
+
+    pub(crate) async fn create_pod(
+        &self,
+        name: &str,
+        owner_id: &str,
+        created_at: i64,
+        streams: &[(&str, &str, &str)],
+        first_record: &RecordRow,
+    ) -> Result<Option<PodRow>> {
+        let mut tx = self.begin().await?;
+        let pod_id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO pods (name, owner_id, created_at) VALUES (?, ?, ?) \
+             ON CONFLICT (name) DO NOTHING RETURNING id",
+        )
+        .bind(name)
+        .bind(owner_id)
+        .bind(created_at)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(pod_id) = pod_id else {
+            return Ok(None);
+        };
+        let mut parent: Option<i64> = None;
+        for (path, seg, access) in streams {
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO streams (pod_id, parent_id, path, name, access, creator_id, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            )
+            .bind(pod_id)
+            .bind(parent)
+            .bind(path)
+            .bind(seg)
+            .bind(access)
+            .bind(owner_id)
+            .bind(created_at)
+            .fetch_one(&mut *tx)
+            .await?;
+            parent = Some(id);
+        }
+        if let Some(stream_id) = parent {
+            insert_records(&mut tx, stream_id, std::slice::from_ref(first_record)).await?;
+            set_head(&mut tx, stream_id, first_record).await?;
+        }
+        tx.commit().await?;
+        Ok(Some(PodRow {
+            id: pod_id,
+            name: name.to_string(),
+            owner_id: owner_id.to_string(),
+            created_at,
+        }))
+    }
+
+    pub(crate) async fn get_pod(&self, name: &str) -> Result<Option<PodRow>> {
+        let row = sqlx::query_as("SELECT id, name, owner_id, created_at FROM pods WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.readers)
+            .await?;
+        Ok(row)
+    }
+
+    pub(crate) async fn list_pods_owned_by(&self, user_id: &str) -> Result<Vec<PodRow>> {
+        let rows = sqlx::query_as(
+            "SELECT id, name, owner_id, created_at FROM pods WHERE owner_id = ? ORDER BY name",
+        )
+        .bind(user_id)
+        .fetch_all(&self.readers)
+        .await?;
+        Ok(rows)
+    }
+
+    pub(crate) async fn get_stream(&self, pod_id: i64, path: &str) -> Result<Option<StreamRow>> {
+        let row = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {STREAM_COLUMNS} FROM streams WHERE pod_id = ? AND path = ?"
+        )))
+        .bind(pod_id)
+        .bind(path)
+        .fetch_optional(&self.readers)
+        .await?;
+        Ok(row)
+    }
+
+    pub(crate) async fn create_stream(&self, s: &NewStream) -> Result<CreateStream> {
+        let mut tx = self.begin().await?;
+        if let Some(parent) = s.parent_id {
+            let conflict: Option<bool> = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM records WHERE stream_id = ?1 AND name = ?2) \
+                 FROM streams WHERE id = ?1",
+            )
+            .bind(parent)
+            .bind(&s.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match conflict {
+                None => return Err(Error::StreamNotFound(parent)),
+                Some(true) => return Ok(CreateStream::NameConflict),
+                Some(false) => {}
+            }
+        }
+        let row: Option<StreamRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO streams (pod_id, parent_id, path, name, access, creator_id, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (pod_id, path) DO NOTHING \
+             RETURNING {STREAM_COLUMNS}"
+        )))
+        .bind(s.pod_id)
+        .bind(s.parent_id)
+        .bind(&s.path)
+        .bind(&s.name)
+        .bind(&s.access)
+        .bind(&s.creator_id)
+        .bind(s.created_at)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let result = match row {
+            Some(r) => CreateStream::Created(r),
+            None => {
+                let r = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {STREAM_COLUMNS} FROM streams WHERE pod_id = ? AND path = ?"
+                )))
+                .bind(s.pod_id)
+                .bind(&s.path)
+                .fetch_one(&mut *tx)
+                .await?;
+                CreateStream::Exists(r)
+            }
+        };
+        tx.commit().await?;
+        Ok(result)
+    }
+
+    pub(crate) async fn append_batch<T, F>(
+        &self,
+        stream_id: i64,
+        probe: &BatchProbe,
+        build: F,
+    ) -> Result<(BatchPlan, T)>
+    where
+        F: FnOnce(BatchContext) -> (BatchPlan, T) + Send,
+        T: Send,
+    {
+        let mut tx = self.begin().await?;
+        let head: Option<Head> = sqlx::query_as(
+            "SELECT head_index, head_hash, head_timestamp FROM streams WHERE id = ?",
+        )
+        .bind(stream_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(head) = head else {
+            return Err(Error::StreamNotFound(stream_id));
+        };
+        let names_json = serde_json::to_string(&probe.names)
+            .map_err(|e| Error::Corrupt(format!("encoding names: {e}")))?;
+        let conflicting_names: HashSet<String> = sqlx::query_scalar(
+            "SELECT name FROM streams WHERE parent_id = ? \
+             AND name IN (SELECT value FROM json_each(?))",
+        )
+        .bind(stream_id)
+        .bind(names_json)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let mut existing_keys = HashMap::new();
+        for key in &probe.idempotency_keys {
+            let found = sqlx::query(
+                "SELECT first_index, count FROM idempotency_keys WHERE stream_id = ? AND key = ?",
+            )
+            .bind(stream_id)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(k) = found {
+                let first: i64 = k.get(0);
+                let count: i64 = k.get(1);
+                let rows: Vec<RecordRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {RECORD_COLUMNS} FROM records WHERE stream_id = ? \
+                     AND idx >= ? AND idx < ? ORDER BY idx"
+                )))
+                .bind(stream_id)
+                .bind(first)
+                .bind(first + count)
+                .fetch_all(&mut *tx)
+                .await?;
+                existing_keys.insert(key.clone(), rows);
+            }
+        }
+        let (plan, out) = build(BatchContext {
+            head,
+            conflicting_names,
+            existing_keys,
+        });
+        if let Some(last) = plan.records.last() {
+            insert_records(&mut tx, stream_id, &plan.records).await?;
+            set_head(&mut tx, stream_id, last).await?;
+        }
+        if !plan.idempotency_keys.is_empty() {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("INSERT INTO idempotency_keys (stream_id, key, first_index, count) ");
+            qb.push_values(&plan.idempotency_keys, |mut b, k| {
+                b.push_bind(stream_id)
+                    .push_bind(&k.key)
+                    .push_bind(k.first_index)
+                    .push_bind(k.count);
+            });
+            qb.build().execute(&mut *tx).await?;
+        }
+        if let Some((pod_id, owner)) = &plan.pod_owner {
+            sqlx::query("UPDATE pods SET owner_id = ? WHERE id = ?")
+                .bind(owner)
+                .bind(pod_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok((plan, out))
+    }
+
+    pub(crate) async fn get_record(&self, stream_id: i64, index: i64) -> Result<Option<RecordRow>> {
+        let row = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE stream_id = ? AND idx = ?"
+        )))
+        .bind(stream_id)
+        .bind(index)
+        .fetch_optional(&self.readers)
+        .await?;
+        Ok(row)
+    }
+
+    pub(crate) async fn latest_by_name(
+        &self,
+        stream_id: i64,
+        name: &str,
+    ) -> Result<Option<RecordRow>> {
+        let row = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE stream_id = ? AND name = ? \
+             ORDER BY idx DESC LIMIT 1"
+        )))
+        .bind(stream_id)
+        .bind(name)
+        .fetch_optional(&self.readers)
+        .await?;
+        Ok(row)
+    }
+
+    pub(crate) async fn list_records(
+        &self,
+        stream_id: i64,
+        range: RecordRange,
+    ) -> Result<Vec<RecordRow>> {
+        let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE stream_id = ? \
+             AND idx > ? AND idx < ? ORDER BY idx LIMIT ?"
+        )))
+        .bind(stream_id)
+        .bind(range.after.unwrap_or(-1))
+        .bind(range.before.unwrap_or(i64::MAX))
+        .bind(range.limit)
+        .fetch_all(&self.readers)
+        .await?;
+        Ok(rows)
+    }
+
+    pub(crate) async fn stream_head(&self, stream_id: i64) -> Result<Option<Head>> {
+        let row = sqlx::query_as(
+            "SELECT head_index, head_hash, head_timestamp FROM streams WHERE id = ?",
+        )
+        .bind(stream_id)
+        .fetch_optional(&self.readers)
+        .await?;
+        Ok(row)
+    }
+}
+
+/// Inserts a batch with one multi-row statement per [`INSERT_CHUNK`] records.
+async fn insert_records(
+    tx: &mut Transaction<'static, Sqlite>,
+    stream_id: i64,
+    records: &[RecordRow],
+) -> Result<()> {
+    for chunk in records.chunks(INSERT_CHUNK) {
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO records (stream_id, idx, name, content, content_type, headers, size, \
+             author, ts, content_hash, hash, previous_hash, deleted) ",
+        );
+        qb.push_values(chunk, |mut b, r| {
+            b.push_bind(stream_id)
+                .push_bind(r.index)
+                .push_bind(&r.name)
+                .push_bind(&r.content)
+                .push_bind(&r.content_type)
+                .push_bind(&r.headers)
+                .push_bind(r.size)
+                .push_bind(&r.author)
+                .push_bind(r.timestamp)
+                .push_bind(&r.content_hash)
+                .push_bind(&r.hash)
+                .push_bind(&r.previous_hash)
+                .push_bind(r.deleted);
+        });
+        qb.build().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+async fn set_head(
+    tx: &mut Transaction<'static, Sqlite>,
+    stream_id: i64,
+    last: &RecordRow,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE streams SET head_index = ?, head_hash = ?, head_timestamp = ? WHERE id = ?",
+    )
+    .bind(last.index)
+    .bind(&last.hash)
+    .bind(last.timestamp)
+    .bind(stream_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
