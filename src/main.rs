@@ -1,1 +1,126 @@
-fn main() {}
+//! `webpods` — serve, migrate, or issue a token (SPEC §10).
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use webpods::config::Config;
+use webpods::startup::{self, Server};
+use webpods_engine::{Engine, Scope};
+
+#[derive(Parser)]
+#[command(
+    name = "webpods",
+    version,
+    about = "An append-only, hash-chained log service"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Token operations.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a token for a local user (created if missing).
+    Issue {
+        user: String,
+        /// Limit the token to these pods (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        pods: Option<Vec<String>>,
+        /// read, write or read,write.
+        #[arg(long)]
+        scope: Option<String>,
+        /// Lifetime, e.g. 30m, 1h, 7d.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("config error: {e}");
+            }
+            bail!("{} configuration problem(s)", errors.len());
+        }
+    };
+    webpods::telemetry::init(&config.log, config.log_format);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config).await,
+        Command::Migrate => {
+            startup::open_store(&config).await?;
+            eprintln!("migrations applied");
+            Ok(())
+        }
+        Command::Token {
+            command:
+                TokenCommand::Issue {
+                    user,
+                    pods,
+                    scope,
+                    expires,
+                },
+        } => {
+            let scope = match scope.as_deref() {
+                None => Scope::ALL,
+                Some(s) => Scope::parse(s).context("--scope must be read, write or read,write")?,
+            };
+            let expires = expires.as_deref().map(parse_duration).transpose()?;
+            let store = startup::open_store(&config).await?;
+            let keys = startup::token_keys(&config, &store).await?;
+            let engine = Engine::new(store.clone(), config.engine.clone(), keys);
+            let user_id = engine.ensure_local_user(&user).await?;
+            println!("{}", engine.issue_token(&user_id, pods, scope, expires)?);
+            store.close().await;
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let public_url = config.public_url.clone();
+    let token_file = config.token_file.clone();
+    let server = Server::build(config).await?;
+    let addr = server.local_addr()?;
+    println!("webpods listening on http://{addr} (public URL {public_url})");
+    if let Some(token) = &server.local_token {
+        println!(
+            "local mode: token of user `{}`:\n{token}",
+            startup::LOCAL_USER
+        );
+        if let Some(f) = token_file {
+            println!("(also written to {})", f.display());
+        }
+    }
+    server.run(startup::shutdown_signal()).await
+}
+
+/// `90`, `90s`, `30m`, `1h`, `7d` → seconds.
+fn parse_duration(s: &str) -> anyhow::Result<i64> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = num.parse().with_context(|| format!("bad duration {s:?}"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!("bad duration unit in {s:?}: use s, m, h or d"),
+    };
+    Ok(n * mult)
+}

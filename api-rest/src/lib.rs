@@ -1,1 +1,66 @@
-//! placeholder
+//! The REST frontend (SPEC §2, §4): a thin axum layer over [`webpods_engine::Engine`].
+//!
+//! It owns HTTP concerns only — host routing (main domain vs `{pod}.{domain}`), reading tokens
+//! from cookies and headers, request bodies and their size limit, query strings, and mapping
+//! [`webpods_engine::ErrorKind`] to the spec's status codes and error envelope. Every rule
+//! (names, permissions, the chain) is the engine's; this crate never touches storage.
+
+mod caller;
+mod error;
+mod host;
+mod main_routes;
+mod pod_routes;
+mod request_id;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use webpods_engine::Engine;
+
+pub use error::ApiError;
+pub use host::{HostKind, MainHost};
+pub use request_id::request_id_layer;
+
+/// Settings of the REST frontend, read once from configuration.
+#[derive(Debug, Clone)]
+pub struct RestConfig {
+    /// The main domain (host of `public_url`, lowercase, no port).
+    pub main_host: MainHost,
+    /// Largest request body accepted for a single-record append.
+    pub max_body_bytes: usize,
+}
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+    pub config: Arc<RestConfig>,
+    pub started: Instant,
+    /// `false` while starting or draining: `/ready` answers 503.
+    pub ready: Arc<AtomicBool>,
+}
+
+impl AppState {
+    pub fn new(engine: Engine, config: RestConfig) -> Self {
+        AppState {
+            engine,
+            config: Arc::new(config),
+            started: Instant::now(),
+            ready: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+}
+
+/// The whole HTTP surface: `main` serves the main domain (REST routes of this crate merged with
+/// whatever the caller adds, e.g. GraphQL), pod hosts get the pod routes.
+pub fn app(state: AppState, extra_main_routes: Router) -> Router {
+    let main = main_routes::router(state.clone()).merge(extra_main_routes);
+    let pods = pod_routes::router(state.clone());
+    host::dispatch(state, main, pods)
+}

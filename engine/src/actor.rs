@@ -118,7 +118,10 @@ impl Actor for StreamActor {
             StreamMsg::IdleCheck => {
                 let idle = state.last_active.elapsed() >= state.args.limits.idle_timeout;
                 if idle && !state.committing && state.pending.is_empty() {
-                    state.args.registry.remove(state.args.ctx.stream_id, &myself);
+                    state
+                        .args
+                        .registry
+                        .remove(state.args.ctx.stream_id, &myself);
                     // Anything already in the mailbox is still handled; later sends bounce.
                     let _ = myself.drain();
                 }
@@ -136,7 +139,10 @@ impl Actor for StreamActor {
         myself: ActorRef<StreamMsg>,
         state: &mut StreamState,
     ) -> Result<(), ActorProcessingErr> {
-        state.args.registry.remove(state.args.ctx.stream_id, &myself);
+        state
+            .args
+            .registry
+            .remove(state.args.ctx.stream_id, &myself);
         for (entry, reply) in state.pending.drain(..) {
             let _ = reply.send(AppendReply::Retry(entry));
         }
@@ -254,7 +260,10 @@ impl Registry {
     /// Forgets `actor` if it is still the one registered for the stream.
     pub fn remove(&self, stream_id: i64, actor: &ActorRef<StreamMsg>) {
         let mut map = self.lock();
-        if map.get(&stream_id).is_some_and(|a| a.get_id() == actor.get_id()) {
+        if map
+            .get(&stream_id)
+            .is_some_and(|a| a.get_id() == actor.get_id())
+        {
             map.remove(&stream_id);
         }
     }

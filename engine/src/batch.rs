@@ -10,9 +10,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use serde_json::json;
-use webpods_storage::{
-    BatchContext, BatchPlan, BatchProbe, Head, NewIdempotencyKey, RecordRow,
-};
+use webpods_storage::{BatchContext, BatchPlan, BatchProbe, Head, NewIdempotencyKey, RecordRow};
 
 use crate::error::{Error, ErrorKind};
 use crate::hash::{HashInput, content_hash, headers_json, record_hash};
@@ -92,11 +90,17 @@ pub(crate) fn build(
                 continue;
             }
             if let Some(range) = keys_in_batch.get(key) {
-                outcomes.push(Ok(EntryOutcome::Replayed(plan.records[range.clone()].to_vec())));
+                outcomes.push(Ok(EntryOutcome::Replayed(
+                    plan.records[range.clone()].to_vec(),
+                )));
                 continue;
             }
         }
-        if let Some(r) = entry.records.iter().find(|r| ctx.conflicting_names.contains(&r.name)) {
+        if let Some(r) = entry
+            .records
+            .iter()
+            .find(|r| ctx.conflicting_names.contains(&r.name))
+        {
             outcomes.push(Err(Error::new(
                 ErrorKind::NameConflict,
                 format!("{:?} is the name of a child stream", r.name),
@@ -206,7 +210,9 @@ pub(crate) fn owner_of(content: &[u8]) -> Option<String> {
     struct Owner {
         user_id: String,
     }
-    serde_json::from_slice::<Owner>(content).ok().map(|o| o.user_id)
+    serde_json::from_slice::<Owner>(content)
+        .ok()
+        .map(|o| o.user_id)
 }
 
 #[cfg(test)]
@@ -260,8 +266,14 @@ mod tests {
         let (plan, out) = build(ctx(head), &stream(), &entries, 1_000);
         assert!(out.iter().all(|o| o.is_ok()));
         assert_eq!(plan.records[0].index, 5);
-        assert_eq!(plan.records[0].previous_hash.as_deref(), Some("sha256:prev"));
-        assert_eq!(plan.records[1].previous_hash.as_deref(), Some(plan.records[0].hash.as_str()));
+        assert_eq!(
+            plan.records[0].previous_hash.as_deref(),
+            Some("sha256:prev")
+        );
+        assert_eq!(
+            plan.records[1].previous_hash.as_deref(),
+            Some(plan.records[0].hash.as_str())
+        );
         assert!(plan.records.iter().all(|r| r.timestamp == 2_000));
     }
 
@@ -274,7 +286,10 @@ mod tests {
         ];
         let (plan, out) = build(ctx(Head::EMPTY), &stream(), &entries, 1);
         assert!(out[0].is_ok());
-        assert_eq!(out[1].as_ref().unwrap_err().kind(), ErrorKind::PreconditionFailed);
+        assert_eq!(
+            out[1].as_ref().unwrap_err().kind(),
+            ErrorKind::PreconditionFailed
+        );
         assert!(out[2].is_ok());
         assert_eq!(plan.records.len(), 2);
     }

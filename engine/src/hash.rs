@@ -136,40 +136,87 @@ mod tests {
     #[test]
     fn vector_1_text_record() {
         let (ch, h) = vector(
-            "blog/posts", 0, "first", "text/plain", b"Hello WebPods!", &[], false,
-            1735689600000, None,
+            "blog/posts",
+            0,
+            "first",
+            "text/plain",
+            b"Hello WebPods!",
+            &[],
+            false,
+            1735689600000,
+            None,
         );
-        assert_eq!(ch, "sha256:33657333ba761aebad23aff0c121309758ba34f920e077e5d55c5856c65f5973");
+        assert_eq!(
+            ch,
+            "sha256:33657333ba761aebad23aff0c121309758ba34f920e077e5d55c5856c65f5973"
+        );
         assert_eq!(h, H1);
     }
 
     #[test]
     fn vector_2_json_record_with_header() {
         let (ch, h) = vector(
-            "blog/posts", 1, "config", "application/json", br#"{"a":1,"b":"x"}"#,
-            &[("x-source", "cli")], false, 1735689600001, Some(H1),
+            "blog/posts",
+            1,
+            "config",
+            "application/json",
+            br#"{"a":1,"b":"x"}"#,
+            &[("x-source", "cli")],
+            false,
+            1735689600001,
+            Some(H1),
         );
-        assert_eq!(ch, "sha256:ecf9e98ec0641e23113ff3ce8bdc78d0ddd249886517fd4a7f68cc83d4e65667");
+        assert_eq!(
+            ch,
+            "sha256:ecf9e98ec0641e23113ff3ce8bdc78d0ddd249886517fd4a7f68cc83d4e65667"
+        );
         assert_eq!(h, H2);
     }
 
     #[test]
     fn vector_3_tombstone() {
         let (ch, h) = vector(
-            "blog/posts", 2, "first", "text/plain", b"", &[], true, 1735689600002, Some(H2),
+            "blog/posts",
+            2,
+            "first",
+            "text/plain",
+            b"",
+            &[],
+            true,
+            1735689600002,
+            Some(H2),
         );
-        assert_eq!(ch, "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
-        assert_eq!(h, "sha256:6eb668d9c7a5a66434a1eca04b4d0207cdaccf066be92de2f275604657d1534a");
+        assert_eq!(
+            ch,
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(
+            h,
+            "sha256:6eb668d9c7a5a66434a1eca04b4d0207cdaccf066be92de2f275604657d1534a"
+        );
     }
 
     #[test]
     fn vector_4_root_stream_utf8() {
         let (ch, h) = vector(
-            "", 0, "index.html", "text/html", "<h1>héllo</h1>".as_bytes(), &[], false,
-            1735689600003, None,
+            "",
+            0,
+            "index.html",
+            "text/html",
+            "<h1>héllo</h1>".as_bytes(),
+            &[],
+            false,
+            1735689600003,
+            None,
         );
-        assert_eq!(ch, "sha256:90aff7dbb0ba24097a6e1d8aeca237ba0b35e882df176ee42d05d14f26235ece");
-        assert_eq!(h, "sha256:414cf1edba9faaf39c4c049bef9e9eabdb1164e2f2cf0aa952d7f7e74690559c");
+        assert_eq!(
+            ch,
+            "sha256:90aff7dbb0ba24097a6e1d8aeca237ba0b35e882df176ee42d05d14f26235ece"
+        );
+        assert_eq!(
+            h,
+            "sha256:414cf1edba9faaf39c4c049bef9e9eabdb1164e2f2cf0aa952d7f7e74690559c"
+        );
     }
 
     #[test]

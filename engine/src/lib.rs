@@ -150,8 +150,9 @@ impl Engine {
         let claims = self.inner.keys.verify(token)?;
         let scope = match claims.scope.as_deref() {
             None => Scope::ALL,
-            Some(s) => Scope::parse(s)
-                .ok_or_else(|| Error::new(ErrorKind::InvalidToken, "the token's scope is invalid"))?,
+            Some(s) => Scope::parse(s).ok_or_else(|| {
+                Error::new(ErrorKind::InvalidToken, "the token's scope is invalid")
+            })?,
         };
         Ok(Caller::User(UserCaller {
             user_id: claims.sub,
@@ -226,7 +227,9 @@ impl Engine {
             .store
             .create_pod(name, &user.user_id, now, &streams, &first)
             .await?
-            .ok_or_else(|| Error::new(ErrorKind::PodExists, format!("pod {name:?} already exists")))?;
+            .ok_or_else(|| {
+                Error::new(ErrorKind::PodExists, format!("pod {name:?} already exists"))
+            })?;
         Ok(pod_view(&pod))
     }
 
@@ -300,7 +303,9 @@ impl Engine {
         let user = require_writer(caller)?;
         check_token_pod(user, &pod.name)?;
         if ENDPOINT_STREAMS.contains(&stream_path) {
-            return Err(forbidden(format!("{stream_path} is written through its own endpoint")));
+            return Err(forbidden(format!(
+                "{stream_path} is written through its own endpoint"
+            )));
         }
         let stream = match self.stream(&pod, stream_path).await? {
             Some(s) => s,
@@ -337,13 +342,19 @@ impl Engine {
     ) -> Result<StreamInfo> {
         check_stream_path(path)?;
         if path.is_empty() {
-            return Err(Error::new(ErrorKind::StreamExists, "the root stream always exists"));
+            return Err(Error::new(
+                ErrorKind::StreamExists,
+                "the root stream always exists",
+            ));
         }
         let pod = self.pod(pod).await?;
         let user = require_writer(caller)?;
         check_token_pod(user, &pod.name)?;
         if self.stream(&pod, path).await?.is_some() {
-            return Err(Error::new(ErrorKind::StreamExists, format!("stream {path:?} exists")));
+            return Err(Error::new(
+                ErrorKind::StreamExists,
+                format!("stream {path:?} exists"),
+            ));
         }
         let row = self.create_stream_path(&pod, user, path, access).await?;
         Ok(stream_view(&row))
@@ -354,7 +365,10 @@ impl Engine {
         if r.content.len() > self.inner.config.max_record_bytes {
             return Err(Error::new(
                 ErrorKind::ContentTooLarge,
-                format!("a record may hold at most {} bytes", self.inner.config.max_record_bytes),
+                format!(
+                    "a record may hold at most {} bytes",
+                    self.inner.config.max_record_bytes
+                ),
             ));
         }
         if is_json_type(&r.content_type)
@@ -366,7 +380,13 @@ impl Engine {
             ));
         }
         for k in r.headers.keys() {
-            if !self.inner.config.allowed_record_headers.iter().any(|a| a == k) {
+            if !self
+                .inner
+                .config
+                .allowed_record_headers
+                .iter()
+                .any(|a| a == k)
+            {
                 return Err(Error::new(
                     ErrorKind::InvalidInput,
                     format!("record header {k:?} is not allowed by server.allowed_record_headers"),
@@ -429,7 +449,12 @@ impl Engine {
         Ok(parent)
     }
 
-    async fn submit(&self, pod: &PodRow, stream: &StreamRow, entry: Entry) -> Result<actor::Committed> {
+    async fn submit(
+        &self,
+        pod: &PodRow,
+        stream: &StreamRow,
+        entry: Entry,
+    ) -> Result<actor::Committed> {
         let ctx = Arc::new(StreamCtx {
             stream_id: stream.id,
             pod_id: pod.id,
@@ -472,10 +497,16 @@ impl Engine {
             },
         };
         let row = row.ok_or_else(|| {
-            Error::new(ErrorKind::RecordNotFound, format!("no record named {name:?}"))
+            Error::new(
+                ErrorKind::RecordNotFound,
+                format!("no record named {name:?}"),
+            )
         })?;
         if row.deleted {
-            return Err(Error::new(ErrorKind::RecordDeleted, format!("{name:?} was deleted")));
+            return Err(Error::new(
+                ErrorKind::RecordDeleted,
+                format!("{name:?} was deleted"),
+            ));
         }
         readable(stream, row)
     }
@@ -484,7 +515,10 @@ impl Engine {
     pub async fn read_by_index(&self, stream: &StreamInfo, index: i64) -> Result<Record> {
         let store = &self.inner.store;
         let index = if index < 0 {
-            let head = store.stream_head(stream.id).await?.unwrap_or(webpods_storage::Head::EMPTY);
+            let head = store
+                .stream_head(stream.id)
+                .await?
+                .unwrap_or(webpods_storage::Head::EMPTY);
             head.index + 1 + index
         } else {
             index
@@ -495,7 +529,10 @@ impl Engine {
             store.get_record(stream.id, index).await?
         };
         let row = row.ok_or_else(|| {
-            Error::new(ErrorKind::RecordNotFound, format!("no record at index {index}"))
+            Error::new(
+                ErrorKind::RecordNotFound,
+                format!("no record at index {index}"),
+            )
         })?;
         readable(stream, row)
     }
@@ -543,20 +580,93 @@ impl Engine {
             total: head.index + 1,
             has_more,
             next_index,
+            head_hash: head.hash,
+        })
+    }
+
+    /// Records `start..end` (end exclusive; negatives count from the end).
+    pub async fn read_range(
+        &self,
+        stream: &StreamInfo,
+        start: i64,
+        end: i64,
+    ) -> Result<RecordSlice> {
+        let store = &self.inner.store;
+        let head = store
+            .stream_head(stream.id)
+            .await?
+            .unwrap_or(webpods_storage::Head::EMPTY);
+        let total = head.index + 1;
+        let resolve = |i: i64| {
+            if i < 0 {
+                (total + i).max(0)
+            } else {
+                i.min(total)
+            }
+        };
+        let (start, end) = (resolve(start), resolve(end));
+        if start > end {
+            return Err(Error::new(
+                ErrorKind::InvalidIndex,
+                "the range ends before it starts",
+            ));
+        }
+        let max = self.inner.config.max_list_records;
+        if end - start > max {
+            return Err(Error::new(
+                ErrorKind::InvalidIndex,
+                format!("a range may span at most {max} records"),
+            ));
+        }
+        let rows = if end > start {
+            store
+                .list_records(
+                    stream.id,
+                    RecordRange {
+                        after: Some(start - 1),
+                        before: Some(end),
+                        limit: end - start,
+                    },
+                )
+                .await?
+        } else {
+            Vec::new()
+        };
+        Ok(RecordSlice {
+            records: rows
+                .into_iter()
+                .map(|row| Record {
+                    stream_path: stream.path.clone(),
+                    row,
+                })
+                .collect(),
+            start,
+            end,
+            total,
         })
     }
 
     // ----- lookups and permissions ----------------------------------------------------------
 
     async fn pod(&self, name: &str) -> Result<PodRow> {
-        let not_found = || Error::new(ErrorKind::PodNotFound, format!("pod {name:?} does not exist"));
+        let not_found = || {
+            Error::new(
+                ErrorKind::PodNotFound,
+                format!("pod {name:?} does not exist"),
+            )
+        };
         if !is_valid_pod_name(name) {
             return Err(not_found());
         }
         if let Some(p) = self.inner.pods.get(name).await {
             return Ok(p);
         }
-        let pod = self.inner.store.get_pod(name).await?.ok_or_else(not_found)?;
+        let pod = self
+            .inner
+            .store
+            .get_pod(name)
+            .await?
+            .ok_or_else(not_found)?;
         self.inner.pods.insert(name.to_string(), pod.clone()).await;
         Ok(pod)
     }
@@ -575,7 +685,10 @@ impl Engine {
 
     async fn existing_stream(&self, pod: &PodRow, path: &str) -> Result<StreamRow> {
         self.stream(pod, path).await?.ok_or_else(|| {
-            Error::new(ErrorKind::StreamNotFound, format!("stream {path:?} does not exist"))
+            Error::new(
+                ErrorKind::StreamNotFound,
+                format!("stream {path:?} does not exist"),
+            )
         })
     }
 
@@ -590,8 +703,7 @@ impl Engine {
             return Ok(());
         }
         let user = require_user(caller)?;
-        if pod.owner_id == user.user_id || (s.access == "private" && s.creator_id == user.user_id)
-        {
+        if pod.owner_id == user.user_id || (s.access == "private" && s.creator_id == user.user_id) {
             return Ok(());
         }
         Err(forbidden("you may not read this stream"))

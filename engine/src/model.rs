@@ -228,8 +228,20 @@ pub struct RecordPage {
     /// Records in the stream (head index + 1).
     pub total: i64,
     pub has_more: bool,
-    /// The index to pass as `after` for the next page.
+    /// The index of the first record not returned, when there are more.
     pub next_index: Option<i64>,
+    /// Hash of the stream's head (the list's ETag).
+    #[serde(skip)]
+    pub head_hash: Option<String>,
+}
+
+/// Records `start..end` of a stream (SPEC §4.3 `i=A:B`).
+#[derive(Debug, Clone)]
+pub struct RecordSlice {
+    pub records: Vec<Record>,
+    pub start: i64,
+    pub end: i64,
+    pub total: i64,
 }
 
 /// What a GET on a pod path addresses.

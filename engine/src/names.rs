@@ -19,20 +19,28 @@ pub fn is_valid_pod_name(name: &str) -> bool {
 /// 1–256 chars of `[A-Za-z0-9_-]` with single dots between runs.
 pub fn is_valid_segment(seg: &str) -> bool {
     (1..=256).contains(&seg.len())
-        && seg
-            .split('.')
-            .all(|run| !run.is_empty() && run.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-'))
+        && seg.split('.').all(|run| {
+            !run.is_empty()
+                && run
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+        })
 }
 
 /// Checks a record name.
 pub fn check_record_name(name: &str) -> Result<()> {
     if name.is_empty() {
-        return Err(Error::new(ErrorKind::MissingName, "a record name is required"));
+        return Err(Error::new(
+            ErrorKind::MissingName,
+            "a record name is required",
+        ));
     }
     if !is_valid_segment(name) {
         return Err(Error::new(
             ErrorKind::InvalidName,
-            format!("invalid record name {name:?}: use letters, digits, '_', '-' and single inner dots"),
+            format!(
+                "invalid record name {name:?}: use letters, digits, '_', '-' and single inner dots"
+            ),
         ));
     }
     Ok(())

@@ -100,12 +100,15 @@ impl TokenKeys {
     /// Verifies signature, algorithm, expiry and type.
     pub fn verify(&self, token: &str) -> Result<Claims> {
         use jsonwebtoken::errors::ErrorKind as J;
-        let data = decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
-            match e.kind() {
-                J::ExpiredSignature => Error::new(ErrorKind::TokenExpired, "the token has expired"),
-                _ => Error::new(ErrorKind::InvalidToken, "the token is invalid"),
-            }
-        })?;
+        let data =
+            decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
+                match e.kind() {
+                    J::ExpiredSignature => {
+                        Error::new(ErrorKind::TokenExpired, "the token has expired")
+                    }
+                    _ => Error::new(ErrorKind::InvalidToken, "the token is invalid"),
+                }
+            })?;
         if data.claims.token_type != TOKEN_TYPE {
             return Err(Error::new(
                 ErrorKind::InvalidTokenType,
@@ -147,17 +150,31 @@ mod tests {
     #[test]
     fn signs_and_verifies() {
         let k = keys();
-        let c = new_claims("u1", 1_700_000_000, None, Some(vec!["alice".into()]), Scope::ALL);
+        let c = new_claims(
+            "u1",
+            1_700_000_000,
+            None,
+            Some(vec!["alice".into()]),
+            Scope::ALL,
+        );
         let t = k.sign(&c).expect("sign");
         assert_eq!(k.verify(&t).expect("verify"), c);
     }
 
     #[test]
     fn rejects_other_secret_and_garbage() {
-        let t = keys().sign(&new_claims("u1", 1, None, None, Scope::ALL)).expect("sign");
+        let t = keys()
+            .sign(&new_claims("u1", 1, None, None, Scope::ALL))
+            .expect("sign");
         let other = TokenKeys::new(b"another-secret-another-secret-xx");
-        assert_eq!(other.verify(&t).unwrap_err().kind(), ErrorKind::InvalidToken);
-        assert_eq!(keys().verify("not.a.jwt").unwrap_err().kind(), ErrorKind::InvalidToken);
+        assert_eq!(
+            other.verify(&t).unwrap_err().kind(),
+            ErrorKind::InvalidToken
+        );
+        assert_eq!(
+            keys().verify("not.a.jwt").unwrap_err().kind(),
+            ErrorKind::InvalidToken
+        );
     }
 
     #[test]
@@ -165,23 +182,37 @@ mod tests {
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
         let body = URL_SAFE_NO_PAD.encode(br#"{"sub":"u1","iat":1,"type":"webpods"}"#);
         let t = format!("{header}.{body}.");
-        assert_eq!(keys().verify(&t).unwrap_err().kind(), ErrorKind::InvalidToken);
+        assert_eq!(
+            keys().verify(&t).unwrap_err().kind(),
+            ErrorKind::InvalidToken
+        );
     }
 
     #[test]
     fn rejects_expired_and_wrong_type() {
         let k = keys();
-        let t = k.sign(&new_claims("u1", 1000, Some(10), None, Scope::ALL)).expect("sign");
+        let t = k
+            .sign(&new_claims("u1", 1000, Some(10), None, Scope::ALL))
+            .expect("sign");
         assert_eq!(k.verify(&t).unwrap_err().kind(), ErrorKind::TokenExpired);
         let mut c = new_claims("u1", 1000, None, None, Scope::ALL);
         c.token_type = "refresh".into();
         let t = k.sign(&c).expect("sign");
-        assert_eq!(k.verify(&t).unwrap_err().kind(), ErrorKind::InvalidTokenType);
+        assert_eq!(
+            k.verify(&t).unwrap_err().kind(),
+            ErrorKind::InvalidTokenType
+        );
     }
 
     #[test]
     fn scopes() {
-        assert_eq!(Scope::parse("read"), Some(Scope { read: true, write: false }));
+        assert_eq!(
+            Scope::parse("read"),
+            Some(Scope {
+                read: true,
+                write: false
+            })
+        );
         assert_eq!(Scope::parse("read,write"), Some(Scope::ALL));
         assert_eq!(Scope::parse("admin"), None);
         assert_eq!(Scope::ALL.claim(), None);

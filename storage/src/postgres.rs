@@ -7,12 +7,12 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 
 use crate::{
-    BatchContext, RECORD_COLUMNS, STREAM_COLUMNS, BatchPlan, BatchProbe, CreateStream, Error, Head, NewStream, PodRow, RecordRange,
-    RecordRow, Result, StoreOptions, StreamRow, UserRow,
+    BatchContext, BatchPlan, BatchProbe, CreateStream, Error, Head, NewStream, PodRow,
+    RECORD_COLUMNS, RecordRange, RecordRow, Result, STREAM_COLUMNS, StoreOptions, StreamRow,
+    UserRow,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-
 
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -325,8 +325,16 @@ impl PgStore {
             set_head(&mut tx, stream_id, last).await?;
         }
         if !plan.idempotency_keys.is_empty() {
-            let keys: Vec<&str> = plan.idempotency_keys.iter().map(|k| k.key.as_str()).collect();
-            let firsts: Vec<i64> = plan.idempotency_keys.iter().map(|k| k.first_index).collect();
+            let keys: Vec<&str> = plan
+                .idempotency_keys
+                .iter()
+                .map(|k| k.key.as_str())
+                .collect();
+            let firsts: Vec<i64> = plan
+                .idempotency_keys
+                .iter()
+                .map(|k| k.first_index)
+                .collect();
             let counts: Vec<i32> = plan.idempotency_keys.iter().map(|k| k.count).collect();
             sqlx::query(
                 "INSERT INTO idempotency_keys (stream_id, key, first_index, count) \

@@ -342,8 +342,9 @@ impl SqliteStore {
             set_head(&mut tx, stream_id, last).await?;
         }
         if !plan.idempotency_keys.is_empty() {
-            let mut qb: QueryBuilder<Sqlite> =
-                QueryBuilder::new("INSERT INTO idempotency_keys (stream_id, key, first_index, count) ");
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO idempotency_keys (stream_id, key, first_index, count) ",
+            );
             qb.push_values(&plan.idempotency_keys, |mut b, k| {
                 b.push_bind(stream_id)
                     .push_bind(&k.key)

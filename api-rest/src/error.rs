@@ -1,0 +1,67 @@
+//! Engine errors as HTTP responses: the spec's status codes and
+//! `{"error":{"code","message","details"?}}` envelope. Internals are logged, never sent.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use webpods_engine::{Error, ErrorKind};
+
+/// An error on its way to the client.
+#[derive(Debug)]
+pub struct ApiError(pub Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError(Error::new(kind, message))
+    }
+}
+
+/// The HTTP status of each error kind.
+pub fn status_of(kind: ErrorKind) -> StatusCode {
+    use ErrorKind::*;
+    match kind {
+        Unauthorized | InvalidToken | TokenExpired | InvalidTokenType => StatusCode::UNAUTHORIZED,
+        PodForbidden | Forbidden => StatusCode::FORBIDDEN,
+        InvalidInput | InvalidName | InvalidPath | MissingName | InvalidIndex | InvalidContent => {
+            StatusCode::BAD_REQUEST
+        }
+        ContentTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        PodExists | StreamExists | NameConflict => StatusCode::CONFLICT,
+        PodNotFound | StreamNotFound | RecordNotFound | RecordDeleted | UserNotFound | NotFound => {
+            StatusCode::NOT_FOUND
+        }
+        RecordPurged => StatusCode::GONE,
+        PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+        Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        let kind = e.kind();
+        match &e {
+            Error::Internal(detail) => tracing::error!(error = %detail, "internal error"),
+            Error::Unavailable(detail) => tracing::warn!(error = %detail, "database unavailable"),
+            Error::Rejected { .. } => {}
+        }
+        let mut body = json!({ "code": kind.code(), "message": e.public_message() });
+        if let Some(d) = e.details() {
+            body["details"] = d.clone();
+        }
+        let mut resp = (status_of(kind), Json(json!({ "error": body }))).into_response();
+        if kind == ErrorKind::Unavailable {
+            resp.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}

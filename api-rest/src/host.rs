@@ -1,0 +1,163 @@
+//! Host routing (SPEC §2): the main domain serves the API, `{pod}.{main domain}` serves a pod.
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::header::HOST;
+use axum::response::IntoResponse;
+use tower::ServiceExt;
+use webpods_engine::ErrorKind;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// The main domain's host name (lowercase, without port).
+#[derive(Debug, Clone)]
+pub struct MainHost(pub String);
+
+/// Which part of the service a request's host addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostKind {
+    Main,
+    Pod(String),
+    Unknown,
+}
+
+impl MainHost {
+    /// Classifies a `Host` header value.
+    pub fn classify(&self, host: Option<&str>) -> HostKind {
+        let Some(host) = host else {
+            return HostKind::Main;
+        };
+        let name = strip_port(host).to_ascii_lowercase();
+        let name = name.trim_end_matches('.');
+        if name == self.0 || name.parse::<std::net::IpAddr>().is_ok() {
+            return HostKind::Main;
+        }
+        match name.strip_suffix(&self.0).and_then(|p| p.strip_suffix('.')) {
+            Some(pod) if !pod.is_empty() && !pod.contains('.') => HostKind::Pod(pod.to_string()),
+            _ => HostKind::Unknown,
+        }
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// The pod a request addresses, set by [`dispatch`] for the pod router.
+#[derive(Debug, Clone)]
+pub struct PodHost(pub String);
+
+/// Routes each request by host to the main router or the pod router.
+pub fn dispatch(state: AppState, main: Router, pods: Router) -> Router {
+    Router::new()
+        .fallback(move |State(st): State<AppState>, mut req: Request| {
+            let main = main.clone();
+            let pods = pods.clone();
+            async move {
+                let host = req
+                    .headers()
+                    .get(HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+                    .or_else(|| req.uri().authority().map(|a| a.to_string()));
+                let result = match st.config.main_host.classify(host.as_deref()) {
+                    HostKind::Main => main.oneshot(req).await,
+                    HostKind::Pod(pod) => {
+                        req.extensions_mut().insert(PodHost(pod));
+                        pods.oneshot(req).await
+                    }
+                    HostKind::Unknown => {
+                        return ApiError::new(
+                            ErrorKind::PodNotFound,
+                            "no pod is served on this host",
+                        )
+                        .into_response();
+                    }
+                };
+                match result {
+                    Ok(resp) => resp,
+                    Err(never) => match never {},
+                }
+            }
+        })
+        .with_state(state)
+}
+
+/// The token of a request (SPEC §3.1): cookie `pod_token` (pod hosts), cookie `token`,
+/// `Authorization: Bearer <t>`, `Authorization: <t>`.
+pub fn token_of(headers: &axum::http::HeaderMap, pod_host: bool) -> Option<String> {
+    let cookie = |name: &str| {
+        headers
+            .get_all(axum::http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(k, v)| *k == name && !v.is_empty())
+            .map(|(_, v)| v.to_string())
+    };
+    if pod_host {
+        if let Some(t) = cookie("pod_token") {
+            return Some(t);
+        }
+    }
+    if let Some(t) = cookie("token") {
+        return Some(t);
+    }
+    let auth = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .trim();
+    match auth.split_once(' ') {
+        Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => Some(t.trim().to_string()),
+        Some(_) => None,
+        None if !auth.is_empty() => Some(auth.to_string()),
+        None => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_hosts() {
+        let m = MainHost("localhost".into());
+        assert_eq!(m.classify(Some("localhost:3000")), HostKind::Main);
+        assert_eq!(m.classify(Some("127.0.0.1:3000")), HostKind::Main);
+        assert_eq!(
+            m.classify(Some("alice.localhost:3000")),
+            HostKind::Pod("alice".into())
+        );
+        assert_eq!(
+            m.classify(Some("ALICE.localhost")),
+            HostKind::Pod("alice".into())
+        );
+        assert_eq!(m.classify(Some("a.b.localhost")), HostKind::Unknown);
+        assert_eq!(m.classify(Some("example.com")), HostKind::Unknown);
+        assert_eq!(m.classify(Some("[::1]:3000")), HostKind::Main);
+    }
+
+    #[test]
+    fn token_sources_in_order() {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert("authorization", "Bearer abc".parse().unwrap());
+        assert_eq!(token_of(&h, false).as_deref(), Some("abc"));
+        h.insert("authorization", "abc".parse().unwrap());
+        assert_eq!(token_of(&h, false).as_deref(), Some("abc"));
+        h.insert("authorization", "Basic abc".parse().unwrap());
+        assert_eq!(token_of(&h, false), None);
+        h.insert("cookie", "x=1; token=ck; pod_token=pk".parse().unwrap());
+        assert_eq!(token_of(&h, false).as_deref(), Some("ck"));
+        assert_eq!(token_of(&h, true).as_deref(), Some("pk"));
+    }
+}

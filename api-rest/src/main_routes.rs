@@ -1,0 +1,80 @@
+//! Routes of the main domain: pods (`/api/pods`) and the operational probes.
+
+use std::sync::atomic::Ordering;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use webpods_engine::ErrorKind;
+
+use crate::AppState;
+use crate::caller::Auth;
+use crate::error::ApiError;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/pods", get(list_pods).post(create_pod))
+        .route("/health", get(health))
+        .route("/live", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/ready", get(ready))
+        .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such route") })
+        .with_state(state)
+}
+
+#[derive(Deserialize)]
+struct NewPod {
+    name: String,
+}
+
+async fn create_pod(
+    State(st): State<AppState>,
+    Auth(caller): Auth,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: NewPod = serde_json::from_slice(&body).map_err(|_| {
+        ApiError::new(
+            ErrorKind::InvalidInput,
+            "expected a JSON body {\"name\": …}",
+        )
+    })?;
+    let pod = st.engine.create_pod(&caller, &req.name).await?;
+    Ok((StatusCode::CREATED, Json(pod)).into_response())
+}
+
+async fn list_pods(State(st): State<AppState>, Auth(caller): Auth) -> Result<Response, ApiError> {
+    Ok(Json(st.engine.list_pods(&caller).await?).into_response())
+}
+
+async fn health(State(st): State<AppState>) -> Response {
+    let db_ok = st.engine.store().ping().await.is_ok();
+    let body = json!({
+        "status": if db_ok { "ok" } else { "degraded" },
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptimeSeconds": st.started.elapsed().as_secs(),
+        "database": if db_ok { "ok" } else { "unreachable" },
+    });
+    let status = if db_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn ready(State(st): State<AppState>) -> Response {
+    let ready = st.ready.load(Ordering::SeqCst) && st.engine.store().ping().await.is_ok();
+    if ready {
+        (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not ready" })),
+        )
+            .into_response()
+    }
+}

@@ -1,0 +1,415 @@
+//! Routes of a pod host (SPEC §4.2–4.3): every path is a stream or `stream/name`.
+//!
+//! - `GET /{stream…}` lists a stream; `GET /{stream…}/{name}` returns a record's raw content
+//!   with the `X-*` chain headers; `?i=N` / `?i=A:B` address records by index.
+//! - `POST /{stream…}/{name}` appends; an empty body (or `{}`) creates the stream instead;
+//!   `POST /.config/owner` transfers the pod.
+
+use std::collections::BTreeMap;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use webpods_engine::names::split_last;
+use webpods_engine::{
+    AppendRequest, Caller, ErrorKind, ListQuery, NewRecord, Precondition, Record, StreamInfo,
+    Target,
+};
+
+use crate::AppState;
+use crate::caller::Auth;
+use crate::error::ApiError;
+use crate::host::PodHost;
+
+/// Prefix of request headers that carry custom record headers.
+const RECORD_HEADER_PREFIX: &str = "x-record-header-";
+
+pub fn router(state: AppState) -> Router {
+    Router::new().fallback(handle).with_state(state)
+}
+
+async fn handle(
+    State(st): State<AppState>,
+    Extension(PodHost(pod)): Extension<PodHost>,
+    Auth(caller): Auth,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let query = Query::parse(req.uri().query())?;
+    let path = req.uri().path().trim_start_matches('/').to_string();
+    if path.contains('%') {
+        return Err(ApiError::new(
+            ErrorKind::InvalidPath,
+            "paths may not contain escapes",
+        ));
+    }
+    match *req.method() {
+        Method::GET | Method::HEAD => read(&st, &caller, &pod, &path, &query, req.headers()).await,
+        Method::POST => write(&st, &caller, &pod, &path, &query, req).await,
+        _ => Ok((
+            StatusCode::METHOD_NOT_ALLOWED,
+            Json(
+                json!({ "error": { "code": "METHOD_NOT_ALLOWED", "message": "use GET or POST" } }),
+            ),
+        )
+            .into_response()),
+    }
+}
+
+/// The query parameters a pod route understands.
+#[derive(Debug, Default)]
+struct Query {
+    i: Option<String>,
+    after: Option<i64>,
+    before: Option<i64>,
+    limit: Option<i64>,
+    access: Option<String>,
+}
+
+impl Query {
+    fn parse(q: Option<&str>) -> Result<Query, ApiError> {
+        let mut out = Query::default();
+        let index = |v: &str| {
+            v.parse::<i64>().map_err(|_| {
+                ApiError::new(ErrorKind::InvalidIndex, format!("{v:?} is not an index"))
+            })
+        };
+        for (k, v) in url::form_urlencoded::parse(q.unwrap_or("").as_bytes()) {
+            match k.as_ref() {
+                "i" => out.i = Some(v.into_owned()),
+                "after" => out.after = Some(index(&v)?),
+                "before" => out.before = Some(index(&v)?),
+                "limit" => {
+                    out.limit = Some(v.parse::<i64>().ok().filter(|l| *l > 0).ok_or_else(|| {
+                        ApiError::new(ErrorKind::InvalidInput, "limit must be a positive integer")
+                    })?)
+                }
+                "access" => out.access = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+}
+
+// ----- reads ------------------------------------------------------------------------------------
+
+async fn read(
+    st: &AppState,
+    caller: &Caller,
+    pod: &str,
+    path: &str,
+    q: &Query,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let engine = &st.engine;
+    let path = path.trim_end_matches('/');
+    match engine.resolve(caller, pod, path).await? {
+        Target::Record { stream, name } => {
+            let record = engine.read_by_name(&stream, &name).await?;
+            Ok(raw(&record, headers))
+        }
+        Target::Stream(stream) => match q.i.as_deref() {
+            Some(i) => match i.split_once(':') {
+                Some((a, b)) => range(st, &stream, a, b).await,
+                None => {
+                    let idx = i.parse::<i64>().map_err(|_| {
+                        ApiError::new(ErrorKind::InvalidIndex, format!("{i:?} is not an index"))
+                    })?;
+                    Ok(raw(&engine.read_by_index(&stream, idx).await?, headers))
+                }
+            },
+            None => list(st, &stream, q, headers).await,
+        },
+    }
+}
+
+async fn list(
+    st: &AppState,
+    stream: &StreamInfo,
+    q: &Query,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let page = st
+        .engine
+        .list(
+            stream,
+            ListQuery {
+                after: q.after,
+                before: q.before,
+                limit: q.limit,
+            },
+        )
+        .await?;
+    let etag = page.head_hash.as_ref().map(|h| format!("\"{h}\""));
+    if let Some(tag) = &etag {
+        if if_none_match(headers, tag) {
+            return Ok(not_modified(tag));
+        }
+    }
+    let mut resp = Json(&page).into_response();
+    if let Some(tag) = etag.and_then(|t| HeaderValue::from_str(&t).ok()) {
+        resp.headers_mut().insert(header::ETAG, tag);
+    }
+    Ok(resp)
+}
+
+async fn range(st: &AppState, stream: &StreamInfo, a: &str, b: &str) -> Result<Response, ApiError> {
+    let parse = |v: &str| {
+        v.parse::<i64>()
+            .map_err(|_| ApiError::new(ErrorKind::InvalidIndex, format!("{v:?} is not an index")))
+    };
+    let r = st.engine.read_range(stream, parse(a)?, parse(b)?).await?;
+    Ok(Json(json!({
+        "records": r.records,
+        "range": { "start": r.start, "end": r.end },
+        "total": r.total,
+    }))
+    .into_response())
+}
+
+fn if_none_match(headers: &HeaderMap, tag: &str) -> bool {
+    headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().trim_start_matches("W/") == tag || t.trim() == "*")
+        })
+}
+
+fn not_modified(tag: &str) -> Response {
+    let mut resp = StatusCode::NOT_MODIFIED.into_response();
+    if let Ok(v) = HeaderValue::from_str(tag) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
+}
+
+/// A record's raw content with the chain headers of SPEC §4.3.
+fn raw(record: &Record, req_headers: &HeaderMap) -> Response {
+    let r = &record.row;
+    let tag = format!("\"{}\"", r.hash);
+    if if_none_match(req_headers, &tag) {
+        return not_modified(&tag);
+    }
+    let mut resp = Response::new(Body::from(r.content.clone()));
+    let h = resp.headers_mut();
+    let mut put = |name: &str, value: &str| {
+        if let (Ok(n), Ok(v)) = (HeaderName::try_from(name), HeaderValue::from_str(value)) {
+            h.insert(n, v);
+        }
+    };
+    for (k, v) in record.headers() {
+        put(&k, &v);
+    }
+    put("content-type", &r.content_type);
+    put("x-index", &r.index.to_string());
+    put("x-hash", &r.hash);
+    put("x-previous-hash", r.previous_hash.as_deref().unwrap_or(""));
+    put("x-content-hash", &r.content_hash);
+    put("x-author", &r.author);
+    put("x-timestamp", &webpods_engine::clock::iso8601(r.timestamp));
+    put("etag", &tag);
+    resp
+}
+
+// ----- writes -----------------------------------------------------------------------------------
+
+async fn write(
+    st: &AppState,
+    caller: &Caller,
+    pod: &str,
+    path: &str,
+    q: &Query,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = read_body(&parts.headers, body, st.config.max_body_bytes).await?;
+    let engine = &st.engine;
+    if body.is_empty() || body.trim_ascii() == b"{}" {
+        let info = engine
+            .create_stream(caller, pod, path.trim_end_matches('/'), q.access.as_deref())
+            .await?;
+        return Ok((StatusCode::CREATED, Json(info)).into_response());
+    }
+    if path.is_empty() || path.ends_with('/') {
+        return Err(ApiError::new(
+            ErrorKind::MissingName,
+            "the URL must end with a record name",
+        ));
+    }
+    let (stream, name) = split_last(path);
+    if stream == ".config" && name == "owner" {
+        return transfer(st, caller, pod, &body).await;
+    }
+    let record = NewRecord {
+        name: name.to_string(),
+        content_type: content_type(&parts.headers)?,
+        headers: record_headers(&parts.headers)?,
+        content: body,
+        deleted: false,
+    };
+    let outcome = engine
+        .append(
+            caller,
+            pod,
+            stream,
+            AppendRequest {
+                records: vec![record],
+                precondition: precondition(&parts.headers)?,
+                idempotency_key: header_str(&parts.headers, "idempotency-key")?.map(str::to_string),
+                access: q.access.clone(),
+            },
+        )
+        .await?;
+    let Some(receipt) = outcome.receipts.into_iter().next() else {
+        return Err(ApiError(webpods_engine::Error::Internal(
+            "append returned no receipt".into(),
+        )));
+    };
+    let status = if outcome.replayed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    let location = format!("/{}?i={}", stream, receipt.index);
+    let etag = format!("\"{}\"", receipt.hash);
+    let mut resp = (status, Json(&receipt)).into_response();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        h.insert(header::LOCATION, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    if outcome.replayed {
+        h.insert("idempotent-replay", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+async fn transfer(
+    st: &AppState,
+    caller: &Caller,
+    pod: &str,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Transfer {
+        user_id: String,
+    }
+    let t: Transfer = serde_json::from_slice(body)
+        .map_err(|_| ApiError::new(ErrorKind::InvalidInput, "expected {\"userId\": …}"))?;
+    st.engine.transfer_owner(caller, pod, &t.user_id).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "userId": t.user_id }))).into_response())
+}
+
+/// Reads the whole body, refusing more than `limit` bytes with 413 `CONTENT_TOO_LARGE`.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            ErrorKind::ContentTooLarge,
+            format!("the body exceeds the limit of {limit} bytes"),
+        )
+    };
+    let declared = header_str(headers, "content-length")?.and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let limited = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if limited {
+            too_large()
+        } else {
+            ApiError::new(ErrorKind::InvalidInput, "could not read the request body")
+        }
+    })
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(|s| Some(s.trim())).map_err(|_| {
+            ApiError::new(
+                ErrorKind::InvalidInput,
+                format!("header {name} is not text"),
+            )
+        }),
+    }
+}
+
+/// `X-Content-Type`, else the media type of `Content-Type`, else `text/plain`.
+fn content_type(headers: &HeaderMap) -> Result<String, ApiError> {
+    let raw = match header_str(headers, "x-content-type")? {
+        Some(v) => v,
+        None => header_str(headers, "content-type")?.unwrap_or("text/plain"),
+    };
+    let media = raw
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let valid = media.len() <= 255
+        && media.split_once('/').is_some_and(|(t, s)| {
+            let tok = |x: &str| {
+                !x.is_empty()
+                    && x.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+            };
+            tok(t) && tok(s)
+        });
+    if !valid {
+        return Err(ApiError::new(
+            ErrorKind::InvalidInput,
+            format!("invalid content type {raw:?}"),
+        ));
+    }
+    Ok(media)
+}
+
+/// `X-Record-Header-{name}: value` → `{name (lowercase): value}`.
+fn record_headers(headers: &HeaderMap) -> Result<BTreeMap<String, String>, ApiError> {
+    let mut out = BTreeMap::new();
+    for (k, v) in headers {
+        if let Some(name) = k.as_str().strip_prefix(RECORD_HEADER_PREFIX) {
+            let v = v.to_str().map_err(|_| {
+                ApiError::new(ErrorKind::InvalidInput, format!("header {k} is not text"))
+            })?;
+            out.insert(name.to_string(), v.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// `If-Match: "<hash>"`, `X-Expected-Index: N` or `If-None-Match: *`.
+fn precondition(headers: &HeaderMap) -> Result<Option<Precondition>, ApiError> {
+    if let Some(v) = header_str(headers, "if-match")? {
+        return Ok(Some(Precondition::LastHash(
+            v.trim_matches('"').to_string(),
+        )));
+    }
+    if let Some(v) = header_str(headers, "x-expected-index")? {
+        let n = v.parse::<i64>().map_err(|_| {
+            ApiError::new(
+                ErrorKind::InvalidIndex,
+                "X-Expected-Index must be an integer",
+            )
+        })?;
+        return Ok(Some(Precondition::NextIndex(n)));
+    }
+    match header_str(headers, "if-none-match")? {
+        Some("*") => Ok(Some(Precondition::Empty)),
+        Some(_) => Err(ApiError::new(
+            ErrorKind::InvalidInput,
+            "on writes, If-None-Match accepts only *",
+        )),
+        None => Ok(None),
+    }
+}
