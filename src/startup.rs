@@ -98,6 +98,11 @@ impl Server {
         })
     }
 
+    /// The engine this server runs (tests use it to create users and inspect actors).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
         Ok(self.listener.local_addr()?)
     }

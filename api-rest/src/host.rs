@@ -104,10 +104,8 @@ pub fn token_of(headers: &axum::http::HeaderMap, pod_host: bool) -> Option<Strin
             .find(|(k, v)| *k == name && !v.is_empty())
             .map(|(_, v)| v.to_string())
     };
-    if pod_host {
-        if let Some(t) = cookie("pod_token") {
-            return Some(t);
-        }
+    if pod_host && let Some(t) = cookie("pod_token") {
+        return Some(t);
     }
     if let Some(t) = cookie("token") {
         return Some(t);

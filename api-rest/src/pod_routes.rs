@@ -145,10 +145,10 @@ async fn list(
         )
         .await?;
     let etag = page.head_hash.as_ref().map(|h| format!("\"{h}\""));
-    if let Some(tag) = &etag {
-        if if_none_match(headers, tag) {
-            return Ok(not_modified(tag));
-        }
+    if let Some(tag) = &etag
+        && if_none_match(headers, tag)
+    {
+        return Ok(not_modified(tag));
     }
     let mut resp = Json(&page).into_response();
     if let Some(tag) = etag.and_then(|t| HeaderValue::from_str(&t).ok()) {

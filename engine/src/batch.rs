@@ -107,11 +107,11 @@ pub(crate) fn build(
             )));
             continue;
         }
-        if let Some(p) = &entry.precondition {
-            if let Err(e) = check_precondition(p, &head) {
-                outcomes.push(Err(e));
-                continue;
-            }
+        if let Some(p) = &entry.precondition
+            && let Err(e) = check_precondition(p, &head)
+        {
+            outcomes.push(Err(e));
+            continue;
         }
         let start = plan.records.len();
         for rec in &entry.records {

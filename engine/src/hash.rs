@@ -98,6 +98,7 @@ mod tests {
 
     const USER: &str = "11111111-2222-3333-4444-555555555555";
 
+    #[allow(clippy::too_many_arguments)]
     fn vector(
         stream: &str,
         index: i64,

@@ -291,13 +291,13 @@ impl Engine {
         for r in &req.records {
             self.check_new_record(r)?;
         }
-        if let Some(k) = &req.idempotency_key {
-            if k.is_empty() || k.len() > 128 {
-                return Err(Error::new(
-                    ErrorKind::InvalidInput,
-                    "Idempotency-Key must be 1-128 characters",
-                ));
-            }
+        if let Some(k) = &req.idempotency_key
+            && (k.is_empty() || k.len() > 128)
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "Idempotency-Key must be 1-128 characters",
+            ));
         }
         let pod = self.pod(pod).await?;
         let user = require_writer(caller)?;
@@ -597,20 +597,15 @@ impl Engine {
             .await?
             .unwrap_or(webpods_storage::Head::EMPTY);
         let total = head.index + 1;
-        let resolve = |i: i64| {
-            if i < 0 {
-                (total + i).max(0)
-            } else {
-                i.min(total)
-            }
-        };
-        let (start, end) = (resolve(start), resolve(end));
+        let from_end = |i: i64| if i < 0 { total + i } else { i };
+        let (start, end) = (from_end(start), from_end(end));
         if start > end {
             return Err(Error::new(
                 ErrorKind::InvalidIndex,
                 "the range ends before it starts",
             ));
         }
+        let (start, end) = (start.clamp(0, total), end.clamp(0, total));
         let max = self.inner.config.max_list_records;
         if end - start > max {
             return Err(Error::new(

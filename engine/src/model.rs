@@ -154,17 +154,16 @@ impl Record {
             return JsonContent::Purged;
         }
         let bytes = &self.row.content;
-        if is_json_type(&self.row.content_type) {
-            if let Ok(s) = std::str::from_utf8(bytes) {
-                if let Ok(raw) = serde_json::from_str::<&RawValue>(s) {
-                    return JsonContent::Json(raw);
-                }
-            }
+        if is_json_type(&self.row.content_type)
+            && let Ok(s) = std::str::from_utf8(bytes)
+            && let Ok(raw) = serde_json::from_str::<&RawValue>(s)
+        {
+            return JsonContent::Json(raw);
         }
-        if is_text_type(&self.row.content_type) {
-            if let Ok(s) = std::str::from_utf8(bytes) {
-                return JsonContent::Text(s);
-            }
+        if is_text_type(&self.row.content_type)
+            && let Ok(s) = std::str::from_utf8(bytes)
+        {
+            return JsonContent::Text(s);
         }
         JsonContent::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
     }

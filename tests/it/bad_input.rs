@@ -1,0 +1,327 @@
+//! Every bad input gets the spec's status and error code — never a 500, a hang or a panic.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{EncodingKey, Header, encode};
+use reqwest::Method;
+use serde_json::json;
+
+use crate::both_backends;
+use crate::support::{Backend, SECRET, TestApp, error_code, fresh_database};
+
+both_backends!(
+    bad_tokens_are_refused,
+    bad_names_and_paths,
+    limits_and_conflicts
+);
+
+fn sign(claims: serde_json::Value, secret: &str) -> String {
+    encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign")
+}
+
+async fn bad_tokens_are_refused(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("tok").await;
+    let (uid, _) = app.user("local").await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let write = |token: &str| {
+        app.pod(Method::POST, "tok", "/s/x")
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "text/plain")
+            .body("x")
+    };
+    let cases = [
+        ("no token", None, 401, "UNAUTHORIZED"),
+        (
+            "garbage",
+            Some("abc.def.ghi".to_string()),
+            401,
+            "INVALID_TOKEN",
+        ),
+        (
+            "forged",
+            Some(sign(
+                json!({"sub": uid, "iat": now, "type": "webpods"}),
+                "some-other-secret-xxxxxxxxxxxxxxx",
+            )),
+            401,
+            "INVALID_TOKEN",
+        ),
+        (
+            "expired",
+            Some(sign(
+                json!({"sub": uid, "iat": now - 7200, "exp": now - 3600, "type": "webpods"}),
+                SECRET,
+            )),
+            401,
+            "TOKEN_EXPIRED",
+        ),
+        (
+            "alg none",
+            Some(format!(
+                "{}.{}.",
+                URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#),
+                URL_SAFE_NO_PAD
+                    .encode(json!({"sub": uid, "iat": now, "type": "webpods"}).to_string())
+            )),
+            401,
+            "INVALID_TOKEN",
+        ),
+        (
+            "wrong type",
+            Some(sign(
+                json!({"sub": uid, "iat": now, "type": "refresh"}),
+                SECRET,
+            )),
+            401,
+            "INVALID_TOKEN_TYPE",
+        ),
+        (
+            "other pod",
+            Some(sign(
+                json!({"sub": uid, "iat": now, "type": "webpods", "pods": ["elsewhere"]}),
+                SECRET,
+            )),
+            403,
+            "POD_FORBIDDEN",
+        ),
+        (
+            "read only",
+            Some(sign(
+                json!({"sub": uid, "iat": now, "type": "webpods", "scope": "read"}),
+                SECRET,
+            )),
+            403,
+            "FORBIDDEN",
+        ),
+    ];
+    for (what, token, status, code) in cases {
+        let req = match &token {
+            Some(t) => write(t),
+            None => app
+                .pod(Method::POST, "tok", "/s/x")
+                .header("content-type", "text/plain")
+                .body("x"),
+        };
+        let r = req.send().await.expect("send");
+        assert_eq!(error_code(r).await, (status, code.to_string()), "{what}");
+    }
+    // HS384 with the right secret is an algorithm switch: refused.
+    let hs384 = encode(
+        &Header::new(jsonwebtoken::Algorithm::HS384),
+        &json!({"sub": uid, "iat": now, "type": "webpods"}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign");
+    let r = write(&hs384).send().await.expect("send");
+    assert_eq!(error_code(r).await, (401, "INVALID_TOKEN".into()));
+    // A valid token in the other accepted places.
+    let good = sign(json!({"sub": uid, "iat": now, "type": "webpods"}), SECRET);
+    let r = app
+        .pod(Method::POST, "tok", "/s/y")
+        .header("authorization", good.as_str())
+        .header("content-type", "text/plain")
+        .body("x")
+        .send()
+        .await
+        .expect("raw authorization");
+    assert_eq!(r.status(), 201);
+    let r = app
+        .pod(Method::POST, "tok", "/s/z")
+        .header("cookie", format!("token={good}"))
+        .header("content-type", "text/plain")
+        .body("x")
+        .send()
+        .await
+        .expect("cookie");
+    assert_eq!(r.status(), 201);
+    app.stop().await;
+}
+
+async fn bad_names_and_paths(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("names").await;
+    let create = |name: serde_json::Value| {
+        app.main(Method::POST, "/api/pods")
+            .bearer_auth(&app.token)
+            .json(&json!({ "name": name }))
+    };
+    for bad in [
+        json!("A"),
+        json!("-x"),
+        json!("x_y"),
+        json!("a".repeat(64)),
+        json!(42),
+    ] {
+        let r = create(bad.clone()).send().await.expect("send");
+        assert_eq!(
+            error_code(r).await,
+            (400, "INVALID_INPUT".into()),
+            "pod name {bad}"
+        );
+    }
+    let r = app
+        .main(Method::POST, "/api/pods")
+        .bearer_auth(&app.token)
+        .body("not json")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()));
+    let r = create(json!("names")).send().await.expect("send");
+    assert_eq!(error_code(r).await, (409, "POD_EXISTS".into()));
+
+    let post = |pod: &str, path: &str| {
+        app.pod(Method::POST, pod, path)
+            .bearer_auth(&app.token)
+            .header("content-type", "text/plain")
+            .body("x")
+    };
+    let cases = [
+        ("names", "/s/a..b", 400, "INVALID_NAME"),
+        ("names", "/s/.hidden", 400, "INVALID_NAME"),
+        ("names", "/s/", 400, "MISSING_NAME"),
+        ("names", "/a//b/c", 400, "INVALID_PATH"),
+        ("names", "/a%20b/c", 400, "INVALID_PATH"),
+        ("names", "/x/.config/c", 400, "INVALID_PATH"),
+        ("nopod", "/s/x", 404, "POD_NOT_FOUND"),
+    ];
+    for (pod, path, status, code) in cases {
+        let r = post(pod, path).send().await.expect("send");
+        assert_eq!(
+            error_code(r).await,
+            (status, code.to_string()),
+            "{pod} {path}"
+        );
+    }
+    let r = app
+        .pod(Method::POST, "names", "/s/j")
+        .bearer_auth(&app.token)
+        .header("content-type", "application/json")
+        .body("{\"a\":")
+        .send()
+        .await
+        .expect("bad json");
+    assert_eq!(error_code(r).await, (400, "INVALID_CONTENT".into()));
+    let r = app
+        .pod(Method::POST, "names", "/s/ct")
+        .bearer_auth(&app.token)
+        .header("content-type", "not a type")
+        .body("x")
+        .send()
+        .await
+        .expect("bad content type");
+    assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()));
+    let r = app
+        .pod(Method::GET, "names", "/missing/x")
+        .send()
+        .await
+        .expect("missing stream");
+    assert_eq!(error_code(r).await, (404, "STREAM_NOT_FOUND".into()));
+    let r = app
+        .pod(Method::GET, "names", "/?i=abc")
+        .send()
+        .await
+        .expect("bad index");
+    assert_eq!(error_code(r).await, (400, "INVALID_INDEX".into()));
+    let r = app
+        .pod(Method::GET, "names", "/?i=3:1")
+        .send()
+        .await
+        .expect("bad range");
+    assert_eq!(error_code(r).await, (400, "INVALID_INDEX".into()));
+    let r = app
+        .main(Method::GET, "/no/such/route")
+        .send()
+        .await
+        .expect("unknown route");
+    assert_eq!(error_code(r).await, (404, "NOT_FOUND".into()));
+    let r = app
+        .http
+        .get(format!("http://{}/s", app.addr))
+        .header("host", "a.b.elsewhere.example")
+        .send()
+        .await
+        .expect("unknown host");
+    assert_eq!(r.status(), 404);
+    app.stop().await;
+}
+
+async fn limits_and_conflicts(backend: Backend) {
+    let url = fresh_database(backend).await;
+    let app = TestApp::spawn_on(&url, &[("WEBPODS_MAX_RECORD_BYTES", "1024")]).await;
+    app.create_pod("lim").await;
+    let post = |path: &str, body: Vec<u8>| {
+        app.pod(Method::POST, "lim", path)
+            .bearer_auth(&app.token)
+            .header("content-type", "text/plain")
+            .body(body)
+    };
+    let r = post("/s/big", vec![b'x'; 1025]).send().await.expect("big");
+    assert_eq!(error_code(r).await, (413, "CONTENT_TOO_LARGE".into()));
+    let r = post("/s/fits", vec![b'x'; 1024])
+        .send()
+        .await
+        .expect("fits");
+    assert_eq!(r.status(), 201);
+    // Without Content-Length (chunked), the limit still holds.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..3).map(|_| Ok(vec![b'y'; 600])).collect();
+    let r = app
+        .pod(Method::POST, "lim", "/s/chunked")
+        .bearer_auth(&app.token)
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .expect("chunked");
+    assert_eq!(error_code(r).await, (413, "CONTENT_TOO_LARGE".into()));
+
+    // Record names and child stream names may not collide, either way round.
+    let r = post("/s/sub/x", b"x".to_vec())
+        .send()
+        .await
+        .expect("child stream");
+    assert_eq!(r.status(), 201);
+    let r = post("/s/sub", b"x".to_vec())
+        .send()
+        .await
+        .expect("record named like a stream");
+    assert_eq!(error_code(r).await, (409, "NAME_CONFLICT".into()));
+    let r = post("/s/fits/deeper", b"x".to_vec())
+        .send()
+        .await
+        .expect("stream named like a record");
+    assert_eq!(error_code(r).await, (409, "NAME_CONFLICT".into()));
+    // Explicit creation: 201, then 409; bad access values are refused.
+    let create = |path: &str| app.pod(Method::POST, "lim", path).bearer_auth(&app.token);
+    let r = create("/made").send().await.expect("create");
+    assert_eq!(r.status(), 201);
+    let r = create("/made").send().await.expect("create again");
+    assert_eq!(error_code(r).await, (409, "STREAM_EXISTS".into()));
+    let r = create("/other?access=everyone")
+        .send()
+        .await
+        .expect("bad access");
+    assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()));
+    let r = post("/s/k", b"x".to_vec())
+        .header("idempotency-key", "k".repeat(129))
+        .send()
+        .await
+        .expect("long key");
+    assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()));
+    let r = post("/s/h", b"x".to_vec())
+        .header("x-record-header-x-source", "cli")
+        .send()
+        .await
+        .expect("header");
+    assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()));
+    app.stop().await;
+}

@@ -1,0 +1,150 @@
+//! Several instances on one PostgreSQL database extend one chain: two engines in this process,
+//! and two `webpods` server processes.
+
+use std::process::Stdio;
+
+use reqwest::Method;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::support::{Backend, SECRET, TestApp, assert_valid_chain, fresh_database};
+
+/// Sends `n` appends, alternating between the given base URLs, all at once.
+async fn append_through(bases: &[String], token: &str, pod: &str, n: usize) -> Vec<i64> {
+    let http = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let req = http
+            .post(format!("{}/shared/r{i}", bases[i % bases.len()]))
+            .header("host", format!("{pod}.localhost"))
+            .bearer_auth(token)
+            .header("content-type", "text/plain")
+            .body(format!("from {}", i % bases.len()));
+        tasks.push(tokio::spawn(async move {
+            let r = req.send().await.expect("append");
+            let status = r.status();
+            let body: serde_json::Value = r.json().await.expect("json");
+            assert_eq!(status, 201, "{body}");
+            body["index"].as_i64().expect("index")
+        }));
+    }
+    let mut indices = Vec::new();
+    for t in tasks {
+        indices.push(t.await.expect("task"));
+    }
+    indices.sort_unstable();
+    indices
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_engines_one_database_one_chain() {
+    let url = fresh_database(Backend::Postgres).await;
+    let a = TestApp::spawn_on(&url, &[]).await;
+    let b = TestApp::spawn_on(&url, &[]).await;
+    a.create_pod("shared").await;
+    let bases = [format!("http://{}", a.addr), format!("http://{}", b.addr)];
+    // Warm both actors first so each instance has its own view of the head, then race.
+    append_through(&bases, &a.token, "shared", 2).await;
+    let indices = append_through(&bases, &a.token, "shared", 64).await;
+    assert_eq!(indices, (2..66).collect::<Vec<i64>>());
+    let records = b.all_records("shared", "shared").await;
+    assert_eq!(records.len(), 66);
+    assert_valid_chain("shared", "shared", &records);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A `webpods` process; killed when dropped.
+struct Process {
+    child: Child,
+    base: String,
+    token: String,
+}
+
+async fn spawn_process(database_url: &str) -> Process {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_webpods"))
+        .env("WEBPODS_LISTEN", "127.0.0.1:0")
+        .env("WEBPODS_PUBLIC_URL", "http://localhost")
+        .env("WEBPODS_DATABASE_URL", database_url)
+        .env("WEBPODS_JWT_SECRET", SECRET)
+        .env("WEBPODS_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn webpods");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut base = None;
+    let mut token = None;
+    while let Some(line) = lines.next_line().await.expect("read stdout") {
+        if let Some(rest) = line.strip_prefix("webpods listening on ") {
+            base = rest.split_whitespace().next().map(str::to_string);
+        } else if line.starts_with("local mode:") {
+            token = lines.next_line().await.expect("token line");
+            break;
+        }
+    }
+    Process {
+        child,
+        base: base.expect("listening line"),
+        token: token.expect("token"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_server_processes_one_chain() {
+    let url = fresh_database(Backend::Postgres).await;
+    let p1 = spawn_process(&url).await;
+    let p2 = spawn_process(&url).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/api/pods", p1.base))
+        .header("host", "localhost")
+        .bearer_auth(&p1.token)
+        .json(&serde_json::json!({ "name": "procs" }))
+        .send()
+        .await
+        .expect("create pod");
+    assert_eq!(r.status(), 201);
+    let bases = [p1.base.clone(), p2.base.clone()];
+    append_through(&bases, &p1.token, "procs", 2).await;
+    let indices = append_through(&bases, &p2.token, "procs", 64).await;
+    assert_eq!(indices, (2..66).collect::<Vec<i64>>());
+
+    // Read the chain back through an in-process server on the same database.
+    let reader = TestApp::spawn_on(&url, &[]).await;
+    let records = reader.all_records("procs", "shared").await;
+    assert_eq!(records.len(), 66);
+    assert_valid_chain("procs", "shared", &records);
+    reader.stop().await;
+    for mut p in [p1, p2] {
+        let _ = p.child.kill().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn explicit_and_auto_created_streams_race_across_instances() {
+    let url = fresh_database(Backend::Postgres).await;
+    let a = TestApp::spawn_on(&url, &[]).await;
+    let b = TestApp::spawn_on(&url, &[]).await;
+    a.create_pod("race").await;
+    // Both instances auto-create the same deep path at once: one tree, no error.
+    let mut tasks = Vec::new();
+    for (i, app) in [&a, &b, &a, &b].iter().enumerate() {
+        let req = app
+            .pod(Method::POST, "race", &format!("/x/y/z/r{i}"))
+            .bearer_auth(&a.token)
+            .header("content-type", "text/plain")
+            .body("v");
+        tasks.push(tokio::spawn(async move {
+            req.send().await.expect("append").status()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), 201);
+    }
+    assert_eq!(a.all_records("race", "x/y/z").await.len(), 4);
+    a.stop().await;
+    b.stop().await;
+}
