@@ -8,5 +8,7 @@ mod support;
 mod bad_input;
 mod concurrency;
 mod multi_instance;
+mod pod_config;
+mod records;
 mod rest;
 mod restart;
