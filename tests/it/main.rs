@@ -8,6 +8,7 @@ mod support;
 mod bad_input;
 mod concurrency;
 mod multi_instance;
+mod openapi;
 mod pod_config;
 mod records;
 mod rest;
