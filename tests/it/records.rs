@@ -348,3 +348,43 @@ async fn delete_streams_and_pods(backend: Backend) {
     app.create_pod("gone").await;
     app.stop().await;
 }
+
+/// `?verify=true` notices content and links changed behind the server's back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_detects_tampering() {
+    let url = crate::support::fresh_database(Backend::Postgres).await;
+    let app = TestApp::spawn_on(&url, &[]).await;
+    app.create_pod("tamper").await;
+    for i in 0..5 {
+        app.append("tamper", "/t/r", &format!("v{i}")).await;
+    }
+    let verify = || async {
+        app.pod(Method::GET, "tamper", "/t?verify=true")
+            .send()
+            .await
+            .expect("verify")
+            .json::<Value>()
+            .await
+            .expect("json")
+    };
+    assert_eq!(verify().await["valid"], true);
+    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("db");
+    sqlx::query("UPDATE records SET content = 'forged'::bytea WHERE idx = 2 AND name = 'r'")
+        .execute(&mut db)
+        .await
+        .expect("tamper content");
+    let v = verify().await;
+    assert_eq!(v["valid"], false, "{v}");
+    assert_eq!(v["firstInvalidIndex"], 2);
+    assert_eq!(v["reason"], "contentHash does not match the content");
+    sqlx::query("UPDATE records SET content = 'v2'::bytea, author = 'someone-else' WHERE idx = 2 AND name = 'r'")
+        .execute(&mut db)
+        .await
+        .expect("tamper author");
+    let v = verify().await;
+    assert_eq!(v["firstInvalidIndex"], 2);
+    assert_eq!(v["reason"], "hash does not match the record");
+    app.stop().await;
+}
