@@ -5,9 +5,11 @@
 
 mod support;
 
+mod auth;
 mod bad_input;
 mod concurrency;
 mod multi_instance;
+mod oauth_provider;
 mod openapi;
 mod pod_config;
 mod records;
