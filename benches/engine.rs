@@ -9,6 +9,8 @@
 //! `synchronous_commit=on` and fsync on for BENCHMARKS.md). `cargo bench --bench engine`;
 //! `cargo test --benches` runs each case once as a smoke test.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
