@@ -32,6 +32,8 @@ pub struct Config {
     pub store: StoreOptions,
     /// How long a graceful shutdown may take before the process exits anyway.
     pub shutdown_timeout: Duration,
+    /// WebSocket/SSE live tails.
+    pub live: webpods_api_ws::LiveConfig,
 }
 
 impl Config {
@@ -96,6 +98,8 @@ impl Config {
         let idle = parse("WEBPODS_ACTOR_IDLE_SECS", "30", &mut errors);
         let pool = parse("WEBPODS_DB_MAX_CONNECTIONS", "16", &mut errors);
         let shutdown = parse("WEBPODS_SHUTDOWN_TIMEOUT_SECS", "30", &mut errors);
+        let live = live_config(&parse, &mut errors);
+        let max_behind = parse("WEBPODS_LIVE_MAX_BEHIND", "100000", &mut errors);
         let allowed_record_headers = var("WEBPODS_ALLOWED_RECORD_HEADERS")
             .map(|v| {
                 v.split(',')
@@ -149,12 +153,18 @@ impl Config {
                 max_list_records: i64::try_from(max_list.max(1)).unwrap_or(1000),
                 allowed_record_headers,
                 cache_ttl: Duration::from_secs(5),
+                live: webpods_engine::LiveLimits {
+                    max_behind: max_behind
+                        .map_or(100_000, |n| i64::try_from(n).unwrap_or(i64::MAX)),
+                    ..Default::default()
+                },
             },
             store: StoreOptions {
                 max_connections: u32::try_from(pool.max(1)).unwrap_or(16),
                 acquire_timeout: Duration::from_secs(5),
             },
             shutdown_timeout: Duration::from_secs(shutdown),
+            live,
         })
     }
 
@@ -165,6 +175,30 @@ impl Config {
             .unwrap_or("localhost")
             .trim_matches(['[', ']'])
             .to_ascii_lowercase()
+    }
+}
+
+/// Limits of live tails: `WEBPODS_MAX_SUBSCRIPTIONS_PER_CONNECTION` (100),
+/// `WEBPODS_WS_MAX_MESSAGE_BYTES` (65536), `WEBPODS_WS_IDLE_TIMEOUT_SECS` (60),
+/// `WEBPODS_LIVE_SEND_TIMEOUT_SECS` (10).
+fn live_config(
+    parse: &impl Fn(&str, &str, &mut Vec<String>) -> Option<u64>,
+    errors: &mut Vec<String>,
+) -> webpods_api_ws::LiveConfig {
+    let d = webpods_api_ws::LiveConfig::default();
+    let usize_of = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    let subs = parse("WEBPODS_MAX_SUBSCRIPTIONS_PER_CONNECTION", "100", errors);
+    let msg = parse("WEBPODS_WS_MAX_MESSAGE_BYTES", "65536", errors);
+    let idle = parse("WEBPODS_WS_IDLE_TIMEOUT_SECS", "60", errors);
+    let send = parse("WEBPODS_LIVE_SEND_TIMEOUT_SECS", "10", errors);
+    let idle_timeout = idle.map_or(d.idle_timeout, |s| Duration::from_secs(s.max(2)));
+    webpods_api_ws::LiveConfig {
+        max_subscriptions_per_connection: subs.map_or(d.max_subscriptions_per_connection, usize_of),
+        max_message_bytes: msg.map_or(d.max_message_bytes, |n| usize_of(n.max(256))),
+        ping_interval: (idle_timeout / 3).min(d.ping_interval),
+        idle_timeout,
+        send_timeout: send.map_or(d.send_timeout, |s| Duration::from_secs(s.max(1))),
+        ..d
     }
 }
 

@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use axum::Router;
 use tokio::net::TcpListener;
 use webpods_api_rest::{AppState, MainHost, RestConfig};
+use webpods_api_ws::LiveState;
 use webpods_engine::{Engine, Scope, TokenKeys};
 use webpods_storage::Store;
 
@@ -23,6 +24,7 @@ pub struct Server {
     listener: TcpListener,
     router: Router,
     state: AppState,
+    live: LiveState,
     engine: Engine,
     store: Store,
     config: Config,
@@ -81,9 +83,16 @@ impl Server {
                 max_body_bytes: config.engine.max_record_bytes,
             },
         );
-        let router = webpods_api_rest::app(state.clone(), Router::new()).layer(
-            axum::middleware::from_fn(webpods_api_rest::request_id_layer),
-        );
+        let live = LiveState::new(engine.clone(), config.live.clone());
+        engine.start_live();
+        let router = webpods_api_rest::app_with_live(
+            state.clone(),
+            Router::new().merge(webpods_api_ws::main_router(live.clone())),
+            Some(webpods_api_ws::pod_router(live.clone())),
+        )
+        .layer(axum::middleware::from_fn(
+            webpods_api_rest::request_id_layer,
+        ));
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -91,6 +100,7 @@ impl Server {
             listener,
             router,
             state,
+            live,
             engine,
             store,
             config,
@@ -107,9 +117,9 @@ impl Server {
         Ok(self.listener.local_addr()?)
     }
 
-    /// Serves until `shutdown` resolves, then drains: `/ready` turns 503, in-flight requests
-    /// finish, every queued append is committed, and the pool is closed — within the
-    /// configured deadline.
+    /// Serves until `shutdown` resolves, then drains: `/ready` turns 503, live tails close
+    /// (WebSocket close 1001; SSE responses end), in-flight requests finish, every queued
+    /// append is committed, and the pool is closed — within the configured deadline.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -118,6 +128,7 @@ impl Server {
             listener,
             router,
             state,
+            live,
             engine,
             store,
             config,
@@ -125,14 +136,18 @@ impl Server {
         } = self;
         state.set_ready(true);
         let draining = state.clone();
+        let tails = engine.clone();
         let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
             shutdown.await;
             draining.set_ready(false);
+            // Tails are endless responses: they must end for the drain to finish.
+            tails.close_live();
             tracing::info!("shutting down: draining requests and pending appends");
         });
         serve.await.context("serving HTTP")?;
         let drain = async {
             engine.shutdown().await;
+            live.wait_closed().await;
             store.close().await;
         };
         if tokio::time::timeout(config.shutdown_timeout, drain)

@@ -41,6 +41,8 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         PreconditionFailed => StatusCode::PRECONDITION_FAILED,
         Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ForkDetected => StatusCode::CONFLICT,
+        TooSlow => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 

@@ -32,6 +32,10 @@ pub enum ErrorKind {
     NotFound,
     Unavailable,
     Internal,
+    /// A live tail's `afterHash` does not match the stored record (SPEC §6.1).
+    ForkDetected,
+    /// A live subscriber fell too far behind to catch up (WebSocket close 4008).
+    TooSlow,
 }
 
 impl ErrorKind {
@@ -65,6 +69,8 @@ impl ErrorKind {
             NotFound => "NOT_FOUND",
             Unavailable => "UNAVAILABLE",
             Internal => "INTERNAL_ERROR",
+            ForkDetected => "FORK_DETECTED",
+            TooSlow => "TOO_SLOW",
         }
     }
 }

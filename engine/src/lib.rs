@@ -16,6 +16,7 @@ mod batch;
 pub mod clock;
 mod error;
 pub mod hash;
+mod live;
 mod model;
 pub mod names;
 pub mod token;
@@ -30,6 +31,7 @@ use webpods_storage::{CreateStream, NewStream, PodRow, RecordRange, RecordRow, S
 
 pub use actor::ActorLimits;
 pub use error::{Error, ErrorKind, Result};
+pub use live::{LiveEnd, LiveEvent, LiveLimits, LiveRequest, LiveShutdown, Subscription};
 pub use model::*;
 pub use token::{Claims, Scope, TokenKeys};
 
@@ -56,6 +58,8 @@ pub struct EngineConfig {
     pub allowed_record_headers: Vec<String>,
     /// Safety-net lifetime of cached pods and streams.
     pub cache_ttl: Duration,
+    /// Live tails (SPEC §6).
+    pub live: LiveLimits,
 }
 
 impl Default for EngineConfig {
@@ -70,6 +74,7 @@ impl Default for EngineConfig {
             max_list_records: 1000,
             allowed_record_headers: Vec::new(),
             cache_ttl: Duration::from_secs(5),
+            live: LiveLimits::default(),
         }
     }
 }
@@ -97,6 +102,8 @@ struct Inner {
     registry: Arc<Registry>,
     pods: Cache<String, PodRow>,
     streams: Cache<(i64, String), StreamRow>,
+    /// Feeds of committed records for live tails.
+    live: Arc<live::LiveHub>,
 }
 
 impl Engine {
@@ -109,6 +116,7 @@ impl Engine {
             .max_capacity(100_000)
             .time_to_live(config.cache_ttl)
             .build();
+        let live = Arc::new(live::LiveHub::new(config.live));
         Engine {
             inner: Arc::new(Inner {
                 store,
@@ -117,6 +125,7 @@ impl Engine {
                 registry: Arc::new(Registry::default()),
                 pods,
                 streams,
+                live,
             }),
         }
     }
@@ -271,6 +280,7 @@ impl Engine {
         };
         self.submit(&pod, &stream, entry).await?;
         self.inner.pods.invalidate(&pod.name).await;
+        self.permissions_changed(&pod.name);
         Ok(())
     }
 
@@ -462,7 +472,7 @@ impl Engine {
             path: stream.path.clone(),
         });
         let i = &self.inner;
-        actor::submit(&i.registry, &ctx, &i.store, i.config.actors, entry).await
+        actor::submit(&i.registry, &ctx, &i.store, &i.live, i.config.actors, entry).await
     }
 
     // ----- reads ----------------------------------------------------------------------------

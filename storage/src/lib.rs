@@ -15,6 +15,7 @@
 //! - a record name never equals a child stream's name in the same stream: record batches and
 //!   stream creation both check the other side while holding the parent stream's row lock.
 
+mod notify;
 mod postgres;
 mod sqlite;
 
@@ -27,6 +28,7 @@ const STREAM_COLUMNS: &str = "id, pod_id, parent_id, path, name, access, creator
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+pub use notify::{CHANNEL, Notice};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -395,5 +397,39 @@ impl Store {
     /// The committed head as stored now.
     pub async fn stream_head(&self, stream_id: i64) -> Result<Option<Head>> {
         dispatch!(self, s => s.stream_head(stream_id).await)
+    }
+
+    /// Tells every instance about a change (PostgreSQL `NOTIFY`, sent outside any transaction;
+    /// a no-op on SQLite, which serves one instance).
+    pub async fn notify(&self, notice: &Notice) -> Result<()> {
+        match self {
+            Store::Postgres(s) => s.notify(notice).await,
+            Store::Sqlite(_) => Ok(()),
+        }
+    }
+
+    /// Notices from every instance, from a listener task that reconnects by itself; `None` on
+    /// SQLite (one instance: nothing to hear).
+    pub fn notices(&self) -> Option<tokio::sync::mpsc::Receiver<Notice>> {
+        match self {
+            Store::Postgres(s) => Some(s.listen()),
+            Store::Sqlite(_) => None,
+        }
+    }
+
+    /// `(stream id, head index)` of each existing stream among `ids`.
+    pub async fn stream_heads(&self, ids: &[i64]) -> Result<Vec<(i64, i64)>> {
+        match self {
+            Store::Postgres(s) => s.stream_heads(ids).await,
+            Store::Sqlite(s) => {
+                let mut out = Vec::with_capacity(ids.len());
+                for &id in ids {
+                    if let Some(h) = s.stream_head(id).await? {
+                        out.push((id, h.index));
+                    }
+                }
+                Ok(out)
+            }
+        }
     }
 }
