@@ -291,11 +291,22 @@ async fn send_timed(sink: &mut Sink, msg: Message, cfg: &LiveConfig) -> bool {
 
 /// Closes the socket with a code (best effort, bounded in time).
 async fn close(sink: &mut Sink, code: u16, reason: &'static str) {
+    close_within(sink, code, reason, Duration::from_secs(2)).await;
+}
+
+/// Closes a socket whose client stopped taking frames with 4008 `TOO_SLOW`. Frames already
+/// written stay ahead of the close frame; a paused client that resumes within `send_timeout`
+/// still reads them and then the close code, so it knows to reconnect with `after`.
+async fn close_too_slow(sink: &mut Sink, cfg: &LiveConfig) {
+    close_within(sink, 4008, "TOO_SLOW", cfg.send_timeout).await;
+}
+
+async fn close_within(sink: &mut Sink, code: u16, reason: &'static str, within: Duration) {
     let frame = Message::Close(Some(CloseFrame {
         code,
         reason: reason.into(),
     }));
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    let _ = tokio::time::timeout(within, async {
         let _ = sink.send(frame).await;
         let _ = sink.flush().await;
     })

@@ -24,8 +24,8 @@ use webpods_api_rest::token_of;
 use webpods_engine::{Caller, Engine, Error, ErrorKind, LiveRequest};
 
 use crate::{
-    LiveState, Out, SocketGuard, authenticate, close, close_code, error_frame, pump, send_timed,
-    subscribed_frame,
+    LiveState, Out, SocketGuard, authenticate, close, close_code, close_too_slow, error_frame,
+    pump, send_timed, subscribed_frame,
 };
 
 #[derive(Deserialize)]
@@ -113,7 +113,7 @@ async fn run(st: LiveState, socket: WebSocket, auth: Result<(Caller, Option<i64>
                         conn.subs.get(id).is_some_and(|(cur, _)| cur == g)
                     });
                     if current && !send_timed(&mut sink, Message::Text(text.into()), &cfg).await {
-                        close(&mut sink, 4008, "TOO_SLOW").await;
+                        close_too_slow(&mut sink, &cfg).await;
                         break;
                     }
                 }
@@ -136,7 +136,7 @@ async fn run(st: LiveState, socket: WebSocket, auth: Result<(Caller, Option<i64>
                         if let Some(reply) = conn.on_message(text.as_str())
                             && !send_timed(&mut sink, Message::Text(reply.into()), &cfg).await
                         {
-                            close(&mut sink, 4008, "TOO_SLOW").await;
+                            close_too_slow(&mut sink, &cfg).await;
                             break;
                         }
                     }
@@ -156,7 +156,7 @@ async fn run(st: LiveState, socket: WebSocket, auth: Result<(Caller, Option<i64>
                     break;
                 }
                 if !send_timed(&mut sink, Message::Ping(Default::default()), &cfg).await {
-                    close(&mut sink, 4008, "TOO_SLOW").await;
+                    close_too_slow(&mut sink, &cfg).await;
                     break;
                 }
             }

@@ -17,8 +17,8 @@ use webpods_api_rest::{ApiError, PodHost, token_of};
 use webpods_engine::{Error, ErrorKind, LiveEnd, LiveEvent, LiveRequest, Subscription};
 
 use crate::{
-    LiveState, Out, SocketGuard, authenticate, caught_up_frame, close, close_code, error_body,
-    error_frame, pump, send_timed, to_json,
+    LiveState, Out, SocketGuard, authenticate, caught_up_frame, close, close_code, close_too_slow,
+    error_body, error_frame, pump, send_timed, to_json,
 };
 
 /// Where the tail starts: `?after=K&afterHash=H`.
@@ -115,7 +115,7 @@ async fn run_ws(st: LiveState, socket: WebSocket, sub: Result<Subscription, Erro
             out = rx.recv() => match out {
                 Some(Out::Text(_, text)) => {
                     if !send_timed(&mut sink, Message::Text(text.into()), &cfg).await {
-                        close(&mut sink, 4008, "TOO_SLOW").await;
+                        close_too_slow(&mut sink, &cfg).await;
                         break;
                     }
                 }
@@ -138,7 +138,7 @@ async fn run_ws(st: LiveState, socket: WebSocket, sub: Result<Subscription, Erro
                     break;
                 }
                 if !send_timed(&mut sink, Message::Ping(Default::default()), &cfg).await {
-                    close(&mut sink, 4008, "TOO_SLOW").await;
+                    close_too_slow(&mut sink, &cfg).await;
                     break;
                 }
             }

@@ -258,6 +258,8 @@ pub struct Subscription {
     /// Set while a lag or a permission change is being handled (survives cancellation).
     lagged: bool,
     must_recheck: bool,
+    /// The next index when the distance to the head was last measured.
+    measured_at: i64,
     ended: Option<LiveEnd>,
 }
 
@@ -429,6 +431,7 @@ impl Engine {
             caught_up: false,
             lagged: false,
             must_recheck: false,
+            measured_at: -1,
             ended: None,
         })
     }
@@ -535,10 +538,11 @@ impl Subscription {
                 self.must_recheck = false;
             }
             if self.lagged {
+                // Behind the live feed: how far behind the stored head are we?
                 let head = self.stored_head().await?;
                 self.known_head = self.known_head.max(head.index);
                 self.lagged = false;
-                if self.known_head - self.next >= self.engine.inner.live.limits.max_behind {
+                if head.index - self.next >= self.engine.inner.live.limits.max_behind {
                     return Err(Error::new(
                         ErrorKind::TooSlow,
                         "this subscriber fell too far behind; reconnect with after",
@@ -553,6 +557,13 @@ impl Subscription {
                 }));
             }
             if self.known_head >= self.next {
+                // Past catch-up, reading from storage means we fell behind: re-measure the
+                // distance to the stored head before each page.
+                if self.caught_up && self.measured_at != self.next {
+                    self.measured_at = self.next;
+                    self.lagged = true;
+                    continue;
+                }
                 self.fill().await?;
                 continue;
             }

@@ -7,6 +7,7 @@ mod support;
 
 mod bad_input;
 mod concurrency;
+mod live;
 mod multi_instance;
 mod rest;
 mod restart;
