@@ -57,6 +57,10 @@ pub(crate) async fn handle(
         return ApiError::new(ErrorKind::NotFound, "no pod is served on this host").into_response();
     };
     let path = uri.path().trim_matches('/').to_string();
+    if path == "ws" {
+        // SPEC §2: the multiplexed `/ws` lives on the main domain only.
+        return ApiError::new(ErrorKind::NotFound, "no such route").into_response();
+    }
     if path.contains('%') {
         return ApiError::new(ErrorKind::InvalidPath, "paths may not contain escapes")
             .into_response();
@@ -108,10 +112,17 @@ async fn run_ws(st: LiveState, socket: WebSocket, sub: Result<Subscription, Erro
     };
     let (tx, mut rx) = mpsc::channel::<Out>(16);
     let pumping = tokio::spawn(pump(sub, None, tx, true));
+    let mut shutdown = st.engine.live_shutdown();
     let mut ping = tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
     let mut last_seen = Instant::now();
     loop {
         tokio::select! {
+            // Normally the subscription reports the shutdown itself; this covers a writer stuck
+            // behind a full socket.
+            () = shutdown.wait() => {
+                close(&mut sink, 1001, "server shutting down").await;
+                break;
+            }
             out = rx.recv() => match out {
                 Some(Out::Text(_, text)) => {
                     if !send_timed(&mut sink, Message::Text(text.into()), &cfg).await {
