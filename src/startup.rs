@@ -1,7 +1,7 @@
 //! Building and running the server: config → storage → engine → routers → listener.
 //! Tests use the same [`Server`] on `127.0.0.1:0`.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 
 use anyhow::{Context, bail};
@@ -137,14 +137,27 @@ impl Server {
         state.set_ready(true);
         let draining = state.clone();
         let tails = engine.clone();
+        let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
         let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
             shutdown.await;
             draining.set_ready(false);
             // Tails are endless responses: they must end for the drain to finish.
             tails.close_live();
             tracing::info!("shutting down: draining requests and pending appends");
+            let _ = began_tx.send(());
         });
-        serve.await.context("serving HTTP")?;
+        // A client that stops reading an SSE response could hold the drain forever: the
+        // deadline bounds it (what is left is cut when the process exits).
+        let deadline = async {
+            match began_rx.await {
+                Ok(()) => tokio::time::sleep(config.shutdown_timeout).await,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            served = serve.into_future() => served.context("serving HTTP")?,
+            () = deadline => tracing::warn!("shutdown deadline passed with requests still open"),
+        }
         let drain = async {
             engine.shutdown().await;
             live.wait_closed().await;
