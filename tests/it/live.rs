@@ -825,10 +825,29 @@ async fn across_instances_on_postgres() {
     }
     assert_eq!(read_records(&mut on_b, 1, 40).await, 41);
     assert_eq!(read_records(&mut on_a, 1, 40).await, 41);
+    // Concurrent writers on both instances; tails on both see 41..240 exactly once, in order.
+    let done = Arc::new(AtomicI64::new(0));
+    let mut tails = Vec::new();
+    for app in [&a, &b, &a, &b] {
+        let mut ws = tail(app, "multi", "/x?after=40").await;
+        tails.push(tokio::spawn(async move {
+            assert_eq!(read_records(&mut ws, 41, 240).await, 241);
+            ws
+        }));
+    }
+    let mut writers = spawn_writers(&a, "multi", "x", 100, 4, done.clone());
+    writers.extend(spawn_writers(&b, "multi", "x", 100, 4, done.clone()));
+    for w in writers {
+        w.await.unwrap();
+    }
+    for t in tails {
+        t.await.unwrap();
+    }
+    assert_eq!(read_records(&mut on_b, 41, 240).await, 241);
     // One record written on A, timed at B: NOTIFY, not the periodic re-check, brings it.
     let t = Instant::now();
-    a.append("multi", "/x/last", "41").await;
-    assert_eq!(read_records(&mut on_b, 41, 41).await, 42);
+    a.append("multi", "/x/last", "241").await;
+    assert_eq!(read_records(&mut on_b, 241, 241).await, 242);
     let hop = t.elapsed();
     eprintln!(
         "across instances: 40 records in {:?}; one hop {hop:?}",
