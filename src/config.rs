@@ -36,6 +36,8 @@ pub struct Config {
     pub max_batch_bytes: usize,
     /// The pod also served on the main domain (SPEC §2).
     pub root_pod: Option<String>,
+    /// WebSocket/SSE live tails.
+    pub live: webpods_api_ws::LiveConfig,
 }
 
 impl Config {
@@ -133,6 +135,8 @@ impl Config {
             ),
             ..rate_defaults
         };
+        let live = live_config(&parse, &mut errors);
+        let max_behind = parse("WEBPODS_LIVE_MAX_BEHIND", "100000", &mut errors);
         let allowed_record_headers = var("WEBPODS_ALLOWED_RECORD_HEADERS")
             .map(|v| {
                 v.split(',')
@@ -174,6 +178,10 @@ impl Config {
                     ..Default::default()
                 },
                 rate_limits,
+                live: webpods_engine::LiveLimits {
+                    max_behind: i64::try_from(max_behind).unwrap_or(i64::MAX),
+                    ..Default::default()
+                },
             },
             store: StoreOptions {
                 max_connections: u32::try_from(pool.max(1)).unwrap_or(16),
@@ -182,6 +190,7 @@ impl Config {
             shutdown_timeout: Duration::from_secs(shutdown),
             max_batch_bytes: usize::try_from(max_batch).unwrap_or(usize::MAX),
             root_pod: var("WEBPODS_ROOT_POD"),
+            live,
         })
     }
 
@@ -192,6 +201,30 @@ impl Config {
             .unwrap_or("localhost")
             .trim_matches(['[', ']'])
             .to_ascii_lowercase()
+    }
+}
+
+/// Limits of live tails: `WEBPODS_MAX_SUBSCRIPTIONS_PER_CONNECTION` (100),
+/// `WEBPODS_WS_MAX_MESSAGE_BYTES` (65536), `WEBPODS_WS_IDLE_TIMEOUT_SECS` (60),
+/// `WEBPODS_LIVE_SEND_TIMEOUT_SECS` (10).
+fn live_config(
+    parse: &impl Fn(&str, &str, &mut Vec<String>) -> u64,
+    errors: &mut Vec<String>,
+) -> webpods_api_ws::LiveConfig {
+    let d = webpods_api_ws::LiveConfig::default();
+    let usize_of = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    let subs = parse("WEBPODS_MAX_SUBSCRIPTIONS_PER_CONNECTION", "100", errors);
+    let msg = parse("WEBPODS_WS_MAX_MESSAGE_BYTES", "65536", errors);
+    let idle = parse("WEBPODS_WS_IDLE_TIMEOUT_SECS", "60", errors);
+    let send = parse("WEBPODS_LIVE_SEND_TIMEOUT_SECS", "10", errors);
+    let idle_timeout = Duration::from_secs(idle.max(2));
+    webpods_api_ws::LiveConfig {
+        max_subscriptions_per_connection: usize_of(subs),
+        max_message_bytes: usize_of(msg.max(256)),
+        ping_interval: (idle_timeout / 3).min(d.ping_interval),
+        idle_timeout,
+        send_timeout: Duration::from_secs(send.max(1)),
+        ..d
     }
 }
 

@@ -1,13 +1,14 @@
 //! Building and running the server: config → storage → engine → routers → listener.
 //! Tests use the same [`Server`] on `127.0.0.1:0`.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 
 use anyhow::{Context, bail};
 use axum::Router;
 use tokio::net::TcpListener;
 use webpods_api_rest::{AppState, MainHost, RestConfig};
+use webpods_api_ws::LiveState;
 use webpods_engine::{Engine, Scope, TokenKeys};
 use webpods_storage::Store;
 
@@ -23,6 +24,7 @@ pub struct Server {
     listener: TcpListener,
     router: Router,
     state: AppState,
+    live: LiveState,
     engine: Engine,
     store: Store,
     config: Config,
@@ -72,10 +74,8 @@ impl Server {
         let store = open_store(&config).await?;
         let keys = token_keys(&config, &store).await?;
         let engine = Engine::new(store.clone(), config.engine.clone(), keys);
-        engine
-            .listen_for_changes()
-            .await
-            .context("listening for other instances' changes")?;
+        // Other instances' notices: live tails and cache invalidations (PostgreSQL).
+        engine.start_live();
         let local_token = if local_mode {
             let user = engine.ensure_local_user(LOCAL_USER).await?;
             let token = engine.issue_token(&user, None, Scope::ALL, None)?;
@@ -95,9 +95,16 @@ impl Server {
                 root_pod: config.root_pod.clone(),
             },
         );
-        let router = webpods_api_rest::app(state.clone(), Router::new()).layer(
-            axum::middleware::from_fn(webpods_api_rest::request_id_layer),
-        );
+        let live = LiveState::new(engine.clone(), config.live.clone());
+        engine.start_live();
+        let router = webpods_api_rest::app_with_live(
+            state.clone(),
+            Router::new().merge(webpods_api_ws::main_router(live.clone())),
+            Some(webpods_api_ws::pod_router(live.clone())),
+        )
+        .layer(axum::middleware::from_fn(
+            webpods_api_rest::request_id_layer,
+        ));
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -105,6 +112,7 @@ impl Server {
             listener,
             router,
             state,
+            live,
             engine,
             store,
             config,
@@ -121,9 +129,9 @@ impl Server {
         Ok(self.listener.local_addr()?)
     }
 
-    /// Serves until `shutdown` resolves, then drains: `/ready` turns 503, in-flight requests
-    /// finish, every queued append is committed, and the pool is closed — within the
-    /// configured deadline.
+    /// Serves until `shutdown` resolves, then drains: `/ready` turns 503, live tails close
+    /// (WebSocket close 1001; SSE responses end), in-flight requests finish, every queued
+    /// append is committed, and the pool is closed — within the configured deadline.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -132,6 +140,7 @@ impl Server {
             listener,
             router,
             state,
+            live,
             engine,
             store,
             config,
@@ -139,15 +148,32 @@ impl Server {
         } = self;
         state.set_ready(true);
         let draining = state.clone();
+        let tails = engine.clone();
+        let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
         let app = router.into_make_service_with_connect_info::<SocketAddr>();
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.await;
             draining.set_ready(false);
+            // Tails are endless responses: they must end for the drain to finish.
+            tails.close_live();
             tracing::info!("shutting down: draining requests and pending appends");
+            let _ = began_tx.send(());
         });
-        serve.await.context("serving HTTP")?;
+        // A client that stops reading an SSE response could hold the drain forever: the
+        // deadline bounds it (what is left is cut when the process exits).
+        let deadline = async {
+            match began_rx.await {
+                Ok(()) => tokio::time::sleep(config.shutdown_timeout).await,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            served = serve.into_future() => served.context("serving HTTP")?,
+            () = deadline => tracing::warn!("shutdown deadline passed with requests still open"),
+        }
         let drain = async {
             engine.shutdown().await;
+            live.wait_closed().await;
             store.close().await;
         };
         if tokio::time::timeout(config.shutdown_timeout, drain)

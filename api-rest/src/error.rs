@@ -44,6 +44,8 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         InvalidProvider | InvalidCallback | InvalidState => StatusCode::BAD_REQUEST,
         OauthError => StatusCode::UNAUTHORIZED,
         RateLimitExceeded => StatusCode::TOO_MANY_REQUESTS,
+        ForkDetected => StatusCode::CONFLICT,
+        TooSlow => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 

@@ -18,6 +18,7 @@ pub mod clock;
 mod error;
 pub mod hash;
 mod invalidation;
+mod live;
 mod manage;
 mod model;
 pub mod names;
@@ -38,6 +39,7 @@ use webpods_storage::{CreateStream, NewStream, PodRow, RecordRange, RecordRow, S
 pub use actor::ActorLimits;
 pub use auth::{AuthSettings, Login, Provider, ProviderConfig, SessionInfo, WhoAmI, provider_list};
 pub use error::{Error, ErrorKind, Result};
+pub use live::{LiveEnd, LiveEvent, LiveLimits, LiveRequest, LiveShutdown, Subscription};
 pub use manage::{StreamListQuery, StreamListing, StreamSummary};
 pub use model::*;
 pub use pod_config::Routes;
@@ -73,6 +75,8 @@ pub struct EngineConfig {
     /// Login providers and session settings (no providers = local mode).
     pub auth: AuthSettings,
     pub rate_limits: RateLimits,
+    /// Live tails (SPEC §6).
+    pub live: LiveLimits,
 }
 
 impl Default for EngineConfig {
@@ -89,6 +93,7 @@ impl Default for EngineConfig {
             cache_ttl: Duration::from_secs(5),
             auth: AuthSettings::default(),
             rate_limits: RateLimits::default(),
+            live: LiveLimits::default(),
         }
     }
 }
@@ -126,6 +131,8 @@ struct Inner {
     perms: Cache<i64, Arc<permissions::PermTable>>,
     /// `None` when rate limiting is off.
     rate: Option<Arc<ratelimit::RateLimiter>>,
+    /// Feeds of committed records for live tails.
+    live: Arc<live::LiveHub>,
 }
 
 impl Engine {
@@ -143,6 +150,7 @@ impl Engine {
             .max_capacity(100_000)
             .time_to_live(config.cache_ttl)
             .build();
+        let live = Arc::new(live::LiveHub::new(config.live));
         Engine {
             inner: Arc::new(Inner {
                 store,
@@ -164,6 +172,7 @@ impl Engine {
                     .time_to_live(ttl)
                     .build(),
                 rate,
+                live,
             }),
         }
     }
@@ -590,7 +599,7 @@ impl Engine {
             path: stream.path.clone(),
         });
         let i = &self.inner;
-        actor::submit(&i.registry, &ctx, &i.store, i.config.actors, entry).await
+        actor::submit(&i.registry, &ctx, &i.store, &i.live, i.config.actors, entry).await
     }
 
     // ----- reads ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@
 //!   stream creation both check the other side while holding the parent stream's row lock.
 
 mod accounts;
+mod notify;
 mod postgres;
 mod sqlite;
 
@@ -28,7 +29,8 @@ const STREAM_COLUMNS: &str = "id, pod_id, parent_id, path, name, access, creator
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-pub use accounts::{BusEvent, IdentityRow, OAuthStateRow, RateDelta, SessionRow};
+pub use accounts::{IdentityRow, OAuthStateRow, RateDelta, SessionRow};
+pub use notify::{CHANNEL, Notice};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -454,5 +456,39 @@ impl Store {
     /// The pod a custom domain serves.
     pub async fn pod_for_domain(&self, domain: &str) -> Result<Option<PodRow>> {
         dispatch!(self, s => s.pod_for_domain(domain).await)
+    }
+
+    /// Tells every instance about a change (PostgreSQL `NOTIFY`, sent outside any transaction;
+    /// a no-op on SQLite, which serves one instance).
+    pub async fn notify(&self, notice: &Notice) -> Result<()> {
+        match self {
+            Store::Postgres(s) => s.notify(notice).await,
+            Store::Sqlite(_) => Ok(()),
+        }
+    }
+
+    /// Notices from every instance, from a listener task that reconnects by itself; `None` on
+    /// SQLite (one instance: nothing to hear).
+    pub fn notices(&self) -> Option<tokio::sync::mpsc::Receiver<Notice>> {
+        match self {
+            Store::Postgres(s) => Some(s.listen()),
+            Store::Sqlite(_) => None,
+        }
+    }
+
+    /// `(stream id, head index)` of each existing stream among `ids`.
+    pub async fn stream_heads(&self, ids: &[i64]) -> Result<Vec<(i64, i64)>> {
+        match self {
+            Store::Postgres(s) => s.stream_heads(ids).await,
+            Store::Sqlite(s) => {
+                let mut out = Vec::with_capacity(ids.len());
+                for &id in ids {
+                    if let Some(h) = s.stream_head(id).await? {
+                        out.push((id, h.index));
+                    }
+                }
+                Ok(out)
+            }
+        }
     }
 }
