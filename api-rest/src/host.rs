@@ -58,7 +58,7 @@ fn strip_port(host: &str) -> &str {
 }
 
 /// Paths the main domain keeps for itself even when a root pod is configured (SPEC §2).
-fn is_system_route(path: &str) -> bool {
+pub(crate) fn is_system_route(path: &str) -> bool {
     const EXACT: [&str; 8] = [
         "/health",
         "/live",

@@ -100,6 +100,8 @@ pub struct StoreOptions {
     pub max_connections: u32,
     /// How long to wait for a pooled connection before failing with [`Error::Unavailable`].
     pub acquire_timeout: Duration,
+    /// PostgreSQL `statement_timeout` of every connection (`None`: the server's setting).
+    pub statement_timeout: Option<Duration>,
 }
 
 impl Default for StoreOptions {
@@ -107,8 +109,19 @@ impl Default for StoreOptions {
         Self {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Some(Duration::from_secs(30)),
         }
     }
+}
+
+/// Connection-pool usage at one instant (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Open connections, in use or idle.
+    pub connections: u64,
+    pub idle: u64,
+    /// Most connections the pool(s) may open.
+    pub max: u64,
 }
 
 /// A user account.
@@ -322,6 +335,11 @@ impl Store {
     /// Answers when the database is reachable.
     pub async fn ping(&self) -> Result<()> {
         dispatch!(self, s => s.ping().await)
+    }
+
+    /// Connection-pool usage now (SQLite: the writer and the readers together).
+    pub fn pool_stats(&self) -> PoolStats {
+        dispatch!(self, s => s.pool_stats())
     }
 
     /// Closes every pooled connection.

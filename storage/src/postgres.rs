@@ -3,13 +3,15 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{FromRow, Postgres, Row, Transaction};
 
 use crate::{
     BatchContext, BatchPlan, BatchProbe, CreateStream, DomainsOutcome, Error, Head, NewStream,
-    PodRow, RECORD_COLUMNS, RecordRange, RecordRow, Result, STREAM_COLUMNS, StoreOptions,
-    StreamRow, UserRow, unique_clause,
+    PodRow, PoolStats, RECORD_COLUMNS, RecordRange, RecordRow, Result, STREAM_COLUMNS,
+    StoreOptions, StreamRow, UserRow, unique_clause,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -21,12 +23,29 @@ pub struct PgStore {
 
 impl PgStore {
     pub(crate) async fn connect(url: &str, options: &StoreOptions) -> Result<Self> {
+        let mut connect = PgConnectOptions::from_str(url).map_err(|e| match e {
+            sqlx::Error::Configuration(c) => Error::InvalidUrl(c.to_string()),
+            other => Error::from(other),
+        })?;
+        if let Some(t) = options.statement_timeout {
+            // A runaway statement is cancelled by the server instead of holding a connection
+            // (and, in an append, the stream's row lock) forever.
+            connect = connect.options([("statement_timeout", format!("{}ms", t.as_millis()))]);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(2))
             .acquire_timeout(options.acquire_timeout)
-            .connect(url)
+            .connect_with(connect)
             .await?;
         Ok(Self { pool })
+    }
+
+    pub(crate) fn pool_stats(&self) -> PoolStats {
+        PoolStats {
+            connections: u64::from(self.pool.size()),
+            idle: self.pool.num_idle() as u64,
+            max: u64::from(self.pool.options().get_max_connections()),
+        }
     }
 
     /// The pool, for tests and benchmarks that inspect the database directly.
