@@ -13,6 +13,9 @@ use webpods_engine::{Engine, Scope};
     about = "An append-only, hash-chained log service"
 )]
 struct Cli {
+    /// Configuration file (TOML; see webpods.example.toml). Variables override its keys.
+    #[arg(long, global = true, env = "WEBPODS_CONFIG", value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -50,7 +53,7 @@ enum TokenCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config = match Config::from_env() {
+    let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(errors) => {
             for e in &errors {

@@ -1,12 +1,15 @@
 //! Building and running the server: config → storage → engine → routers → listener.
 //! Tests use the same [`Server`] on `127.0.0.1:0`.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use axum::Router;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use webpods_api_rest::{AppState, MainHost, RestConfig};
 use webpods_engine::{Engine, Scope, TokenKeys};
 use webpods_storage::Store;
@@ -30,11 +33,36 @@ pub struct Server {
     pub local_token: Option<String>,
 }
 
-/// Connects to the database and applies migrations.
+/// Connects to the database and applies migrations. An unreachable database is retried with
+/// exponential backoff (each attempt logged) for up to `database.connect_retry_secs`, so that
+/// a server and its database can start in any order; other errors fail at once.
 pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
-    let store = Store::connect(&config.database_url, &config.store)
-        .await
-        .context("connecting to the database")?;
+    let give_up = Instant::now() + config.connect_retry;
+    let mut delay = Duration::from_millis(200);
+    let mut attempt = 1u32;
+    let store = loop {
+        match Store::connect(&config.database_url, &config.store).await {
+            Ok(store) => break store,
+            Err(e)
+                if e.kind() == webpods_storage::ErrorKind::Unavailable
+                    && Instant::now() + delay < give_up =>
+            {
+                tracing::warn!(
+                    attempt,
+                    error = %e,
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "database unreachable; retrying"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("connecting to the database (attempt {attempt})"));
+            }
+        }
+    };
     store.migrate().await.context("applying migrations")?;
     Ok(store)
 }
@@ -84,7 +112,7 @@ impl Server {
             },
         );
         let router = webpods_api_rest::app(state.clone(), Router::new()).layer(
-            axum::middleware::from_fn(webpods_api_rest::request_id_layer),
+            axum::middleware::from_fn_with_state(state.clone(), webpods_api_rest::request_id_layer),
         );
         let listener = TcpListener::bind(config.listen)
             .await
@@ -109,9 +137,12 @@ impl Server {
         Ok(self.listener.local_addr()?)
     }
 
-    /// Serves until `shutdown` resolves, then drains: `/ready` turns 503, in-flight requests
-    /// finish, every queued append is committed, and the pool is closed — within the
-    /// configured deadline.
+    /// Serves until `shutdown` resolves, then drains (DESIGN §8): the listener stops
+    /// accepting, `/ready` turns 503, in-flight requests finish, every queued append is
+    /// committed and answered, and the pool is closed. `server.shutdown_timeout_secs`, counted
+    /// from the signal, bounds all of it; past it the remaining connections are dropped and
+    /// `run` fails (the process exits non-zero). Nothing unacknowledged is lost silently: an
+    /// append either got its receipt or never committed.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -127,22 +158,54 @@ impl Server {
         } = self;
         state.set_ready(true);
         let draining = state.clone();
+        let grace = config.shutdown_timeout;
+        let (deadline_tx, mut deadline_rx) = watch::channel(None::<Instant>);
         let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
             shutdown.await;
             draining.set_ready(false);
-            tracing::info!("shutting down: draining requests and pending appends");
+            let _ = deadline_tx.send(Some(Instant::now() + grace));
+            tracing::info!(
+                timeout_secs = grace.as_secs(),
+                "shutting down: draining requests and pending appends"
+            );
         });
-        serve.await.context("serving HTTP")?;
+        let deadline_passed = async {
+            let deadline = loop {
+                if let Some(d) = *deadline_rx.borrow_and_update() {
+                    break d;
+                }
+                if deadline_rx.changed().await.is_err() {
+                    // The server stopped without a signal; `serve` below finishes.
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::time::sleep_until(deadline).await;
+        };
+        let http_drained = tokio::select! {
+            served = serve.into_future() => {
+                served.context("serving HTTP")?;
+                true
+            }
+            () = deadline_passed => false,
+        };
+        let deadline = (*deadline_rx.borrow()).unwrap_or_else(|| Instant::now() + grace);
         let drain = async {
             engine.shutdown().await;
             store.close().await;
         };
-        if tokio::time::timeout(config.shutdown_timeout, drain)
-            .await
-            .is_err()
-        {
-            tracing::warn!("shutdown deadline passed before every append was flushed");
+        let flushed = tokio::time::timeout_at(deadline, drain).await.is_ok();
+        if !http_drained || !flushed {
+            bail!(
+                "the shutdown deadline ({}s) passed before {}",
+                grace.as_secs(),
+                if http_drained {
+                    "every queued append was flushed"
+                } else {
+                    "every in-flight request finished"
+                }
+            );
         }
+        tracing::info!("shutdown complete");
         Ok(())
     }
 }
