@@ -9,6 +9,7 @@ mod bad_input;
 mod concurrency;
 mod multi_instance;
 mod openapi;
+mod ops;
 mod pod_config;
 mod records;
 mod rest;
