@@ -46,6 +46,9 @@ pub struct Config {
     pub connect_retry: Duration,
     /// How long a graceful shutdown may take before the process exits anyway.
     pub shutdown_timeout: Duration,
+    /// After a shutdown signal, how long to keep serving with `/ready` at 503 before the
+    /// listener closes (so load balancers stop routing here first). Part of the timeout.
+    pub drain_delay: Duration,
     /// Largest body of a batch append.
     pub max_batch_bytes: usize,
     /// Most live subscriptions on one `/ws` connection (SPEC §6.2).
@@ -132,6 +135,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "shutdown_timeout_secs",
         "WEBPODS_SHUTDOWN_TIMEOUT_SECS",
     ),
+    ("server", "drain_delay_secs", "WEBPODS_DRAIN_DELAY_SECS"),
     ("server", "token_file", "WEBPODS_TOKEN_FILE"),
     ("database", "url", "WEBPODS_DATABASE_URL"),
     ("database", "max_connections", "WEBPODS_DB_MAX_CONNECTIONS"),
@@ -488,6 +492,13 @@ impl Config {
         let statement = parse("WEBPODS_DB_STATEMENT_TIMEOUT_SECS", 30, &mut errors);
         let retry = parse("WEBPODS_DB_CONNECT_RETRY_SECS", 30, &mut errors);
         let shutdown = parse("WEBPODS_SHUTDOWN_TIMEOUT_SECS", 30, &mut errors);
+        let drain_delay = parse("WEBPODS_DRAIN_DELAY_SECS", 0, &mut errors);
+        if drain_delay >= shutdown && drain_delay > 0 {
+            errors.push(format!(
+                "WEBPODS_DRAIN_DELAY_SECS ({drain_delay}) must be shorter than \
+                 WEBPODS_SHUTDOWN_TIMEOUT_SECS ({shutdown}), which includes it"
+            ));
+        }
         let rate = |k: &str, default: u64, errors: &mut Vec<String>| parse(k, default, errors);
         let rate_limits = RateLimits {
             enabled: rate_limits_on,
@@ -551,6 +562,7 @@ impl Config {
             },
             connect_retry: Duration::from_secs(retry),
             shutdown_timeout: Duration::from_secs(shutdown),
+            drain_delay: Duration::from_secs(drain_delay),
             max_batch_bytes: size(max_batch),
             max_subscriptions_per_connection: size(max_subs.max(1)),
             root_pod: var("WEBPODS_ROOT_POD"),

@@ -137,8 +137,9 @@ impl Server {
         Ok(self.listener.local_addr()?)
     }
 
-    /// Serves until `shutdown` resolves, then drains (DESIGN §8): the listener stops
-    /// accepting, `/ready` turns 503, in-flight requests finish, every queued append is
+    /// Serves until `shutdown` resolves, then drains (DESIGN §8): `/ready` turns 503, (after
+    /// the optional `server.drain_delay_secs`, still serving) the listener stops accepting,
+    /// [`Engine::draining`] watchers are told, in-flight requests finish, every queued append is
     /// committed and answered, and the pool is closed. `server.shutdown_timeout_secs`, counted
     /// from the signal, bounds all of it; past it the remaining connections are dropped and
     /// `run` fails (the process exits non-zero). Nothing unacknowledged is lost silently: an
@@ -158,12 +159,23 @@ impl Server {
         } = self;
         state.set_ready(true);
         let draining = state.clone();
+        let draining_engine = engine.clone();
         let grace = config.shutdown_timeout;
+        let delay = config.drain_delay;
         let (deadline_tx, mut deadline_rx) = watch::channel(None::<Instant>);
         let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
             shutdown.await;
             draining.set_ready(false);
             let _ = deadline_tx.send(Some(Instant::now() + grace));
+            if !delay.is_zero() {
+                // Keep serving while load balancers notice `/ready` is 503.
+                tracing::info!(
+                    delay_secs = delay.as_secs(),
+                    "shutdown signal: /ready is 503; still serving during the drain delay"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            draining_engine.start_draining();
             tracing::info!(
                 timeout_secs = grace.as_secs(),
                 "shutting down: draining requests and pending appends"

@@ -107,6 +107,8 @@ struct Inner {
     config: EngineConfig,
     keys: TokenKeys,
     registry: Arc<Registry>,
+    /// `true` once a graceful shutdown began (see [`Engine::draining`]).
+    draining: tokio::sync::watch::Sender<bool>,
     pods: Cache<String, PodRow>,
     streams: Cache<(i64, String), StreamRow>,
     /// Routing maps by pod name.
@@ -132,6 +134,7 @@ impl Engine {
                 config,
                 keys,
                 registry: Arc::new(Registry::default()),
+                draining: tokio::sync::watch::Sender::new(false),
                 pods,
                 streams,
                 routes: Cache::builder()
@@ -174,6 +177,17 @@ impl Engine {
             pool_idle: pool.idle,
             pool_max: pool.max,
         })
+    }
+
+    /// Marks the start of a graceful shutdown: [`Engine::draining`] watchers wake up.
+    pub fn start_draining(&self) {
+        self.inner.draining.send_replace(true);
+    }
+
+    /// Turns `true` when a graceful shutdown begins: long-lived work (live tails) should then
+    /// end (WebSocket close code 1001) so the drain can finish before its deadline.
+    pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.draining.subscribe()
     }
 
     /// Commits everything queued in every stream actor and stops them (graceful shutdown).

@@ -799,3 +799,75 @@ async fn startup_waits_for_the_database() {
         .expect("server");
     assert!(server.local_addr().is_ok());
 }
+
+/// With a drain delay, a SIGTERM first turns `/ready` to 503 while requests are still served
+/// (so a load balancer can stop routing here), then the server drains and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_turns_ready_to_503_while_still_serving() {
+    let url = fresh_database(Backend::Sqlite).await;
+    let mut p = Process::spawn(
+        &url,
+        &[
+            ("WEBPODS_DRAIN_DELAY_SECS", "2"),
+            ("WEBPODS_SHUTDOWN_TIMEOUT_SECS", "10"),
+        ],
+    )
+    .await;
+    p.create_pod("lb").await;
+    let http = reqwest::Client::new();
+    let ready = || {
+        http.get(format!("{}/ready", p.base))
+            .header("host", "localhost")
+            .send()
+    };
+    assert_eq!(ready().await.expect("ready").status(), 200);
+    let signalled = Instant::now();
+    p.signal("-TERM");
+    loop {
+        let status = ready().await.expect("still serving").status();
+        if status == 503 {
+            break;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(1),
+            "/ready stayed 200"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = http
+        .post(format!("{}/log/during-drain", p.base))
+        .header("host", "lb.localhost")
+        .bearer_auth(&p.token)
+        .body("still served")
+        .send()
+        .await
+        .expect("append while draining");
+    assert_eq!(r.status(), 201);
+    assert_eq!(p.exit_code(Duration::from_secs(10)).await, Some(0));
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(2),
+        "left before the delay"
+    );
+    let app = TestApp::spawn_on(&url, &[]).await;
+    assert_eq!(app.all_records("lb", "log").await.len(), 1);
+    app.stop().await;
+}
+
+/// Every PostgreSQL connection of the pool runs with the configured `statement_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_have_a_statement_timeout() {
+    let url = fresh_database(Backend::Postgres).await;
+    let config = crate::support::test_config(&url, &[("WEBPODS_DB_STATEMENT_TIMEOUT_SECS", "7")]);
+    let store = webpods_storage::Store::connect(&url, &config.store)
+        .await
+        .expect("connect");
+    let webpods_storage::Store::Postgres(pg) = &store else {
+        panic!("postgres")
+    };
+    let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(pg.pool())
+        .await
+        .expect("show");
+    assert_eq!(timeout, "7s");
+    store.close().await;
+}
