@@ -24,8 +24,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// Everything the server needs to start.
-#[derive(Debug, Clone)]
+/// Everything the server needs to start. Its `Debug` output hides the secrets (the JWT secret,
+/// the database password, provider client secrets), so it is safe to log.
+#[derive(Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     pub public_url: Url,
@@ -56,6 +57,45 @@ pub struct Config {
     /// The pod also served on the main domain (SPEC §2).
     pub root_pod: Option<String>,
     pub rate_limits: RateLimits,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("public_url", &self.public_url.as_str())
+            .field("database_url", &redact_password(&self.database_url))
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "***"))
+            .field("jwt_expiry", &self.jwt_expiry)
+            .field("providers", &self.providers)
+            .field("log", &self.log)
+            .field("log_format", &self.log_format)
+            .field("token_file", &self.token_file)
+            .field("engine", &self.engine)
+            .field("store", &self.store)
+            .field("connect_retry", &self.connect_retry)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("drain_delay", &self.drain_delay)
+            .field("max_batch_bytes", &self.max_batch_bytes)
+            .field(
+                "max_subscriptions_per_connection",
+                &self.max_subscriptions_per_connection,
+            )
+            .field("root_pod", &self.root_pod)
+            .field("rate_limits", &self.rate_limits)
+            .finish()
+    }
+}
+
+/// A database URL with its password (if any) replaced by `***`.
+pub fn redact_password(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// Per-caller hourly limits of SPEC §9.
@@ -776,6 +816,19 @@ mod tests {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
         assert_eq!(errs.len(), 7, "{all}");
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let c = with(&[
+            ("WEBPODS_JWT_SECRET", "jwt-secret-value"),
+            ("WEBPODS_DATABASE_URL", "postgres://u:db-password@h/db"),
+        ])
+        .expect("config");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("jwt-secret-value"), "{shown}");
+        assert!(!shown.contains("db-password"), "{shown}");
+        assert!(shown.contains("postgres://u:***@h/db"), "{shown}");
     }
 
     #[test]
