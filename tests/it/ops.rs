@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -147,14 +147,16 @@ fn start_appenders(
     pod: &str,
     clients: usize,
     stop: Arc<AtomicBool>,
+    progress: Arc<AtomicUsize>,
 ) -> Vec<JoinHandle<Acked>> {
     (0..clients)
         .map(|c| {
-            let (base, token, pod, stop) = (
+            let (base, token, pod, stop, progress) = (
                 base.to_string(),
                 token.to_string(),
                 pod.to_string(),
                 stop.clone(),
+                progress.clone(),
             );
             tokio::spawn(async move {
                 let http = reqwest::Client::builder()
@@ -205,6 +207,7 @@ fn start_appenders(
                             ),
                         );
                     }
+                    progress.fetch_add(receipts.len(), Ordering::SeqCst);
                     if batch {
                         acked.batches.push(id);
                     }
@@ -213,6 +216,18 @@ fn start_appenders(
             })
         })
         .collect()
+}
+
+/// Waits until the appenders got `n` receipts (so the server is busy when it is stopped).
+async fn wait_for_load(progress: &AtomicUsize, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while progress.load(Ordering::SeqCst) < n {
+        assert!(
+            Instant::now() < deadline,
+            "the appenders never got {n} receipts"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn collect(tasks: Vec<JoinHandle<Acked>>) -> Acked {
@@ -287,18 +302,22 @@ async fn sigterm_drains_every_acknowledged_append(backend: Backend) {
     let mut p = Process::spawn(&url, &[("WEBPODS_SHUTDOWN_TIMEOUT_SECS", "20")]).await;
     p.create_pod("drain").await;
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks = start_appenders(&p.base, &p.token, "drain", 16, stop.clone());
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let progress = Arc::new(AtomicUsize::new(0));
+    let tasks = start_appenders(
+        &p.base,
+        &p.token,
+        "drain",
+        16,
+        stop.clone(),
+        progress.clone(),
+    );
+    wait_for_load(&progress, 150).await;
     p.signal("-TERM");
     let code = p.exit_code(Duration::from_secs(25)).await;
     stop.store(true, Ordering::SeqCst);
     assert_eq!(code, Some(0), "exit code after SIGTERM; log:\n{}", p.logs());
     let acked = collect(tasks).await;
-    assert!(
-        acked.records.len() > 20,
-        "too little load: {}",
-        acked.records.len()
-    );
+    assert!(acked.records.len() >= 150);
     let stored = check_after_restart(&url, "drain", &acked).await;
     eprintln!(
         "{backend:?}: SIGTERM after {} acknowledged records",
@@ -322,17 +341,21 @@ async fn kill_9_loses_no_acknowledged_record(backend: Backend) {
     let mut p = Process::spawn(&url, &[]).await;
     p.create_pod("crash").await;
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks = start_appenders(&p.base, &p.token, "crash", 16, stop.clone());
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let progress = Arc::new(AtomicUsize::new(0));
+    let tasks = start_appenders(
+        &p.base,
+        &p.token,
+        "crash",
+        16,
+        stop.clone(),
+        progress.clone(),
+    );
+    wait_for_load(&progress, 150).await;
     p.signal("-KILL");
     assert_eq!(p.exit_code(Duration::from_secs(10)).await, None, "killed");
     stop.store(true, Ordering::SeqCst);
     let acked = collect(tasks).await;
-    assert!(
-        acked.records.len() > 20,
-        "too little load: {}",
-        acked.records.len()
-    );
+    assert!(acked.records.len() >= 150);
     let stored = check_after_restart(&url, "crash", &acked).await;
     eprintln!(
         "{backend:?}: kill -9 after {} acknowledged records ({} batches), {stored} stored",
