@@ -312,8 +312,13 @@ async fn sigterm_drains_every_acknowledged_append(backend: Backend) {
         progress.clone(),
     );
     wait_for_load(&progress, 150).await;
+    let signalled = Instant::now();
     p.signal("-TERM");
     let code = p.exit_code(Duration::from_secs(25)).await;
+    eprintln!(
+        "{backend:?}: exited {:?} after SIGTERM under load",
+        signalled.elapsed()
+    );
     stop.store(true, Ordering::SeqCst);
     assert_eq!(code, Some(0), "exit code after SIGTERM; log:\n{}", p.logs());
     let acked = collect(tasks).await;
@@ -740,6 +745,10 @@ async fn database_outage_fails_fast_and_recovers() {
     for _ in 0..3 {
         let started = Instant::now();
         let r = append("lost").await.expect("answered");
+        eprintln!(
+            "append during the outage answered in {:?}",
+            started.elapsed()
+        );
         assert!(
             started.elapsed() < Duration::from_secs(6),
             "an append during the outage took {:?}",
