@@ -620,6 +620,18 @@ impl Config {
     }
 }
 
+/// `WEBPODS_*` variables set in the environment that configure nothing (most likely typos),
+/// for a warning at startup. `WEBPODS_CONFIG` and the test suite's `WEBPODS_TEST_*` are known.
+pub fn unknown_variables(vars: impl Iterator<Item = String>) -> Vec<String> {
+    let mut unknown: Vec<String> = vars
+        .filter(|k| k.starts_with("WEBPODS_"))
+        .filter(|k| k != "WEBPODS_CONFIG" && !k.starts_with("WEBPODS_TEST_"))
+        .filter(|k| !KEYS.iter().any(|(_, _, var)| var == k))
+        .collect();
+    unknown.sort();
+    unknown
+}
+
 /// Checks the providers and resolves `client_secret_env`.
 fn resolve_providers(
     providers: &[ProviderConfig],
@@ -816,6 +828,21 @@ mod tests {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
         assert_eq!(errs.len(), 7, "{all}");
+    }
+
+    #[test]
+    fn unknown_variables_are_found() {
+        let vars = [
+            "WEBPODS_LISTEN",
+            "WEBPODS_LSTEN",
+            "WEBPODS_CONFIG",
+            "WEBPODS_TEST_X",
+            "PATH",
+        ];
+        assert_eq!(
+            unknown_variables(vars.iter().map(|s| s.to_string())),
+            ["WEBPODS_LSTEN"]
+        );
     }
 
     #[test]

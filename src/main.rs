@@ -63,6 +63,11 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     webpods::telemetry::init(&config.log, config.log_format);
+    for var in webpods::config::unknown_variables(
+        std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()),
+    ) {
+        tracing::warn!(variable = %var, "ignoring an unknown WEBPODS_* variable (a typo?)");
+    }
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config).await,
         Command::Migrate => {
