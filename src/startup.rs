@@ -142,8 +142,8 @@ impl Server {
     /// [`Engine::draining`] watchers are told, in-flight requests finish, every queued append is
     /// committed and answered, and the pool is closed. `server.shutdown_timeout_secs`, counted
     /// from the signal, bounds all of it; past it the remaining connections are dropped and
-    /// `run` fails (the process exits non-zero). Nothing unacknowledged is lost silently: an
-    /// append either got its receipt or never committed.
+    /// `run` fails (the process exits non-zero). Whatever happens, nothing acknowledged is lost:
+    /// a receipt is only ever sent after its commit.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,

@@ -2,7 +2,6 @@
 //! stream row locked with `FOR UPDATE` so that instances sharing the database serialize on it.
 
 use std::collections::{HashMap, HashSet};
-
 use std::str::FromStr;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
