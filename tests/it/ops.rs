@@ -324,6 +324,27 @@ async fn sigterm_drains_every_acknowledged_append(backend: Backend) {
         None,
     );
     wait_for_load(&progress, 150).await;
+    // The metrics of a loaded server: every receipt so far was counted as a committed record.
+    let text = reqwest::Client::new()
+        .get(format!("{}/metrics", p.base))
+        .header("host", "localhost")
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let m = samples(&text);
+    let appended = m["webpods_appended_records_total"];
+    assert!(appended >= 150.0, "{text}");
+    eprintln!(
+        "{backend:?} under load: {appended} records in {} commits ({:.1} per batch), \
+         mean commit {:.2} ms",
+        m["webpods_commit_batch_records_count"],
+        m["webpods_commit_batch_records_sum"] / m["webpods_commit_batch_records_count"],
+        1000.0 * m["webpods_commit_duration_seconds_sum"]
+            / m["webpods_commit_duration_seconds_count"],
+    );
     let signalled = Instant::now();
     p.signal("-TERM");
     let code = p.exit_code(Duration::from_secs(25)).await;
