@@ -98,14 +98,14 @@ pub fn redact_password(url: &str) -> String {
     }
 }
 
-/// Per-caller hourly limits of SPEC §9.
+/// Per-caller hourly limits of SPEC §9 (requests per hour and action).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimits {
     pub enabled: bool,
-    pub read_per_hour: u64,
-    pub write_per_hour: u64,
-    pub pod_create_per_hour: u64,
-    pub stream_create_per_hour: u64,
+    pub read: u64,
+    pub write: u64,
+    pub pod_create: u64,
+    pub stream_create: u64,
 }
 
 /// One OAuth 2.0 provider (SPEC §3.2). Presets (`github`, `google`, `gitlab`) may leave the
@@ -122,8 +122,8 @@ pub struct ProviderConfig {
     pub auth_url: Option<String>,
     pub token_url: Option<String>,
     pub userinfo_url: Option<String>,
-    #[serde(default)]
-    pub scopes: Vec<String>,
+    /// Unset: the preset's scopes, else `openid email profile`.
+    pub scopes: Option<Vec<String>>,
     pub id_field: Option<String>,
     pub email_field: Option<String>,
     pub name_field: Option<String>,
@@ -542,10 +542,10 @@ impl Config {
         let rate = |k: &str, default: u64, errors: &mut Vec<String>| parse(k, default, errors);
         let rate_limits = RateLimits {
             enabled: rate_limits_on,
-            read_per_hour: rate("WEBPODS_RATE_LIMIT_READ", 10_000, &mut errors),
-            write_per_hour: rate("WEBPODS_RATE_LIMIT_WRITE", 1_000, &mut errors),
-            pod_create_per_hour: rate("WEBPODS_RATE_LIMIT_POD_CREATE", 10, &mut errors),
-            stream_create_per_hour: rate("WEBPODS_RATE_LIMIT_STREAM_CREATE", 100, &mut errors),
+            read: rate("WEBPODS_RATE_LIMIT_READ", 10_000, &mut errors),
+            write: rate("WEBPODS_RATE_LIMIT_WRITE", 1_000, &mut errors),
+            pod_create: rate("WEBPODS_RATE_LIMIT_POD_CREATE", 10, &mut errors),
+            stream_create: rate("WEBPODS_RATE_LIMIT_STREAM_CREATE", 100, &mut errors),
         };
         let allowed_record_headers = var("WEBPODS_ALLOWED_RECORD_HEADERS")
             .map(|v| {
@@ -749,7 +749,7 @@ mod tests {
         assert_eq!(c.engine.max_list_records, 1000);
         assert_eq!(c.max_subscriptions_per_connection, 100);
         assert!(c.rate_limits.enabled);
-        assert_eq!(c.rate_limits.write_per_hour, 1000);
+        assert_eq!(c.rate_limits.write, 1000);
         assert_eq!(c.store.statement_timeout, Some(Duration::from_secs(30)));
         assert!(c.providers.is_empty());
     }
