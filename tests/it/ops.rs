@@ -89,10 +89,12 @@ impl Process {
         }
     }
 
+    /// Sends a signal (`-TERM`, `-KILL`) through the shell's `kill` builtin (`/bin/sh` exists
+    /// everywhere; a `kill` executable does not, e.g. in slim images without procps).
     fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("running").to_string();
-        let ok = std::process::Command::new("kill")
-            .args([signal, &pid])
+        let ok = std::process::Command::new("/bin/sh")
+            .args(["-c", &format!("kill {signal} {pid}")])
             .status()
             .expect("kill")
             .success();
