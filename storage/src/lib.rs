@@ -77,10 +77,12 @@ impl From<sqlx::Error> for Error {
         let unavailable = match &e {
             E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => true,
             E::Protocol(_) => true,
-            // SQLSTATE class 08 = connection exception; 57P0x = server shutting down.
+            // SQLSTATE class 08 = connection exception; 57P0x = server shutting down;
+            // 57014 = statement cancelled (statement_timeout): the database is too slow or a
+            // lock is held too long right now — retryable, not our bug.
             E::Database(db) => db
                 .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P0")),
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P0") || c == "57014"),
             _ => false,
         };
         if unavailable {
@@ -100,7 +102,8 @@ pub struct StoreOptions {
     pub max_connections: u32,
     /// How long to wait for a pooled connection before failing with [`Error::Unavailable`].
     pub acquire_timeout: Duration,
-    /// PostgreSQL `statement_timeout` of every connection (`None`: the server's setting).
+    /// PostgreSQL `statement_timeout` (and `idle_in_transaction_session_timeout`) of every
+    /// connection (`None`: the server's settings).
     pub statement_timeout: Option<Duration>,
 }
 

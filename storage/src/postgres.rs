@@ -27,9 +27,14 @@ impl PgStore {
             other => Error::from(other),
         })?;
         if let Some(t) = options.statement_timeout {
-            // A runaway statement is cancelled by the server instead of holding a connection
-            // (and, in an append, the stream's row lock) forever.
-            connect = connect.options([("statement_timeout", format!("{}ms", t.as_millis()))]);
+            // A runaway statement, or a wait for a stream's row lock, is cancelled by the server
+            // instead of holding a connection forever; a transaction left open by a client
+            // that vanished (it never idles in one otherwise) releases its locks too.
+            let ms = format!("{}ms", t.as_millis());
+            connect = connect.options([
+                ("statement_timeout", ms.as_str()),
+                ("idle_in_transaction_session_timeout", ms.as_str()),
+            ]);
         }
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(2))
@@ -52,8 +57,18 @@ impl PgStore {
         &self.pool
     }
 
+    /// Migrations run on a connection of their own, taken out of the pool, without the
+    /// statement timeouts: a migration on a large database may rightly take longer.
     pub(crate) async fn migrate(&self) -> Result<()> {
-        MIGRATOR.run(&self.pool).await?;
+        let mut conn = self.pool.acquire().await?.detach();
+        sqlx::Executor::execute(
+            &mut conn,
+            "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0",
+        )
+        .await?;
+        let result = MIGRATOR.run_direct(None, &mut conn, false).await;
+        let _ = sqlx::Connection::close(conn).await;
+        result?;
         Ok(())
     }
 

@@ -921,7 +921,8 @@ async fn sigterm_turns_ready_to_503_while_still_serving() {
     app.stop().await;
 }
 
-/// Every PostgreSQL connection of the pool runs with the configured `statement_timeout`.
+/// Every PostgreSQL connection of the pool runs with the configured `statement_timeout` and
+/// `idle_in_transaction_session_timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_connections_have_a_statement_timeout() {
     let url = fresh_database(Backend::Postgres).await;
@@ -937,6 +938,11 @@ async fn postgres_connections_have_a_statement_timeout() {
         .await
         .expect("show");
     assert_eq!(timeout, "7s");
+    let idle: String = sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
+        .fetch_one(pg.pool())
+        .await
+        .expect("show");
+    assert_eq!(idle, "7s");
     store.close().await;
 }
 
@@ -984,5 +990,55 @@ async fn outage_under_concurrent_appends_keeps_the_chain_whole() {
         "outage under load: {} receipts, {refused} answers 503, {stored} records stored",
         acked.records.len()
     );
+    app.stop().await;
+}
+
+/// An append waiting for a stream's row lock held elsewhere (another instance stuck in its
+/// transaction) is cancelled by `statement_timeout` and answered 503 `UNAVAILABLE` — it never
+/// hangs, and is never a 500 — and appends work again once the lock is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_row_lock_gives_503_not_a_hang() {
+    let url = fresh_database(Backend::Postgres).await;
+    let app = TestApp::spawn_on(&url, &[("WEBPODS_DB_STATEMENT_TIMEOUT_SECS", "1")]).await;
+    app.create_pod("locked").await;
+    app.append("locked", "/log/first", "1").await;
+
+    let mut other = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("connect");
+    sqlx::Executor::execute(&mut other, "BEGIN")
+        .await
+        .expect("begin");
+    sqlx::Executor::execute(
+        &mut other,
+        "SELECT id FROM streams WHERE path = 'log' FOR UPDATE",
+    )
+    .await
+    .expect("lock the stream row");
+
+    let started = Instant::now();
+    let r = app
+        .pod(Method::POST, "locked", "/log/second")
+        .bearer_auth(&app.token)
+        .header("content-type", "text/plain")
+        .body("2")
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(error_code(r).await, (503, "UNAVAILABLE".into()));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    sqlx::Executor::execute(&mut other, "ROLLBACK")
+        .await
+        .expect("release");
+    app.append("locked", "/log/third", "3").await;
+    let records = app.all_records("locked", "log").await;
+    assert_eq!(records.len(), 2);
+    assert_valid_chain("locked", "log", &records);
     app.stop().await;
 }
