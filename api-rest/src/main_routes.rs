@@ -1,4 +1,4 @@
-//! Routes of the main domain: pods (`/api/pods`) and the operational probes.
+//! Routes of the main domain: pods (`/api/pods`), the operational probes and `/metrics`.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
