@@ -1042,3 +1042,72 @@ async fn a_stuck_row_lock_gives_503_not_a_hang() {
     assert_valid_chain("locked", "log", &records);
     app.stop().await;
 }
+
+/// The shutdown deadline holds even when a request cannot finish (here an append waits for a
+/// stream's row lock held elsewhere, with no statement timeout): the process exits non-zero
+/// once `WEBPODS_SHUTDOWN_TIMEOUT_SECS` have passed since the signal, and stored nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_shutdown_deadline_bounds_a_stuck_drain() {
+    let url = fresh_database(Backend::Postgres).await;
+    let mut p = Process::spawn(
+        &url,
+        &[
+            ("WEBPODS_SHUTDOWN_TIMEOUT_SECS", "2"),
+            ("WEBPODS_DB_STATEMENT_TIMEOUT_SECS", "0"),
+        ],
+    )
+    .await;
+    p.create_pod("stuck").await;
+    let http = reqwest::Client::new();
+    let append = |name: &str| {
+        http.post(format!("{}/log/{name}", p.base))
+            .header("host", "stuck.localhost")
+            .bearer_auth(&p.token)
+            .body("x")
+            .send()
+    };
+    assert_eq!(append("first").await.expect("first").status(), 201);
+
+    let mut other = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("connect");
+    sqlx::Executor::execute(&mut other, "BEGIN")
+        .await
+        .expect("begin");
+    sqlx::Executor::execute(
+        &mut other,
+        "SELECT id FROM streams WHERE path = 'log' FOR UPDATE",
+    )
+    .await
+    .expect("lock the stream row");
+    let stuck = tokio::spawn(append("stuck"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!stuck.is_finished(), "the append waits for the lock");
+
+    let signalled = Instant::now();
+    p.signal("-TERM");
+    let code = p.exit_code(Duration::from_secs(15)).await;
+    let took = signalled.elapsed();
+    assert_eq!(
+        code,
+        Some(1),
+        "a missed deadline is a failure; log:\n{}",
+        p.logs()
+    );
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
+        "exited after {took:?}"
+    );
+    assert!(p.logs().contains("shutdown deadline"), "{}", p.logs());
+    assert!(
+        stuck.await.expect("task").is_err(),
+        "no receipt for the stuck append"
+    );
+    sqlx::Executor::execute(&mut other, "ROLLBACK")
+        .await
+        .expect("release");
+    let app = TestApp::spawn_on(&url, &[]).await;
+    let records = app.all_records("stuck", "log").await;
+    assert_eq!(records.len(), 1, "the stuck append never committed");
+    app.stop().await;
+}
