@@ -22,6 +22,7 @@ use crate::batch::{self, Entry, EntryOutcome, StreamCtx};
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::live::LiveHub;
+use crate::metrics::Metrics;
 
 /// The records an entry ended up with, and whether they were replayed from an idempotency key.
 #[derive(Debug)]
@@ -188,8 +189,9 @@ fn start_commit(myself: &ActorRef<StreamMsg>, state: &mut StreamState) {
     let ctx = state.args.ctx.clone();
     let live = state.args.live.clone();
     let me = myself.clone();
+    let metrics = state.args.registry.metrics.clone();
     tokio::spawn(async move {
-        let head = commit(&store, &ctx, &live, batch).await;
+        let head = commit(&store, &ctx, &live, batch, &metrics).await;
         // If the actor is gone the next one reloads the head from storage anyway.
         let _ = me.send_message(StreamMsg::CommitDone(head));
     });
@@ -201,7 +203,9 @@ async fn commit(
     ctx: &StreamCtx,
     live: &LiveHub,
     batch: Vec<(Entry, oneshot::Sender<AppendReply>)>,
+    metrics: &Metrics,
 ) -> Option<Head> {
+    let started = Instant::now();
     let (entries, replies): (Vec<Entry>, Vec<_>) = batch.into_iter().unzip();
     let probe = batch::probe(&entries);
     let result = store
@@ -213,6 +217,7 @@ async fn commit(
         Ok((plan, outcomes)) => {
             // Committed: live tails may see it (before the next batch of this stream commits).
             live.publish(store, ctx.stream_id, &plan.records);
+            metrics.observe_commit(plan.records.len(), started.elapsed());
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let done = outcome.map(|o| match o {
                     EntryOutcome::Appended(range) => Committed {
@@ -234,6 +239,7 @@ async fn commit(
         }
         Err(e) => {
             tracing::warn!(stream_id = ctx.stream_id, error = %e, "batch commit failed");
+            metrics.observe_failed_commit();
             let err = Error::from(e);
             for reply in replies {
                 let _ = reply.send(AppendReply::Done(Err(err.clone())));
@@ -243,10 +249,11 @@ async fn commit(
     }
 }
 
-/// The live stream actors of this instance, by stream id.
+/// The live stream actors of this instance, by stream id, and the metrics every actor feeds.
 #[derive(Default)]
 pub(crate) struct Registry {
     actors: Mutex<HashMap<i64, ActorRef<StreamMsg>>>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Registry {

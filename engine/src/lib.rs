@@ -20,6 +20,7 @@ pub mod hash;
 mod invalidation;
 mod live;
 mod manage;
+pub mod metrics;
 mod model;
 pub mod names;
 mod permissions;
@@ -50,6 +51,7 @@ pub use verify::Verification;
 use crate::actor::Registry;
 use crate::batch::{Entry, StreamCtx};
 use crate::clock::{iso8601, now_ms};
+use crate::metrics::CacheKind;
 use crate::names::{check_record_name, check_stream_path, is_system_path, is_valid_pod_name};
 
 /// The stream holding the pod owner, and the name of its records.
@@ -121,6 +123,8 @@ struct Inner {
     config: EngineConfig,
     keys: TokenKeys,
     registry: Arc<Registry>,
+    /// `true` once a graceful shutdown began (see [`Engine::draining`]).
+    draining: tokio::sync::watch::Sender<bool>,
     pods: Cache<String, PodRow>,
     streams: Cache<(i64, String), StreamRow>,
     /// Routing maps by pod name.
@@ -157,6 +161,7 @@ impl Engine {
                 config,
                 keys,
                 registry: Arc::new(Registry::default()),
+                draining: tokio::sync::watch::Sender::new(false),
                 pods,
                 streams,
                 routes: Cache::builder()
@@ -189,6 +194,33 @@ impl Engine {
     /// Stream actors alive in this instance.
     pub fn active_actors(&self) -> usize {
         self.inner.registry.len()
+    }
+
+    /// This instance's metric registry (frontends count requests and live subscriptions in it).
+    pub fn metrics(&self) -> &Arc<metrics::Metrics> {
+        &self.inner.registry.metrics
+    }
+
+    /// Every metric in the Prometheus text format, with gauges sampled now.
+    pub fn render_metrics(&self) -> String {
+        let pool = self.inner.store.pool_stats();
+        self.metrics().render(&metrics::Snapshot {
+            active_actors: self.active_actors(),
+            pool_connections: pool.connections,
+            pool_idle: pool.idle,
+            pool_max: pool.max,
+        })
+    }
+
+    /// Marks the start of a graceful shutdown: [`Engine::draining`] watchers wake up.
+    pub fn start_draining(&self) {
+        self.inner.draining.send_replace(true);
+    }
+
+    /// Turns `true` when a graceful shutdown begins: long-lived work (live tails) should then
+    /// end (WebSocket close code 1001) so the drain can finish before its deadline.
+    pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.draining.subscribe()
     }
 
     /// Commits everything queued in every stream actor and stops them (graceful shutdown).
@@ -792,7 +824,10 @@ impl Engine {
         if !is_valid_pod_name(name) {
             return Err(not_found());
         }
-        if let Some(p) = self.inner.pods.get(name).await {
+        let cached = self.inner.pods.get(name).await;
+        self.metrics()
+            .observe_cache(CacheKind::Pods, cached.is_some());
+        if let Some(p) = cached {
             return Ok(p);
         }
         let pod = self
@@ -807,7 +842,10 @@ impl Engine {
 
     async fn stream(&self, pod: &PodRow, path: &str) -> Result<Option<StreamRow>> {
         let key = (pod.id, path.to_string());
-        if let Some(s) = self.inner.streams.get(&key).await {
+        let cached = self.inner.streams.get(&key).await;
+        self.metrics()
+            .observe_cache(CacheKind::Streams, cached.is_some());
+        if let Some(s) = cached {
             return Ok(Some(s));
         }
         let found = self.inner.store.get_stream(pod.id, path).await?;

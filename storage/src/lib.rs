@@ -81,10 +81,12 @@ impl From<sqlx::Error> for Error {
         let unavailable = match &e {
             E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => true,
             E::Protocol(_) => true,
-            // SQLSTATE class 08 = connection exception; 57P0x = server shutting down.
+            // SQLSTATE class 08 = connection exception; 57P0x = server shutting down;
+            // 57014 = statement cancelled (statement_timeout): the database is too slow or a
+            // lock is held too long right now — retryable, not our bug.
             E::Database(db) => db
                 .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P0")),
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P0") || c == "57014"),
             _ => false,
         };
         if unavailable {
@@ -104,6 +106,9 @@ pub struct StoreOptions {
     pub max_connections: u32,
     /// How long to wait for a pooled connection before failing with [`Error::Unavailable`].
     pub acquire_timeout: Duration,
+    /// PostgreSQL `statement_timeout` (and `idle_in_transaction_session_timeout`) of every
+    /// connection (`None`: the server's settings).
+    pub statement_timeout: Option<Duration>,
 }
 
 impl Default for StoreOptions {
@@ -111,8 +116,19 @@ impl Default for StoreOptions {
         Self {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Some(Duration::from_secs(30)),
         }
     }
+}
+
+/// Connection-pool usage at one instant (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Open connections, in use or idle.
+    pub connections: u64,
+    pub idle: u64,
+    /// Most connections the pool(s) may open.
+    pub max: u64,
 }
 
 /// A user account.
@@ -326,6 +342,11 @@ impl Store {
     /// Answers when the database is reachable.
     pub async fn ping(&self) -> Result<()> {
         dispatch!(self, s => s.ping().await)
+    }
+
+    /// Connection-pool usage now (SQLite: the writer and the readers together).
+    pub fn pool_stats(&self) -> PoolStats {
+        dispatch!(self, s => s.pool_stats())
     }
 
     /// Closes every pooled connection.

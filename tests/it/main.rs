@@ -12,6 +12,7 @@ mod live;
 mod multi_instance;
 mod oauth_provider;
 mod openapi;
+mod ops;
 mod pod_config;
 mod records;
 mod rest;
