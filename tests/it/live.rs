@@ -657,7 +657,11 @@ async fn multiplexed_ws(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    let mut ws = ws_connect(&app, "localhost", "/ws", None).await;
+    // A bad token at upgrade is reported; the connection stays, anonymous.
+    let mut ws = ws_connect(&app, "localhost", "/ws", Some("garbage")).await;
+    let f = next_json(&mut ws).await;
+    assert_eq!((f["type"].as_str(), f.get("id")), (Some("error"), None));
+    assert_eq!(f["error"]["code"], "INVALID_TOKEN");
     // Anonymous: the private stream is refused, tagged with the id.
     send(
         &mut ws,
