@@ -15,6 +15,7 @@ mod actor;
 mod batch;
 pub mod clock;
 mod error;
+mod graph;
 pub mod hash;
 mod model;
 pub mod names;
@@ -30,6 +31,7 @@ use webpods_storage::{CreateStream, NewStream, PodRow, RecordRange, RecordRow, S
 
 pub use actor::ActorLimits;
 pub use error::{Error, ErrorKind, Result};
+pub use graph::{PodInfo, UserInfo};
 pub use model::*;
 pub use token::{Claims, Scope, TokenKeys};
 

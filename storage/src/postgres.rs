@@ -17,6 +17,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Storage calls made through [`crate::Store`] (see [`crate::Store::query_count`]).
+    pub(crate) queries: crate::QueryCounter,
 }
 
 impl PgStore {
@@ -26,7 +28,10 @@ impl PgStore {
             .acquire_timeout(options.acquire_timeout)
             .connect(url)
             .await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            queries: Default::default(),
+        })
     }
 
     /// The pool, for tests and benchmarks that inspect the database directly.
@@ -473,4 +478,36 @@ async fn set_head(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+// ----- batch loads for the GraphQL frontend ---------------------------------------------------
+// Kept apart from the core methods above: they exist so nested GraphQL queries load the heads of
+// many streams, or many users, with one statement instead of one per item.
+
+impl PgStore {
+    pub(crate) async fn users_by_ids(&self, ids: &[String]) -> Result<Vec<crate::UserBrief>> {
+        let rows = sqlx::query_as(
+            "SELECT u.id, \
+                    (SELECT i.email FROM identities i WHERE i.user_id = u.id \
+                     ORDER BY i.created_at, i.provider LIMIT 1) AS email, \
+                    (SELECT i.name FROM identities i WHERE i.user_id = u.id \
+                     ORDER BY i.created_at, i.provider LIMIT 1) AS name \
+             FROM users u WHERE u.id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    pub(crate) async fn head_records(&self, stream_ids: &[i64]) -> Result<Vec<crate::StreamRecordRow>> {
+        let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT stream_id, {RECORD_COLUMNS} FROM records \
+             WHERE (stream_id, idx) IN (SELECT id, head_index FROM streams WHERE id = ANY($1))"
+        )))
+        .bind(stream_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
 }
