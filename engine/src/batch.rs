@@ -39,6 +39,8 @@ pub(crate) struct Entry {
     pub precondition: Option<Precondition>,
     pub idempotency_key: Option<String>,
     pub author: String,
+    /// Erase the content of earlier records with these records' names (tombstone + purge).
+    pub purge: bool,
 }
 
 impl Entry {
@@ -124,6 +126,11 @@ pub(crate) fn build(
             plan.records.push(row);
         }
         let range = start..plan.records.len();
+        if entry.purge {
+            for r in &plan.records[range.clone()] {
+                plan.purges.push((r.name.clone(), r.index));
+            }
+        }
         if let Some(key) = entry.idempotency_key.as_deref() {
             plan.idempotency_keys.push(NewIdempotencyKey {
                 key: key.to_string(),
@@ -244,6 +251,7 @@ mod tests {
             precondition: pre,
             idempotency_key: key.map(str::to_string),
             author: "u".into(),
+            purge: false,
         }
     }
 

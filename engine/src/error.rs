@@ -32,6 +32,7 @@ pub enum ErrorKind {
     NotFound,
     Unavailable,
     Internal,
+    DomainTaken,
 }
 
 impl ErrorKind {
@@ -65,6 +66,7 @@ impl ErrorKind {
             NotFound => "NOT_FOUND",
             Unavailable => "UNAVAILABLE",
             Internal => "INTERNAL_ERROR",
+            DomainTaken => "DOMAIN_TAKEN",
         }
     }
 }

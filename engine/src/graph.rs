@@ -10,7 +10,7 @@ use webpods_storage::RecordRow;
 use crate::clock::iso8601;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Caller, Pod, StreamInfo};
-use crate::names::check_stream_path;
+use crate::names::{check_stream_path, split_last};
 use crate::{OWNER_STREAM, check_token_pod, stream_view};
 
 /// A user as other users may see them. `email` is only filled for the caller themselves.
@@ -72,6 +72,42 @@ impl crate::Engine {
         let s = self.existing_stream(&pod, path).await?;
         self.check_read(&pod, &s, caller)?;
         Ok(stream_view(&s))
+    }
+
+    /// The streams under `base` (`""` = the whole pod; all descendants, or only direct
+    /// children) that the caller may read, ordered by path, with their record counts — the
+    /// same selection as [`Engine::list_streams`], but with the handles GraphQL resolves
+    /// further fields on. One statement for the whole tree.
+    pub async fn readable_streams(
+        &self,
+        caller: &Caller,
+        pod: &str,
+        base: &str,
+        recursive: bool,
+    ) -> Result<Vec<(StreamInfo, i64)>> {
+        let base = base.trim_matches('/');
+        check_stream_path(base)?;
+        let pod = self.pod(pod).await?;
+        if let Caller::User(u) = caller {
+            check_token_pod(u, &pod.name)?;
+        }
+        let prefix = format!("{base}/");
+        let mut out = Vec::new();
+        for s in self.inner.store.list_streams(pod.id).await? {
+            if s.path.is_empty() {
+                continue;
+            }
+            let under = base.is_empty() || s.path.starts_with(&prefix);
+            if !under || (!recursive && split_last(&s.path).0 != base) {
+                continue;
+            }
+            if self.check_read(&pod, &s, caller).is_err() {
+                continue;
+            }
+            out.push((stream_view(&s), s.head.index + 1));
+        }
+        out.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+        Ok(out)
     }
 
     /// The head record of each stream (absent for empty streams), in one statement.

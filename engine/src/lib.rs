@@ -17,9 +17,12 @@ pub mod clock;
 mod error;
 mod graph;
 pub mod hash;
+mod manage;
 mod model;
 pub mod names;
+mod pod_config;
 pub mod token;
+mod verify;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,8 +35,11 @@ use webpods_storage::{CreateStream, NewStream, PodRow, RecordRange, RecordRow, S
 pub use actor::ActorLimits;
 pub use error::{Error, ErrorKind, Result};
 pub use graph::{PodInfo, UserInfo};
+pub use manage::{StreamListQuery, StreamListing, StreamSummary};
 pub use model::*;
+pub use pod_config::Routes;
 pub use token::{Claims, Scope, TokenKeys};
+pub use verify::Verification;
 
 use crate::actor::Registry;
 use crate::batch::{Entry, StreamCtx};
@@ -45,6 +51,8 @@ const OWNER_STREAM: &str = ".config/owner";
 const OWNER_RECORD: &str = "owner";
 /// `.config` streams written only through their own endpoints.
 const ENDPOINT_STREAMS: [&str; 3] = [".config/owner", ".config/routing", ".config/domains"];
+/// Most records one append (a batch request) may carry.
+pub const MAX_APPEND_RECORDS: usize = 1000;
 
 /// Engine settings, read once from configuration by the binary.
 #[derive(Debug, Clone)]
@@ -84,6 +92,8 @@ pub struct ListQuery {
     /// `before=K` (index < K).
     pub before: Option<i64>,
     pub limit: Option<i64>,
+    /// Only the latest non-deleted record of each name.
+    pub unique: bool,
 }
 
 /// The engine handle. Clone it freely.
@@ -99,10 +109,15 @@ struct Inner {
     registry: Arc<Registry>,
     pods: Cache<String, PodRow>,
     streams: Cache<(i64, String), StreamRow>,
+    /// Routing maps by pod name.
+    routes: Cache<String, Arc<pod_config::Routes>>,
+    /// Custom domain → pod name (negative answers cached too).
+    domains: Cache<String, Option<String>>,
 }
 
 impl Engine {
     pub fn new(store: Store, config: EngineConfig, keys: TokenKeys) -> Engine {
+        let ttl = config.cache_ttl;
         let pods = Cache::builder()
             .max_capacity(10_000)
             .time_to_live(config.cache_ttl)
@@ -119,6 +134,14 @@ impl Engine {
                 registry: Arc::new(Registry::default()),
                 pods,
                 streams,
+                routes: Cache::builder()
+                    .max_capacity(10_000)
+                    .time_to_live(ttl)
+                    .build(),
+                domains: Cache::builder()
+                    .max_capacity(10_000)
+                    .time_to_live(ttl)
+                    .build(),
             }),
         }
     }
@@ -249,31 +272,69 @@ impl Engine {
     /// Makes `new_owner` the pod's owner (owner only).
     pub async fn transfer_owner(&self, caller: &Caller, pod: &str, new_owner: &str) -> Result<()> {
         let pod = self.pod(pod).await?;
-        let user = require_writer(caller)?;
-        check_token_pod(user, &pod.name)?;
-        if pod.owner_id != user.user_id {
-            return Err(forbidden("only the pod owner may transfer it"));
-        }
+        let user = require_owner(&pod, caller)?;
         if self.inner.store.get_user(new_owner).await?.is_none() {
             return Err(Error::new(ErrorKind::UserNotFound, "no such user"));
         }
-        let stream = self.existing_stream(&pod, OWNER_STREAM).await?;
-        let content = serde_json::json!({ "userId": new_owner }).to_string();
+        let content = serde_json::json!({ "userId": new_owner });
+        self.append_system(&pod, OWNER_STREAM, OWNER_RECORD, &content, &user.user_id)
+            .await?;
+        self.inner.pods.invalidate(&pod.name).await;
+        Ok(())
+    }
+
+    /// Appends one JSON record to a `.config` stream written through its own endpoint,
+    /// creating the stream (owner-only) if needed.
+    pub(crate) async fn append_system(
+        &self,
+        pod: &PodRow,
+        path: &str,
+        name: &str,
+        content: &serde_json::Value,
+        author: &str,
+    ) -> Result<Receipt> {
+        let stream = match self.stream(pod, path).await? {
+            Some(s) => s,
+            None => {
+                let new = NewStream {
+                    pod_id: pod.id,
+                    parent_id: Some(self.existing_stream(pod, names::CONFIG).await?.id),
+                    path: path.to_string(),
+                    name: names::split_last(path).1.to_string(),
+                    access: "private".to_string(),
+                    creator_id: author.to_string(),
+                    created_at: now_ms(),
+                };
+                match self.inner.store.create_stream(&new).await? {
+                    CreateStream::Created(s) | CreateStream::Exists(s) => s,
+                    CreateStream::NameConflict => {
+                        return Err(Error::new(
+                            ErrorKind::NameConflict,
+                            "name conflict in .config",
+                        ));
+                    }
+                }
+            }
+        };
         let entry = Entry {
             records: vec![NewRecord {
-                name: OWNER_RECORD.to_string(),
-                content: Bytes::from(content),
+                name: name.to_string(),
+                content: Bytes::from(content.to_string()),
                 content_type: "application/json".to_string(),
                 headers: BTreeMap::new(),
                 deleted: false,
             }],
             precondition: None,
             idempotency_key: None,
-            author: user.user_id.clone(),
+            author: author.to_string(),
+            purge: false,
         };
-        self.submit(&pod, &stream, entry).await?;
-        self.inner.pods.invalidate(&pod.name).await;
-        Ok(())
+        let committed = self.submit(pod, &stream, entry).await?;
+        committed
+            .rows
+            .first()
+            .map(|r| Receipt::new(&stream.path, r))
+            .ok_or_else(|| Error::Internal("system append wrote nothing".into()))
     }
 
     // ----- writes ---------------------------------------------------------------------------
@@ -289,6 +350,12 @@ impl Engine {
         check_stream_path(stream_path)?;
         if req.records.is_empty() {
             return Err(Error::new(ErrorKind::InvalidInput, "nothing to append"));
+        }
+        if req.records.len() > MAX_APPEND_RECORDS {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("a batch holds at most {MAX_APPEND_RECORDS} records"),
+            ));
         }
         for r in &req.records {
             self.check_new_record(r)?;
@@ -309,21 +376,29 @@ impl Engine {
                 "{stream_path} is written through its own endpoint"
             )));
         }
-        let stream = match self.stream(&pod, stream_path).await? {
-            Some(s) => s,
-            None => {
-                self.create_stream_path(&pod, user, stream_path, req.access.as_deref())
-                    .await?
-            }
-        };
-        self.check_write(&pod, &stream, user)?;
+        let access = req.access.as_deref();
+        let stream = self
+            .writable_stream(&pod, user, stream_path, access)
+            .await?;
         let entry = Entry {
             records: req.records,
             precondition: req.precondition,
             idempotency_key: req.idempotency_key,
             author: user.user_id.clone(),
+            purge: false,
         };
-        let committed = self.submit(&pod, &stream, entry).await?;
+        let committed = match self.submit(&pod, &stream, entry.clone()).await {
+            // Our cached stream was deleted (maybe recreated) through another instance.
+            Err(e) if e.kind() == ErrorKind::StreamNotFound => {
+                let key = (pod.id, stream_path.to_string());
+                self.inner.streams.invalidate(&key).await;
+                let stream = self
+                    .writable_stream(&pod, user, stream_path, access)
+                    .await?;
+                self.submit(&pod, &stream, entry).await?
+            }
+            other => other?,
+        };
         Ok(AppendOutcome {
             receipts: committed
                 .rows
@@ -332,6 +407,22 @@ impl Engine {
                 .collect(),
             replayed: committed.replayed,
         })
+    }
+
+    /// The stream to append to, created with its ancestors when missing; checks write access.
+    async fn writable_stream(
+        &self,
+        pod: &PodRow,
+        user: &UserCaller,
+        path: &str,
+        access: Option<&str>,
+    ) -> Result<StreamRow> {
+        let stream = match self.stream(pod, path).await? {
+            Some(s) => s,
+            None => self.create_stream_path(pod, user, path, access).await?,
+        };
+        self.check_write(pod, &stream, user)?;
+        Ok(stream)
     }
 
     /// Creates an empty stream explicitly (409 `STREAM_EXISTS` if it is there).
@@ -561,6 +652,7 @@ impl Engine {
                     after,
                     before: q.before,
                     limit: limit + 1,
+                    unique: q.unique,
                 },
             )
             .await?;
@@ -623,6 +715,7 @@ impl Engine {
                         after: Some(start - 1),
                         before: Some(end),
                         limit: end - start,
+                        unique: false,
                     },
                 )
                 .await?
@@ -743,6 +836,16 @@ fn require_user(caller: &Caller) -> Result<&UserCaller> {
         Caller::User(u) => Ok(u),
         Caller::Anonymous => Err(Error::new(ErrorKind::Unauthorized, "a token is required")),
     }
+}
+
+/// The caller, if they own the pod and their token may write to it.
+fn require_owner<'a>(pod: &PodRow, caller: &'a Caller) -> Result<&'a UserCaller> {
+    let user = require_writer(caller)?;
+    check_token_pod(user, &pod.name)?;
+    if pod.owner_id != user.user_id {
+        return Err(forbidden("only the pod owner may do this"));
+    }
+    Ok(user)
 }
 
 fn require_writer(caller: &Caller) -> Result<&UserCaller> {

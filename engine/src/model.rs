@@ -169,33 +169,80 @@ impl Record {
     }
 }
 
+/// How records are rendered in JSON: `fields=a,b` and `maxContentSize=N` of SPEC §4.3.
+#[derive(Debug, Clone, Default)]
+pub struct RecordFormat {
+    /// Only these keys (all when `None`).
+    pub fields: Option<Vec<String>>,
+    /// Text content longer than this many bytes is cut (at a character boundary) and the
+    /// record gets `"truncated": true`.
+    pub max_content_size: Option<usize>,
+}
+
+/// A record rendered with a [`RecordFormat`].
+pub struct RecordView<'a> {
+    pub record: &'a Record,
+    pub format: &'a RecordFormat,
+}
+
 impl Serialize for Record {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let r = &self.row;
-        let mut m = s.serialize_map(None)?;
-        m.serialize_entry("index", &r.index)?;
-        m.serialize_entry("name", &r.name)?;
-        m.serialize_entry("path", &self.path())?;
-        match self.json_content() {
-            JsonContent::Json(raw) => m.serialize_entry("content", raw)?,
-            JsonContent::Text(t) => m.serialize_entry("content", t)?,
-            JsonContent::Base64(b) => {
-                m.serialize_entry("content", &b)?;
-                m.serialize_entry("encoding", "base64")?;
-            }
-            JsonContent::Purged => m.serialize_entry("content", &())?,
+        RecordView {
+            record: self,
+            format: &RecordFormat::default(),
         }
-        m.serialize_entry("contentType", &r.content_type)?;
-        m.serialize_entry("size", &r.size)?;
-        m.serialize_entry("contentHash", &r.content_hash)?;
-        m.serialize_entry("hash", &r.hash)?;
-        m.serialize_entry("previousHash", &r.previous_hash)?;
-        m.serialize_entry("userId", &r.author)?;
-        m.serialize_entry("headers", &self.headers())?;
-        m.serialize_entry("timestamp", &iso8601(r.timestamp))?;
-        m.serialize_entry("deleted", &r.deleted)?;
+        .serialize(s)
+    }
+}
+
+impl Serialize for RecordView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (rec, fmt) = (self.record, self.format);
+        let r = &rec.row;
+        let want = |k: &str| fmt.fields.as_ref().is_none_or(|f| f.iter().any(|x| x == k));
+        let mut m = s.serialize_map(None)?;
+        macro_rules! field {
+            ($k:expr, $v:expr) => {
+                if want($k) {
+                    m.serialize_entry($k, $v)?;
+                }
+            };
+        }
+        field!("index", &r.index);
+        field!("name", &r.name);
+        field!("path", &rec.path());
+        if want("content") {
+            match rec.json_content() {
+                JsonContent::Json(raw) => m.serialize_entry("content", raw)?,
+                JsonContent::Text(t) => match fmt.max_content_size {
+                    Some(max) if t.len() > max => {
+                        let mut cut = max;
+                        while !t.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        m.serialize_entry("content", &t[..cut])?;
+                        m.serialize_entry("truncated", &true)?;
+                    }
+                    _ => m.serialize_entry("content", t)?,
+                },
+                JsonContent::Base64(b) => {
+                    m.serialize_entry("content", &b)?;
+                    m.serialize_entry("encoding", "base64")?;
+                }
+                JsonContent::Purged => m.serialize_entry("content", &())?,
+            }
+        }
+        field!("contentType", &r.content_type);
+        field!("size", &r.size);
+        field!("contentHash", &r.content_hash);
+        field!("hash", &r.hash);
+        field!("previousHash", &r.previous_hash);
+        field!("userId", &r.author);
+        field!("headers", &rec.headers());
+        field!("timestamp", &iso8601(r.timestamp));
+        field!("deleted", &r.deleted);
         if r.purged {
-            m.serialize_entry("purged", &true)?;
+            field!("purged", &true);
         }
         m.end()
     }

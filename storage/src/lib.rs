@@ -241,6 +241,8 @@ pub struct BatchPlan {
     pub idempotency_keys: Vec<NewIdempotencyKey>,
     /// Set when the batch writes `.config/owner`: the pod's new owner.
     pub pod_owner: Option<(i64, String)>,
+    /// Purges: erase the content of every record with this name below this index.
+    pub purges: Vec<(String, i64)>,
 }
 
 /// One page of records in index order.
@@ -251,6 +253,27 @@ pub struct RecordRange {
     /// Only records with index < before.
     pub before: Option<i64>,
     pub limit: i64,
+    /// Only the latest record of each name, and only if it is not a tombstone.
+    pub unique: bool,
+}
+
+/// The SQL condition of [`RecordRange::unique`]; the stream id is the first parameter.
+pub(crate) fn unique_clause(range: &RecordRange, placeholder: &str) -> String {
+    if range.unique {
+        format!(
+            " AND NOT deleted AND idx IN (SELECT MAX(idx) FROM records WHERE stream_id = {placeholder} GROUP BY name)"
+        )
+    } else {
+        String::new()
+    }
+}
+
+/// Why [`Store::set_domains`] refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainsOutcome {
+    Set,
+    /// This domain already serves another pod.
+    Taken(String),
 }
 
 /// The storage handle. Cheap to clone (pools are reference-counted).
@@ -396,6 +419,40 @@ impl Store {
     /// The committed head as stored now.
     pub async fn stream_head(&self, stream_id: i64) -> Result<Option<Head>> {
         dispatch!(self, s => s.stream_head(stream_id).await)
+    }
+
+    /// Every stream of a pod, ordered by path.
+    pub async fn list_streams(&self, pod_id: i64) -> Result<Vec<StreamRow>> {
+        dispatch!(self, s => s.list_streams(pod_id).await)
+    }
+
+    /// Records of several streams, ordered by stream path then index, with each stream's path.
+    pub async fn list_records_of_streams(
+        &self,
+        stream_ids: &[i64],
+        limit: i64,
+    ) -> Result<Vec<(String, RecordRow)>> {
+        dispatch!(self, s => s.list_records_of_streams(stream_ids, limit).await)
+    }
+
+    /// Deletes a stream, its descendants and all their records. Returns how many streams went.
+    pub async fn delete_stream_tree(&self, pod_id: i64, path: &str) -> Result<u64> {
+        dispatch!(self, s => s.delete_stream_tree(pod_id, path).await)
+    }
+
+    /// Deletes a pod with everything in it.
+    pub async fn delete_pod(&self, pod_id: i64) -> Result<()> {
+        dispatch!(self, s => s.delete_pod(pod_id).await)
+    }
+
+    /// Replaces the custom domains of a pod (all or nothing).
+    pub async fn set_domains(&self, pod_id: i64, domains: &[String]) -> Result<DomainsOutcome> {
+        dispatch!(self, s => s.set_domains(pod_id, domains).await)
+    }
+
+    /// The pod a custom domain serves.
+    pub async fn pod_for_domain(&self, domain: &str) -> Result<Option<PodRow>> {
+        dispatch!(self, s => s.pod_for_domain(domain).await)
     }
 }
 

@@ -4,12 +4,12 @@
 use std::collections::{HashMap, HashSet};
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{FromRow, Postgres, Row, Transaction};
 
 use crate::{
-    BatchContext, BatchPlan, BatchProbe, CreateStream, Error, Head, NewStream, PodRow,
-    RECORD_COLUMNS, RecordRange, RecordRow, Result, STREAM_COLUMNS, StoreOptions, StreamRow,
-    UserRow,
+    BatchContext, BatchPlan, BatchProbe, CreateStream, DomainsOutcome, Error, Head, NewStream,
+    PodRow, RECORD_COLUMNS, RecordRange, RecordRow, Result, STREAM_COLUMNS, StoreOptions,
+    StreamRow, UserRow, unique_clause,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -352,6 +352,17 @@ impl PgStore {
             .execute(&mut *tx)
             .await?;
         }
+        for (name, below) in &plan.purges {
+            sqlx::query(
+                "UPDATE records SET content = '\\x'::bytea, purged = TRUE \
+                 WHERE stream_id = $1 AND name = $2 AND idx < $3 AND NOT deleted",
+            )
+            .bind(stream_id)
+            .bind(name)
+            .bind(below)
+            .execute(&mut *tx)
+            .await?;
+        }
         if let Some((pod_id, owner)) = &plan.pod_owner {
             sqlx::query("UPDATE pods SET owner_id = $2 WHERE id = $1")
                 .bind(pod_id)
@@ -395,9 +406,10 @@ impl PgStore {
         stream_id: i64,
         range: RecordRange,
     ) -> Result<Vec<RecordRow>> {
+        let unique = unique_clause(&range, "$1");
         let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {RECORD_COLUMNS} FROM records WHERE stream_id = $1 \
-             AND idx > $2 AND idx < $3 ORDER BY idx LIMIT $4"
+             AND idx > $2 AND idx < $3{unique} ORDER BY idx LIMIT $4"
         )))
         .bind(stream_id)
         .bind(range.after.unwrap_or(-1))
@@ -417,6 +429,133 @@ impl PgStore {
         .await?;
         Ok(row)
     }
+
+    pub(crate) async fn list_streams(&self, pod_id: i64) -> Result<Vec<StreamRow>> {
+        let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {STREAM_COLUMNS} FROM streams WHERE pod_id = $1 ORDER BY path"
+        )))
+        .bind(pod_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    pub(crate) async fn list_records_of_streams(
+        &self,
+        stream_ids: &[i64],
+        limit: i64,
+    ) -> Result<Vec<(String, RecordRow)>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT s.path AS stream_path, {} FROM records r JOIN streams s ON s.id = r.stream_id \
+             WHERE r.stream_id = ANY($1) ORDER BY s.path, r.idx LIMIT $2",
+            prefixed_record_columns()
+        )))
+        .bind(stream_ids)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("stream_path")?, RecordRow::from_row(r)?)))
+            .collect()
+    }
+
+    pub(crate) async fn delete_stream_tree(&self, pod_id: i64, path: &str) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM streams WHERE pod_id = $1 AND (path = $2 OR substr(path, 1, length($3)) = $3)",
+        )
+        .bind(pod_id)
+        .bind(path)
+        .bind(format!("{path}/"))
+        .fetch_all(&mut *tx)
+        .await?;
+        delete_streams(&mut tx, &ids).await?;
+        tx.commit().await?;
+        Ok(ids.len() as u64)
+    }
+
+    pub(crate) async fn delete_pod(&self, pod_id: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM streams WHERE pod_id = $1")
+            .bind(pod_id)
+            .fetch_all(&mut *tx)
+            .await?;
+        delete_streams(&mut tx, &ids).await?;
+        sqlx::query("DELETE FROM pods WHERE id = $1")
+            .bind(pod_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(crate) async fn set_domains(
+        &self,
+        pod_id: i64,
+        domains: &[String],
+    ) -> Result<DomainsOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let taken: Option<String> = sqlx::query_scalar(
+            "SELECT domain FROM domains WHERE domain = ANY($1) AND pod_id <> $2 LIMIT 1",
+        )
+        .bind(domains)
+        .bind(pod_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(d) = taken {
+            return Ok(DomainsOutcome::Taken(d));
+        }
+        sqlx::query("DELETE FROM domains WHERE pod_id = $1")
+            .bind(pod_id)
+            .execute(&mut *tx)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO domains (domain, pod_id) SELECT d, $2 FROM UNNEST($1::text[]) AS d \
+             ON CONFLICT (domain) DO NOTHING",
+        )
+        .bind(domains)
+        .bind(pod_id)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() != domains.len() as u64 {
+            // Another pod claimed one of them concurrently.
+            return Ok(DomainsOutcome::Taken(domains.join(", ")));
+        }
+        tx.commit().await?;
+        Ok(DomainsOutcome::Set)
+    }
+
+    pub(crate) async fn pod_for_domain(&self, domain: &str) -> Result<Option<PodRow>> {
+        let row = sqlx::query_as(
+            "SELECT p.id, p.name, p.owner_id, p.created_at FROM domains d \
+             JOIN pods p ON p.id = d.pod_id WHERE d.domain = $1",
+        )
+        .bind(domain)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
+    }
+}
+
+/// `r.`-qualified record columns, for joins.
+fn prefixed_record_columns() -> String {
+    RECORD_COLUMNS
+        .split(',')
+        .map(|c| format!("r.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Removes streams with their records and idempotency keys.
+async fn delete_streams(tx: &mut Transaction<'static, Postgres>, ids: &[i64]) -> Result<()> {
+    for table in [
+        "DELETE FROM records WHERE stream_id = ANY($1)",
+        "DELETE FROM idempotency_keys WHERE stream_id = ANY($1)",
+        "DELETE FROM streams WHERE id = ANY($1)",
+    ] {
+        sqlx::query(table).bind(ids).execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 /// Inserts a batch with one statement, whatever its size.

@@ -10,12 +10,12 @@ use std::str::FromStr;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+use sqlx::{FromRow, QueryBuilder, Row, Sqlite, Transaction};
 
 use crate::{
-    BatchContext, BatchPlan, BatchProbe, CreateStream, Error, Head, NewStream, PodRow,
-    RECORD_COLUMNS, RecordRange, RecordRow, Result, STREAM_COLUMNS, StoreOptions, StreamRow,
-    UserRow,
+    BatchContext, BatchPlan, BatchProbe, CreateStream, DomainsOutcome, Error, Head, NewStream,
+    PodRow, RECORD_COLUMNS, RecordRange, RecordRow, Result, STREAM_COLUMNS, StoreOptions,
+    StreamRow, UserRow, unique_clause,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -359,6 +359,17 @@ impl SqliteStore {
             });
             qb.build().execute(&mut *tx).await?;
         }
+        for (name, below) in &plan.purges {
+            sqlx::query(
+                "UPDATE records SET content = X'', purged = 1 \
+                 WHERE stream_id = ? AND name = ? AND idx < ? AND NOT deleted",
+            )
+            .bind(stream_id)
+            .bind(name)
+            .bind(below)
+            .execute(&mut *tx)
+            .await?;
+        }
         if let Some((pod_id, owner)) = &plan.pod_owner {
             sqlx::query("UPDATE pods SET owner_id = ? WHERE id = ?")
                 .bind(owner)
@@ -402,9 +413,10 @@ impl SqliteStore {
         stream_id: i64,
         range: RecordRange,
     ) -> Result<Vec<RecordRow>> {
+        let unique = unique_clause(&range, "?1");
         let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {RECORD_COLUMNS} FROM records WHERE stream_id = ? \
-             AND idx > ? AND idx < ? ORDER BY idx LIMIT ?"
+            "SELECT {RECORD_COLUMNS} FROM records WHERE stream_id = ?1 \
+             AND idx > ?2 AND idx < ?3{unique} ORDER BY idx LIMIT ?4"
         )))
         .bind(stream_id)
         .bind(range.after.unwrap_or(-1))
@@ -424,6 +436,131 @@ impl SqliteStore {
         .await?;
         Ok(row)
     }
+
+    pub(crate) async fn list_streams(&self, pod_id: i64) -> Result<Vec<StreamRow>> {
+        let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {STREAM_COLUMNS} FROM streams WHERE pod_id = ? ORDER BY path"
+        )))
+        .bind(pod_id)
+        .fetch_all(&self.readers)
+        .await?;
+        Ok(rows)
+    }
+
+    pub(crate) async fn list_records_of_streams(
+        &self,
+        stream_ids: &[i64],
+        limit: i64,
+    ) -> Result<Vec<(String, RecordRow)>> {
+        let ids = serde_json::to_string(stream_ids)
+            .map_err(|e| Error::Corrupt(format!("encoding ids: {e}")))?;
+        let cols = RECORD_COLUMNS
+            .split(',')
+            .map(|c| format!("r.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT s.path AS stream_path, {cols} FROM records r JOIN streams s ON s.id = r.stream_id \
+             WHERE r.stream_id IN (SELECT value FROM json_each(?)) ORDER BY s.path, r.idx LIMIT ?"
+        )))
+        .bind(ids)
+        .bind(limit)
+        .fetch_all(&self.readers)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("stream_path")?, RecordRow::from_row(r)?)))
+            .collect()
+    }
+
+    pub(crate) async fn delete_stream_tree(&self, pod_id: i64, path: &str) -> Result<u64> {
+        let mut tx = self.begin().await?;
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM streams WHERE pod_id = ? AND (path = ? OR substr(path, 1, length(?3)) = ?3)",
+        )
+        .bind(pod_id)
+        .bind(path)
+        .bind(format!("{path}/"))
+        .fetch_all(&mut *tx)
+        .await?;
+        delete_streams(&mut tx, &ids).await?;
+        tx.commit().await?;
+        Ok(ids.len() as u64)
+    }
+
+    pub(crate) async fn delete_pod(&self, pod_id: i64) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM streams WHERE pod_id = ?")
+            .bind(pod_id)
+            .fetch_all(&mut *tx)
+            .await?;
+        delete_streams(&mut tx, &ids).await?;
+        sqlx::query("DELETE FROM domains WHERE pod_id = ?")
+            .bind(pod_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM pods WHERE id = ?")
+            .bind(pod_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(crate) async fn set_domains(
+        &self,
+        pod_id: i64,
+        domains: &[String],
+    ) -> Result<DomainsOutcome> {
+        let mut tx = self.begin().await?;
+        for d in domains {
+            let owner: Option<i64> =
+                sqlx::query_scalar("SELECT pod_id FROM domains WHERE domain = ?")
+                    .bind(d)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if owner.is_some_and(|o| o != pod_id) {
+                return Ok(DomainsOutcome::Taken(d.clone()));
+            }
+        }
+        sqlx::query("DELETE FROM domains WHERE pod_id = ?")
+            .bind(pod_id)
+            .execute(&mut *tx)
+            .await?;
+        for d in domains {
+            sqlx::query("INSERT INTO domains (domain, pod_id) VALUES (?, ?)")
+                .bind(d)
+                .bind(pod_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(DomainsOutcome::Set)
+    }
+
+    pub(crate) async fn pod_for_domain(&self, domain: &str) -> Result<Option<PodRow>> {
+        let row = sqlx::query_as(
+            "SELECT p.id, p.name, p.owner_id, p.created_at FROM domains d \
+             JOIN pods p ON p.id = d.pod_id WHERE d.domain = ?",
+        )
+        .bind(domain)
+        .fetch_optional(&self.readers)
+        .await?;
+        Ok(row)
+    }
+}
+
+/// Removes streams with their records and idempotency keys.
+async fn delete_streams(tx: &mut Transaction<'static, Sqlite>, ids: &[i64]) -> Result<()> {
+    for id in ids {
+        for sql in [
+            "DELETE FROM records WHERE stream_id = ?",
+            "DELETE FROM idempotency_keys WHERE stream_id = ?",
+            "DELETE FROM streams WHERE id = ?",
+        ] {
+            sqlx::query(sql).bind(id).execute(&mut **tx).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Inserts a batch with one multi-row statement per [`INSERT_CHUNK`] records.

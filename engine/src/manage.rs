@@ -1,0 +1,218 @@
+//! Stream listing and the owner's destructive operations: deleting records (tombstone and
+//! purge), streams with their descendants, and whole pods.
+
+use std::collections::{BTreeMap, HashSet};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::batch::Entry;
+use crate::clock::iso8601;
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{Caller, NewRecord, Record, RecordPage, StreamInfo};
+use crate::names::{check_record_name, check_stream_path, is_system_path, split_last};
+use crate::{Engine, forbidden, require_owner};
+
+/// Options of `GET /.config/api/streams`.
+#[derive(Debug, Clone, Default)]
+pub struct StreamListQuery {
+    /// Only streams under this path (default: the whole pod).
+    pub path: Option<String>,
+    /// All descendants (default) or only direct children.
+    pub recursive: Option<bool>,
+    pub include_record_counts: bool,
+    pub include_hashes: bool,
+}
+
+/// One stream of a listing.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamSummary {
+    pub path: String,
+    pub name: String,
+    pub parent_path: String,
+    pub depth: usize,
+    pub has_children: bool,
+    pub access_permission: String,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record_count: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_index: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_hash: Option<Option<String>>,
+}
+
+/// The answer of a stream listing.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamListing {
+    pub pod: String,
+    pub streams: Vec<StreamSummary>,
+}
+
+impl Engine {
+    /// Streams of a pod the caller may read.
+    pub async fn list_streams(
+        &self,
+        caller: &Caller,
+        pod: &str,
+        q: &StreamListQuery,
+    ) -> Result<StreamListing> {
+        let pod = self.pod(pod).await?;
+        let base = q.path.as_deref().unwrap_or("").trim_matches('/');
+        check_stream_path(base)?;
+        let all = self.inner.store.list_streams(pod.id).await?;
+        let parents: HashSet<i64> = all.iter().filter_map(|s| s.parent_id).collect();
+        let prefix = format!("{base}/");
+        let recursive = q.recursive.unwrap_or(true);
+        let mut streams = Vec::new();
+        for s in &all {
+            if s.path.is_empty() {
+                continue;
+            }
+            let under = base.is_empty() || s.path.starts_with(&prefix);
+            let (parent_path, name) = split_last(&s.path);
+            if !under || (!recursive && parent_path != base) {
+                continue;
+            }
+            if self.check_read(&pod, s, caller).is_err() {
+                continue;
+            }
+            streams.push(StreamSummary {
+                path: s.path.clone(),
+                name: name.to_string(),
+                parent_path: parent_path.to_string(),
+                depth: s.path.split('/').count(),
+                has_children: parents.contains(&s.id),
+                access_permission: s.access.clone(),
+                created_at: iso8601(s.created_at),
+                record_count: q.include_record_counts.then_some(s.head.index + 1),
+                last_index: q.include_hashes.then_some(s.head.index),
+                last_hash: q.include_hashes.then(|| s.head.hash.clone()),
+            });
+        }
+        Ok(StreamListing {
+            pod: pod.name.clone(),
+            streams,
+        })
+    }
+
+    /// This stream and every readable descendant, ordered by stream path then index.
+    pub async fn list_recursive(
+        &self,
+        caller: &Caller,
+        pod: &str,
+        stream: &StreamInfo,
+        limit: Option<i64>,
+    ) -> Result<RecordPage> {
+        let pod = self.pod(pod).await?;
+        let limit = limit
+            .unwrap_or(100)
+            .clamp(1, self.inner.config.max_list_records);
+        let prefix = format!("{}/", stream.path);
+        let ids: Vec<i64> = self
+            .inner
+            .store
+            .list_streams(pod.id)
+            .await?
+            .into_iter()
+            .filter(|s| s.id == stream.id || stream.path.is_empty() || s.path.starts_with(&prefix))
+            .filter(|s| self.check_read(&pod, s, caller).is_ok())
+            .map(|s| s.id)
+            .collect();
+        let mut rows = self
+            .inner
+            .store
+            .list_records_of_streams(&ids, limit + 1)
+            .await?;
+        let has_more = rows.len() as i64 > limit;
+        rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        let total = rows.len() as i64;
+        Ok(RecordPage {
+            records: rows
+                .into_iter()
+                .map(|(stream_path, row)| Record { stream_path, row })
+                .collect(),
+            total,
+            has_more,
+            next_index: None,
+            head_hash: None,
+        })
+    }
+
+    /// Appends a tombstone for `name`; with `purge`, also erases the content of every earlier
+    /// record with that name (hashes stay, so the chain still verifies). Owner only.
+    pub async fn delete_record(
+        &self,
+        caller: &Caller,
+        pod: &str,
+        stream_path: &str,
+        name: &str,
+        purge: bool,
+    ) -> Result<()> {
+        check_stream_path(stream_path)?;
+        check_record_name(name)?;
+        let pod = self.pod(pod).await?;
+        let user = require_owner(&pod, caller)?;
+        if is_system_path(stream_path) {
+            return Err(forbidden(".config records cannot be deleted"));
+        }
+        let stream = self.existing_stream(&pod, stream_path).await?;
+        let latest = self.inner.store.latest_by_name(stream.id, name).await?;
+        let Some(latest) = latest else {
+            return Err(Error::new(
+                ErrorKind::RecordNotFound,
+                format!("no record named {name:?}"),
+            ));
+        };
+        if latest.deleted && !purge {
+            return Ok(());
+        }
+        let entry = Entry {
+            records: vec![NewRecord {
+                name: name.to_string(),
+                content: Bytes::new(),
+                content_type: "text/plain".to_string(),
+                headers: BTreeMap::new(),
+                deleted: true,
+            }],
+            precondition: None,
+            idempotency_key: None,
+            author: user.user_id.clone(),
+            purge,
+        };
+        self.submit(&pod, &stream, entry).await?;
+        Ok(())
+    }
+
+    /// Removes a stream, its descendants and their records. Owner only; not `.config`.
+    pub async fn delete_stream(&self, caller: &Caller, pod: &str, path: &str) -> Result<()> {
+        check_stream_path(path)?;
+        let pod = self.pod(pod).await?;
+        require_owner(&pod, caller)?;
+        if is_system_path(path) {
+            return Err(forbidden(".config streams cannot be deleted"));
+        }
+        if path.is_empty() {
+            return Err(Error::new(
+                ErrorKind::InvalidPath,
+                "delete the pod to remove its root",
+            ));
+        }
+        self.existing_stream(&pod, path).await?;
+        self.inner.store.delete_stream_tree(pod.id, path).await?;
+        self.inner.streams.invalidate_all();
+        Ok(())
+    }
+
+    /// Removes a pod with all its streams and records. Owner only.
+    pub async fn delete_pod(&self, caller: &Caller, pod: &str) -> Result<()> {
+        let pod = self.pod(pod).await?;
+        require_owner(&pod, caller)?;
+        self.inner.store.delete_pod(pod.id).await?;
+        self.inner.pods.invalidate(&pod.name).await;
+        self.inner.streams.invalidate_all();
+        self.inner.domains.invalidate_all();
+        Ok(())
+    }
+}

@@ -1,0 +1,168 @@
+//! Pod configuration written through its own endpoints (SPEC §4.5): routing links applied to
+//! GETs, and custom domains that serve the pod. Both are kept as records of `.config` streams
+//! (so they are chained like everything else) and cached, invalidated by their writes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::json;
+use webpods_storage::DomainsOutcome;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::Caller;
+use crate::names::check_stream_path;
+use crate::{Engine, require_owner};
+
+const ROUTING_STREAM: &str = ".config/routing";
+const ROUTING_RECORD: &str = "routes";
+const DOMAINS_STREAM: &str = ".config/domains";
+const DOMAINS_RECORD: &str = "domains";
+/// At most this many custom domains per pod.
+const MAX_DOMAINS: usize = 32;
+
+/// A pod's routing map: request path → target (`stream/name`, `stream`, or `stream?query`).
+pub type Routes = BTreeMap<String, String>;
+
+impl Engine {
+    /// Replaces the pod's routing map (owner only).
+    pub async fn set_routing(&self, caller: &Caller, pod: &str, routes: Routes) -> Result<()> {
+        let pod = self.pod(pod).await?;
+        let user = require_owner(&pod, caller)?;
+        for (from, to) in &routes {
+            if !from.starts_with('/') {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("route {from:?} must start with '/'"),
+                ));
+            }
+            let target = to.split('?').next().unwrap_or("").trim_matches('/');
+            if check_stream_path(target).is_err() || to.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("route target {to:?} must be stream/name, stream or stream?query"),
+                ));
+            }
+        }
+        let content = serde_json::to_value(&routes)
+            .map_err(|e| Error::Internal(format!("encoding routes: {e}")))?;
+        self.append_system(
+            &pod,
+            ROUTING_STREAM,
+            ROUTING_RECORD,
+            &content,
+            &user.user_id,
+        )
+        .await?;
+        self.inner.routes.invalidate(&pod.name).await;
+        Ok(())
+    }
+
+    /// The target a GET of `path` (with leading slash) is routed to, if any.
+    pub async fn route(&self, pod: &str, path: &str) -> Result<Option<String>> {
+        let routes = match self.inner.routes.get(pod).await {
+            Some(r) => r,
+            None => {
+                let pod_row = self.pod(pod).await?;
+                let routes = match self.stream(&pod_row, ROUTING_STREAM).await? {
+                    None => Routes::new(),
+                    Some(s) => self
+                        .inner
+                        .store
+                        .latest_by_name(s.id, ROUTING_RECORD)
+                        .await?
+                        .and_then(|r| serde_json::from_slice(&r.content).ok())
+                        .unwrap_or_default(),
+                };
+                let routes = Arc::new(routes);
+                self.inner
+                    .routes
+                    .insert(pod.to_string(), routes.clone())
+                    .await;
+                routes
+            }
+        };
+        Ok(routes.get(path).cloned())
+    }
+
+    /// Replaces the pod's custom domains (owner only); a domain serves at most one pod.
+    pub async fn set_domains(
+        &self,
+        caller: &Caller,
+        pod: &str,
+        domains: Vec<String>,
+    ) -> Result<()> {
+        let pod = self.pod(pod).await?;
+        let user = require_owner(&pod, caller)?;
+        let mut domains: Vec<String> = domains
+            .iter()
+            .map(|d| d.trim().to_ascii_lowercase())
+            .collect();
+        domains.sort();
+        domains.dedup();
+        if domains.len() > MAX_DOMAINS {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("at most {MAX_DOMAINS} domains per pod"),
+            ));
+        }
+        if let Some(bad) = domains.iter().find(|d| !is_valid_domain(d)) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{bad:?} is not a domain name"),
+            ));
+        }
+        if let DomainsOutcome::Taken(d) = self.inner.store.set_domains(pod.id, &domains).await? {
+            return Err(Error::new(
+                ErrorKind::DomainTaken,
+                format!("{d} already serves another pod"),
+            ));
+        }
+        self.inner.domains.invalidate_all();
+        self.append_system(
+            &pod,
+            DOMAINS_STREAM,
+            DOMAINS_RECORD,
+            &json!({ "domains": domains }),
+            &user.user_id,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The pod a custom domain serves.
+    pub async fn pod_for_domain(&self, host: &str) -> Result<Option<String>> {
+        if let Some(hit) = self.inner.domains.get(host).await {
+            return Ok(hit);
+        }
+        let pod = self.inner.store.pod_for_domain(host).await?.map(|p| p.name);
+        self.inner
+            .domains
+            .insert(host.to_string(), pod.clone())
+            .await;
+        Ok(pod)
+    }
+}
+
+/// A DNS name: dot-separated labels of `[a-z0-9-]`, not starting or ending with `-`.
+fn is_valid_domain(d: &str) -> bool {
+    d.len() <= 253
+        && d.contains('.')
+        && d.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn domains() {
+        assert!(super::is_valid_domain("blog.example.com"));
+        assert!(!super::is_valid_domain("localhost"));
+        assert!(!super::is_valid_domain("-a.com"));
+        assert!(!super::is_valid_domain("a..com"));
+    }
+}
