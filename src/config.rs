@@ -32,6 +32,10 @@ pub struct Config {
     pub store: StoreOptions,
     /// How long a graceful shutdown may take before the process exits anyway.
     pub shutdown_timeout: Duration,
+    /// Largest body of a batch append.
+    pub max_batch_bytes: usize,
+    /// The pod also served on the main domain (SPEC §2).
+    pub root_pod: Option<String>,
 }
 
 impl Config {
@@ -44,15 +48,13 @@ impl Config {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, Vec<String>> {
         let mut errors = Vec::new();
         let var = |k: &str| get(k).filter(|v| !v.trim().is_empty());
-        let parse = |k: &str, default: &str, errors: &mut Vec<String>| -> Option<u64> {
+        // A bad number is recorded and replaced by 0; any recorded error aborts below.
+        let parse = |k: &str, default: &str, errors: &mut Vec<String>| -> u64 {
             let v = var(k).unwrap_or_else(|| default.to_string());
-            match v.trim().parse::<u64>() {
-                Ok(n) => Some(n),
-                Err(_) => {
-                    errors.push(format!("{k}: expected a non-negative integer, got {v:?}"));
-                    None
-                }
-            }
+            v.trim().parse::<u64>().unwrap_or_else(|_| {
+                errors.push(format!("{k}: expected a non-negative integer, got {v:?}"));
+                0
+            })
         };
         let listen = var("WEBPODS_LISTEN").unwrap_or_else(|| "127.0.0.1:3000".into());
         let listen = listen
@@ -96,6 +98,7 @@ impl Config {
         let idle = parse("WEBPODS_ACTOR_IDLE_SECS", "30", &mut errors);
         let pool = parse("WEBPODS_DB_MAX_CONNECTIONS", "16", &mut errors);
         let shutdown = parse("WEBPODS_SHUTDOWN_TIMEOUT_SECS", "30", &mut errors);
+        let max_batch = parse("WEBPODS_MAX_BATCH_BYTES", "67108864", &mut errors);
         let allowed_record_headers = var("WEBPODS_ALLOWED_RECORD_HEADERS")
             .map(|v| {
                 v.split(',')
@@ -110,24 +113,7 @@ impl Config {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let (
-            Some(listen),
-            Some(public_url),
-            Some(max_record_bytes),
-            Some(max_list),
-            Some(idle),
-            Some(pool),
-            Some(shutdown),
-        ) = (
-            listen,
-            public_url,
-            max_record_bytes,
-            max_list,
-            idle,
-            pool,
-            shutdown,
-        )
-        else {
+        let (Some(listen), Some(public_url)) = (listen, public_url) else {
             return Err(vec!["invalid configuration".to_string()]);
         };
         let max_record_bytes = usize::try_from(max_record_bytes).unwrap_or(usize::MAX);
@@ -155,6 +141,8 @@ impl Config {
                 acquire_timeout: Duration::from_secs(5),
             },
             shutdown_timeout: Duration::from_secs(shutdown),
+            max_batch_bytes: usize::try_from(max_batch).unwrap_or(usize::MAX),
+            root_pod: var("WEBPODS_ROOT_POD"),
         })
     }
 

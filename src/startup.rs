@@ -79,6 +79,8 @@ impl Server {
             RestConfig {
                 main_host: MainHost(config.main_host()),
                 max_body_bytes: config.engine.max_record_bytes,
+                max_batch_bytes: config.max_batch_bytes,
+                root_pod: config.root_pod.clone(),
             },
         );
         let router = webpods_api_rest::app(state.clone(), Router::new()).layer(

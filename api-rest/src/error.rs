@@ -33,7 +33,7 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
             StatusCode::BAD_REQUEST
         }
         ContentTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        PodExists | StreamExists | NameConflict => StatusCode::CONFLICT,
+        PodExists | StreamExists | NameConflict | DomainTaken => StatusCode::CONFLICT,
         PodNotFound | StreamNotFound | RecordNotFound | RecordDeleted | UserNotFound | NotFound => {
             StatusCode::NOT_FOUND
         }

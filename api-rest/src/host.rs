@@ -23,6 +23,12 @@ pub enum HostKind {
 }
 
 impl MainHost {
+    /// `true` for the main domain itself and every name under it.
+    pub fn covers(&self, domain: &str) -> bool {
+        let d = domain.trim().to_ascii_lowercase();
+        d == self.0 || d.ends_with(&format!(".{}", self.0))
+    }
+
     /// Classifies a `Host` header value.
     pub fn classify(&self, host: Option<&str>) -> HostKind {
         let Some(host) = host else {
@@ -51,6 +57,22 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
+/// Paths the main domain keeps for itself even when a root pod is configured (SPEC §2).
+fn is_system_route(path: &str) -> bool {
+    const EXACT: [&str; 8] = [
+        "/health",
+        "/live",
+        "/ready",
+        "/metrics",
+        "/openapi.json",
+        "/ws",
+        "/login",
+        "/graphql",
+    ];
+    const PREFIXES: [&str; 3] = ["/auth/", "/api/", "/graphql/"];
+    EXACT.contains(&path) || PREFIXES.iter().any(|p| path.starts_with(p))
+}
+
 /// The pod a request addresses, set by [`dispatch`] for the pod router.
 #[derive(Debug, Clone)]
 pub struct PodHost(pub String);
@@ -68,18 +90,32 @@ pub fn dispatch(state: AppState, main: Router, pods: Router) -> Router {
                     .and_then(|h| h.to_str().ok())
                     .map(str::to_string)
                     .or_else(|| req.uri().authority().map(|a| a.to_string()));
-                let result = match st.config.main_host.classify(host.as_deref()) {
-                    HostKind::Main => main.oneshot(req).await,
-                    HostKind::Pod(pod) => {
+                let pod = match st.config.main_host.classify(host.as_deref()) {
+                    HostKind::Main => match &st.config.root_pod {
+                        Some(root) if !is_system_route(req.uri().path()) => Some(root.clone()),
+                        _ => None,
+                    },
+                    HostKind::Pod(pod) => Some(pod),
+                    HostKind::Unknown => {
+                        let name = strip_port(host.as_deref().unwrap_or("")).to_ascii_lowercase();
+                        match st.engine.pod_for_domain(&name).await {
+                            Ok(Some(pod)) => Some(pod),
+                            Ok(None) => {
+                                return ApiError::new(
+                                    ErrorKind::PodNotFound,
+                                    "no pod is served on this host",
+                                )
+                                .into_response();
+                            }
+                            Err(e) => return ApiError(e).into_response(),
+                        }
+                    }
+                };
+                let result = match pod {
+                    None => main.oneshot(req).await,
+                    Some(pod) => {
                         req.extensions_mut().insert(PodHost(pod));
                         pods.oneshot(req).await
-                    }
-                    HostKind::Unknown => {
-                        return ApiError::new(
-                            ErrorKind::PodNotFound,
-                            "no pod is served on this host",
-                        )
-                        .into_response();
                     }
                 };
                 match result {

@@ -30,6 +30,10 @@ pub struct RestConfig {
     pub main_host: MainHost,
     /// Largest request body accepted for a single-record append.
     pub max_body_bytes: usize,
+    /// Largest request body accepted for a batch append.
+    pub max_batch_bytes: usize,
+    /// The pod also served on the main domain for non-system paths.
+    pub root_pod: Option<String>,
 }
 
 /// Shared state of the HTTP handlers.

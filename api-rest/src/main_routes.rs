@@ -22,6 +22,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/live", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/ready", get(ready))
+        .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such route") })
         .with_state(state)
 }
@@ -64,6 +65,17 @@ async fn health(State(st): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+/// The OpenAPI 3.1 document of the REST surface (checked against the routes by a test).
+pub const OPENAPI: &str = include_str!("../openapi/openapi.json");
+
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response()
 }
 
 async fn ready(State(st): State<AppState>) -> Response {

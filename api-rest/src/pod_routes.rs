@@ -13,17 +13,21 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header}
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
+use serde::Serialize;
 use serde_json::json;
 use webpods_engine::names::split_last;
 use webpods_engine::{
-    AppendRequest, Caller, ErrorKind, ListQuery, NewRecord, Precondition, Record, StreamInfo,
-    Target,
+    AppendRequest, Caller, ErrorKind, ListQuery, NewRecord, Precondition, Record, RecordFormat,
+    RecordPage, RecordView, StreamInfo, StreamListQuery, Target,
 };
 
 use crate::AppState;
 use crate::caller::Auth;
 use crate::error::ApiError;
 use crate::host::PodHost;
+
+/// The stream-listing endpoint of a pod.
+const STREAMS_API: &str = ".config/api/streams";
 
 /// Prefix of request headers that carry custom record headers.
 const RECORD_HEADER_PREFIX: &str = "x-record-header-";
@@ -46,13 +50,17 @@ async fn handle(
             "paths may not contain escapes",
         ));
     }
+    if path.trim_end_matches('/') == STREAMS_API && *req.method() == Method::GET {
+        return list_streams(&st, &caller, &pod, req.uri().query()).await;
+    }
     match *req.method() {
         Method::GET | Method::HEAD => read(&st, &caller, &pod, &path, &query, req.headers()).await,
         Method::POST => write(&st, &caller, &pod, &path, &query, req).await,
+        Method::DELETE => delete(&st, &caller, &pod, &path, &query).await,
         _ => Ok((
             StatusCode::METHOD_NOT_ALLOWED,
             Json(
-                json!({ "error": { "code": "METHOD_NOT_ALLOWED", "message": "use GET or POST" } }),
+                json!({ "error": { "code": "METHOD_NOT_ALLOWED", "message": "use GET, POST or DELETE" } }),
             ),
         )
             .into_response()),
@@ -60,13 +68,19 @@ async fn handle(
 }
 
 /// The query parameters a pod route understands.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Query {
     i: Option<String>,
     after: Option<i64>,
     before: Option<i64>,
     limit: Option<i64>,
     access: Option<String>,
+    unique: bool,
+    recursive: bool,
+    verify: bool,
+    batch: bool,
+    purge: bool,
+    format: RecordFormat,
 }
 
 impl Query {
@@ -77,21 +91,92 @@ impl Query {
                 ApiError::new(ErrorKind::InvalidIndex, format!("{v:?} is not an index"))
             })
         };
+        let positive = |k: &str, v: &str| {
+            v.parse::<i64>().ok().filter(|l| *l > 0).ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::InvalidInput,
+                    format!("{k} must be a positive integer"),
+                )
+            })
+        };
+        let flag = |k: &str, v: &str| match v {
+            "true" | "1" | "" => Ok(true),
+            "false" | "0" => Ok(false),
+            _ => Err(ApiError::new(
+                ErrorKind::InvalidInput,
+                format!("{k} must be true or false"),
+            )),
+        };
         for (k, v) in url::form_urlencoded::parse(q.unwrap_or("").as_bytes()) {
             match k.as_ref() {
                 "i" => out.i = Some(v.into_owned()),
                 "after" => out.after = Some(index(&v)?),
                 "before" => out.before = Some(index(&v)?),
-                "limit" => {
-                    out.limit = Some(v.parse::<i64>().ok().filter(|l| *l > 0).ok_or_else(|| {
-                        ApiError::new(ErrorKind::InvalidInput, "limit must be a positive integer")
-                    })?)
-                }
+                "limit" => out.limit = Some(positive("limit", &v)?),
                 "access" => out.access = Some(v.into_owned()),
+                "unique" => out.unique = flag("unique", &v)?,
+                "recursive" => out.recursive = flag("recursive", &v)?,
+                "verify" => out.verify = flag("verify", &v)?,
+                "batch" => out.batch = flag("batch", &v)?,
+                "purge" => out.purge = flag("purge", &v)?,
+                "fields" => {
+                    out.format.fields = Some(
+                        v.split(',')
+                            .map(|f| f.trim().to_string())
+                            .filter(|f| !f.is_empty())
+                            .collect(),
+                    )
+                }
+                "maxContentSize" => {
+                    let n = positive("maxContentSize", &v)?;
+                    out.format.max_content_size = Some(usize::try_from(n).unwrap_or(usize::MAX));
+                }
                 _ => {}
             }
         }
         Ok(out)
+    }
+
+    /// Applies a routing target's own query on top of the request's.
+    fn merged_with(&self, target_query: Option<&str>) -> Result<Query, ApiError> {
+        let Some(tq) = target_query else {
+            return Ok(self.clone());
+        };
+        let t = Query::parse(Some(tq))?;
+        Ok(Query {
+            i: t.i.or_else(|| self.i.clone()),
+            after: t.after.or(self.after),
+            before: t.before.or(self.before),
+            limit: t.limit.or(self.limit),
+            unique: t.unique || self.unique,
+            recursive: t.recursive || self.recursive,
+            ..self.clone()
+        })
+    }
+}
+
+/// The paginated list body of SPEC §4.3, with records rendered per `fields`/`maxContentSize`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PageView<'a> {
+    records: Vec<RecordView<'a>>,
+    total: i64,
+    has_more: bool,
+    next_index: Option<i64>,
+}
+
+impl<'a> PageView<'a> {
+    fn new(page: &'a RecordPage, format: &'a RecordFormat) -> Self {
+        PageView {
+            records: page
+                .records
+                .iter()
+                .map(|record| RecordView { record, format })
+                .collect(),
+            total: page.total,
+            has_more: page.has_more,
+            next_index: page.next_index,
+        }
     }
 }
 
@@ -106,25 +191,71 @@ async fn read(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let engine = &st.engine;
-    let path = path.trim_end_matches('/');
-    match engine.resolve(caller, pod, path).await? {
+    let mut path = path.trim_end_matches('/').to_string();
+    let mut q = q.clone();
+    if let Some(target) = engine.route(pod, &format!("/{path}")).await? {
+        let (p, tq) = match target.split_once('?') {
+            Some((p, tq)) => (p, Some(tq)),
+            None => (target.as_str(), None),
+        };
+        q = q.merged_with(tq)?;
+        path = p.trim_matches('/').to_string();
+    }
+    match engine.resolve(caller, pod, &path).await? {
         Target::Record { stream, name } => {
             let record = engine.read_by_name(&stream, &name).await?;
             Ok(raw(&record, headers))
         }
-        Target::Stream(stream) => match q.i.as_deref() {
-            Some(i) => match i.split_once(':') {
-                Some((a, b)) => range(st, &stream, a, b).await,
-                None => {
-                    let idx = i.parse::<i64>().map_err(|_| {
-                        ApiError::new(ErrorKind::InvalidIndex, format!("{i:?} is not an index"))
-                    })?;
-                    Ok(raw(&engine.read_by_index(&stream, idx).await?, headers))
+        Target::Stream(stream) => {
+            if q.verify {
+                return Ok(Json(engine.verify(pod, &stream).await?).into_response());
+            }
+            match q.i.as_deref() {
+                Some(i) => match i.split_once(':') {
+                    Some((a, b)) => range(st, &stream, a, b, &q.format).await,
+                    None => {
+                        let idx = i.parse::<i64>().map_err(|_| {
+                            ApiError::new(ErrorKind::InvalidIndex, format!("{i:?} is not an index"))
+                        })?;
+                        Ok(raw(&engine.read_by_index(&stream, idx).await?, headers))
+                    }
+                },
+                None if q.recursive => {
+                    let page = engine.list_recursive(caller, pod, &stream, q.limit).await?;
+                    Ok(Json(PageView::new(&page, &q.format)).into_response())
                 }
-            },
-            None => list(st, &stream, q, headers).await,
-        },
+                None => list(st, &stream, &q, headers).await,
+            }
+        }
     }
+}
+
+/// `GET /.config/api/streams[?path=&recursive=&includeRecordCounts=&includeHashes=]`.
+async fn list_streams(
+    st: &AppState,
+    caller: &Caller,
+    pod: &str,
+    raw_query: Option<&str>,
+) -> Result<Response, ApiError> {
+    let mut q = StreamListQuery::default();
+    let flag = |k: &str, v: &str| match v {
+        "true" | "1" | "" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(ApiError::new(
+            ErrorKind::InvalidInput,
+            format!("{k} must be true or false"),
+        )),
+    };
+    for (k, v) in url::form_urlencoded::parse(raw_query.unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "path" => q.path = Some(v.into_owned()),
+            "recursive" => q.recursive = Some(flag("recursive", &v)?),
+            "includeRecordCounts" => q.include_record_counts = flag("includeRecordCounts", &v)?,
+            "includeHashes" => q.include_hashes = flag("includeHashes", &v)?,
+            _ => {}
+        }
+    }
+    Ok(Json(st.engine.list_streams(caller, pod, &q).await?).into_response())
 }
 
 async fn list(
@@ -141,6 +272,7 @@ async fn list(
                 after: q.after,
                 before: q.before,
                 limit: q.limit,
+                unique: q.unique,
             },
         )
         .await?;
@@ -150,21 +282,32 @@ async fn list(
     {
         return Ok(not_modified(tag));
     }
-    let mut resp = Json(&page).into_response();
+    let mut resp = Json(PageView::new(&page, &q.format)).into_response();
     if let Some(tag) = etag.and_then(|t| HeaderValue::from_str(&t).ok()) {
         resp.headers_mut().insert(header::ETAG, tag);
     }
     Ok(resp)
 }
 
-async fn range(st: &AppState, stream: &StreamInfo, a: &str, b: &str) -> Result<Response, ApiError> {
+async fn range(
+    st: &AppState,
+    stream: &StreamInfo,
+    a: &str,
+    b: &str,
+    format: &RecordFormat,
+) -> Result<Response, ApiError> {
     let parse = |v: &str| {
         v.parse::<i64>()
             .map_err(|_| ApiError::new(ErrorKind::InvalidIndex, format!("{v:?} is not an index")))
     };
     let r = st.engine.read_range(stream, parse(a)?, parse(b)?).await?;
+    let records: Vec<RecordView<'_>> = r
+        .records
+        .iter()
+        .map(|record| RecordView { record, format })
+        .collect();
     Ok(Json(json!({
-        "records": r.records,
+        "records": records,
         "range": { "start": r.start, "end": r.end },
         "total": r.total,
     }))
@@ -228,8 +371,56 @@ async fn write(
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let body = read_body(&parts.headers, body, st.config.max_body_bytes).await?;
+    let limit = if q.batch {
+        st.config.max_batch_bytes
+    } else {
+        st.config.max_body_bytes
+    };
+    let body = read_body(&parts.headers, body, limit).await?;
     let engine = &st.engine;
+    if q.batch {
+        return batch(
+            st,
+            caller,
+            pod,
+            path.trim_end_matches('/'),
+            q,
+            &parts.headers,
+            &body,
+        )
+        .await;
+    }
+    match path.trim_end_matches('/') {
+        ".config/owner" => return transfer(st, caller, pod, &body).await,
+        ".config/routing" => {
+            let routes = serde_json::from_slice(&body).map_err(|_| {
+                ApiError::new(
+                    ErrorKind::InvalidInput,
+                    "expected a JSON object {\"/path\": \"target\"}",
+                )
+            })?;
+            engine.set_routing(caller, pod, routes).await?;
+            return Ok((StatusCode::CREATED, Json(json!({ "ok": true }))).into_response());
+        }
+        ".config/domains" => {
+            #[derive(Deserialize)]
+            struct Domains {
+                domains: Vec<String>,
+            }
+            let d: Domains = serde_json::from_slice(&body).map_err(|_| {
+                ApiError::new(ErrorKind::InvalidInput, "expected {\"domains\": [\"…\"]}")
+            })?;
+            if let Some(bad) = d.domains.iter().find(|x| st.config.main_host.covers(x)) {
+                return Err(ApiError::new(
+                    ErrorKind::InvalidInput,
+                    format!("{bad:?} belongs to this service's own domain"),
+                ));
+            }
+            engine.set_domains(caller, pod, d.domains).await?;
+            return Ok((StatusCode::CREATED, Json(json!({ "ok": true }))).into_response());
+        }
+        _ => {}
+    }
     if body.is_empty() || body.trim_ascii() == b"{}" {
         let info = engine
             .create_stream(caller, pod, path.trim_end_matches('/'), q.access.as_deref())
@@ -243,9 +434,6 @@ async fn write(
         ));
     }
     let (stream, name) = split_last(path);
-    if stream == ".config" && name == "owner" {
-        return transfer(st, caller, pod, &body).await;
-    }
     let record = NewRecord {
         name: name.to_string(),
         content_type: content_type(&parts.headers)?,
@@ -290,6 +478,135 @@ async fn write(
         h.insert("idempotent-replay", HeaderValue::from_static("true"));
     }
     Ok(resp)
+}
+
+/// One record of a batch append (SPEC §4.2).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct BatchItem {
+    name: String,
+    content: Option<serde_json::Value>,
+    content_base64: Option<String>,
+    content_type: Option<String>,
+    headers: Option<BTreeMap<String, String>>,
+}
+
+impl BatchItem {
+    fn into_record(self, n: usize) -> Result<NewRecord, ApiError> {
+        use base64::Engine as _;
+        let bad = |m: &str| ApiError::new(ErrorKind::InvalidInput, format!("record {n}: {m}"));
+        let (content, default_type) = match (self.content, self.content_base64) {
+            (Some(_), Some(_)) => return Err(bad("give content or contentBase64, not both")),
+            (None, None) => return Err(bad("content or contentBase64 is required")),
+            (Some(serde_json::Value::String(s)), None) => (Bytes::from(s), "text/plain"),
+            (Some(v), None) => (Bytes::from(v.to_string()), "application/json"),
+            (None, Some(b)) => (
+                Bytes::from(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b)
+                        .map_err(|_| bad("contentBase64 is not base64"))?,
+                ),
+                "application/octet-stream",
+            ),
+        };
+        let content_type = match self.content_type {
+            Some(ct) => parse_media_type(&ct)?,
+            None => default_type.to_string(),
+        };
+        Ok(NewRecord {
+            name: self.name,
+            content,
+            content_type,
+            headers: self
+                .headers
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect(),
+            deleted: false,
+        })
+    }
+}
+
+/// `POST /{stream…}?batch=true`: a JSON array or NDJSON, appended atomically.
+async fn batch(
+    st: &AppState,
+    caller: &Caller,
+    pod: &str,
+    stream: &str,
+    q: &Query,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let invalid = |m: String| ApiError::new(ErrorKind::InvalidInput, m);
+    let items: Vec<BatchItem> = if body.trim_ascii_start().starts_with(b"[") {
+        serde_json::from_slice(body).map_err(|e| invalid(format!("invalid batch JSON: {e}")))?
+    } else {
+        body.split(|b| *b == b'\n')
+            .map(<[u8]>::trim_ascii)
+            .filter(|l| !l.is_empty())
+            .enumerate()
+            .map(|(i, l)| {
+                serde_json::from_slice(l)
+                    .map_err(|e| invalid(format!("NDJSON line {}: {e}", i + 1)))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let records = items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| item.into_record(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let outcome = st
+        .engine
+        .append(
+            caller,
+            pod,
+            stream,
+            AppendRequest {
+                records,
+                precondition: precondition(headers)?,
+                idempotency_key: header_str(headers, "idempotency-key")?.map(str::to_string),
+                access: q.access.clone(),
+            },
+        )
+        .await?;
+    let status = if outcome.replayed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    let mut resp = (status, Json(&outcome.receipts)).into_response();
+    if outcome.replayed {
+        resp.headers_mut()
+            .insert("idempotent-replay", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+/// `DELETE /` (the pod), `DELETE /{stream…}` or `DELETE /{stream…}/{name}[?purge=true]`.
+async fn delete(
+    st: &AppState,
+    caller: &Caller,
+    pod: &str,
+    path: &str,
+    q: &Query,
+) -> Result<Response, ApiError> {
+    let engine = &st.engine;
+    let path = path.trim_end_matches('/');
+    if path.is_empty() {
+        engine.delete_pod(caller, pod).await?;
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    match engine.resolve(caller, pod, path).await? {
+        Target::Stream(s) => engine.delete_stream(caller, pod, &s.path).await?,
+        Target::Record { stream, name } => {
+            engine
+                .delete_record(caller, pod, &stream.path, &name, q.purge)
+                .await?
+        }
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn transfer(
@@ -350,21 +667,23 @@ fn content_type(headers: &HeaderMap) -> Result<String, ApiError> {
         Some(v) => v,
         None => header_str(headers, "content-type")?.unwrap_or("text/plain"),
     };
+    parse_media_type(raw)
+}
+
+/// The media type of a content-type value: parameters dropped, lowercased, validated.
+fn parse_media_type(raw: &str) -> Result<String, ApiError> {
     let media = raw
         .split(';')
         .next()
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    let valid = media.len() <= 255
-        && media.split_once('/').is_some_and(|(t, s)| {
-            let tok = |x: &str| {
-                !x.is_empty()
-                    && x.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
-            };
-            tok(t) && tok(s)
-        });
+    let tok = |x: &str| {
+        !x.is_empty()
+            && x.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    let valid = media.len() <= 255 && media.split_once('/').is_some_and(|(t, s)| tok(t) && tok(s));
     if !valid {
         return Err(ApiError::new(
             ErrorKind::InvalidInput,

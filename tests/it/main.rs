@@ -8,5 +8,8 @@ mod support;
 mod bad_input;
 mod concurrency;
 mod multi_instance;
+mod openapi;
+mod pod_config;
+mod records;
 mod rest;
 mod restart;

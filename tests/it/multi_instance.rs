@@ -148,3 +148,42 @@ async fn explicit_and_auto_created_streams_race_across_instances() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idempotency_keys_hold_across_instances_and_restarts() {
+    let url = fresh_database(Backend::Postgres).await;
+    let a = TestApp::spawn_on(&url, &[]).await;
+    let b = TestApp::spawn_on(&url, &[]).await;
+    a.create_pod("idem").await;
+    let send = |app: &TestApp| {
+        app.pod(Method::POST, "idem", "/log/x")
+            .bearer_auth(&a.token)
+            .header("idempotency-key", "same-key")
+            .header("content-type", "text/plain")
+            .body("once")
+            .send()
+    };
+    let first = send(&a).await.expect("first");
+    assert_eq!(first.status(), 201);
+    let receipt: serde_json::Value = first.json().await.expect("receipt");
+    let again = send(&b).await.expect("through b");
+    assert_eq!(again.status(), 200);
+    assert_eq!(
+        again.json::<serde_json::Value>().await.expect("receipt"),
+        receipt
+    );
+    b.stop().await;
+    let c = TestApp::spawn_on(&url, &[]).await;
+    let after_restart = send(&c).await.expect("after restart");
+    assert_eq!(after_restart.status(), 200);
+    assert_eq!(
+        after_restart
+            .json::<serde_json::Value>()
+            .await
+            .expect("receipt"),
+        receipt
+    );
+    assert_eq!(c.all_records("idem", "log").await.len(), 1);
+    a.stop().await;
+    c.stop().await;
+}

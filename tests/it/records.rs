@@ -1,0 +1,390 @@
+//! SPEC §4.2–4.3 and §4.6 beyond the basics: batch appends, read options, deletes, purge and
+//! chain verification.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::both_backends;
+use crate::support::{Backend, TestApp, assert_valid_chain, error_code};
+
+both_backends!(
+    batch_appends_are_atomic,
+    read_options,
+    tombstones_purge_and_verify,
+    delete_streams_and_pods,
+);
+
+async fn batch_appends_are_atomic(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("batch").await;
+    let post = |body: String, ct: &str| {
+        app.pod(Method::POST, "batch", "/log?batch=true")
+            .bearer_auth(&app.token)
+            .header("content-type", ct)
+            .body(body)
+    };
+    let body = json!([
+        { "name": "a", "content": "text a" },
+        { "name": "b", "content": { "x": 1 } },
+        { "name": "c", "contentBase64": "AAEC", "contentType": "application/octet-stream" },
+        { "name": "d", "content": "h", "headers": { "X-Source": "cli" } },
+    ]);
+    // Custom headers must be allowed: this batch fails as a whole.
+    let r = post(body.to_string(), "application/json")
+        .send()
+        .await
+        .expect("batch");
+    assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()));
+    assert_eq!(
+        app.all_records("batch", "log").await.len(),
+        0,
+        "nothing of a refused batch is stored"
+    );
+
+    let app = TestApp::spawn_on(
+        &crate::support::fresh_database(backend).await,
+        &[("WEBPODS_ALLOWED_RECORD_HEADERS", "x-source")],
+    )
+    .await;
+    app.create_pod("batch").await;
+    let r = app
+        .pod(Method::POST, "batch", "/log?batch=true")
+        .bearer_auth(&app.token)
+        .header("content-type", "application/json")
+        .header("idempotency-key", "b-1")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("batch");
+    assert_eq!(r.status(), 201);
+    let receipts: Vec<Value> = r.json().await.expect("receipts");
+    let indices: Vec<i64> = receipts
+        .iter()
+        .map(|r| r["index"].as_i64().expect("i"))
+        .collect();
+    assert_eq!(indices, [0, 1, 2, 3]);
+    assert_eq!(receipts[1]["contentType"], "application/json");
+    // The same key replays the whole batch.
+    let r = app
+        .pod(Method::POST, "batch", "/log?batch=true")
+        .bearer_auth(&app.token)
+        .header("idempotency-key", "b-1")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("replay");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Vec<Value>>().await.expect("receipts"), receipts);
+    // NDJSON.
+    let nd = "{\"name\":\"e\",\"content\":\"1\"}\n\n{\"name\":\"f\",\"content\":\"2\"}\n";
+    let r = app
+        .pod(Method::POST, "batch", "/log?batch=true")
+        .bearer_auth(&app.token)
+        .header("content-type", "application/x-ndjson")
+        .body(nd)
+        .send()
+        .await
+        .expect("ndjson");
+    assert_eq!(r.status(), 201);
+    let records = app.all_records("batch", "log").await;
+    assert_eq!(records.len(), 6);
+    assert_eq!(records[3]["headers"], json!({ "x-source": "cli" }));
+    assert_valid_chain("batch", "log", &records);
+    // Raw read replays the custom header.
+    let r = app
+        .pod(Method::GET, "batch", "/log/d")
+        .send()
+        .await
+        .expect("raw");
+    assert_eq!(r.headers()["x-source"], "cli");
+
+    // Bad batches: too many, bad item, invalid JSON content type, a bad name — all refused whole.
+    let many: Vec<Value> = (0..1001)
+        .map(|i| json!({ "name": format!("n{i}"), "content": "x" }))
+        .collect();
+    let cases = [
+        (json!(many).to_string(), "INVALID_INPUT"),
+        (json!([{ "name": "x" }]).to_string(), "INVALID_INPUT"),
+        (
+            json!([{ "name": "x", "content": "{", "contentType": "application/json" }]).to_string(),
+            "INVALID_CONTENT",
+        ),
+        (
+            json!([{ "name": "ok", "content": "1" }, { "name": "a..b", "content": "2" }])
+                .to_string(),
+            "INVALID_NAME",
+        ),
+        ("[not json".to_string(), "INVALID_INPUT"),
+    ];
+    for (body, code) in cases {
+        let r = app
+            .pod(Method::POST, "batch", "/log?batch=true")
+            .bearer_auth(&app.token)
+            .body(body)
+            .send()
+            .await
+            .expect("bad batch");
+        assert_eq!(error_code(r).await.1, code);
+    }
+    assert_eq!(app.all_records("batch", "log").await.len(), 6);
+    app.stop().await;
+}
+
+async fn read_options(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("opts").await;
+    for (name, body) in [
+        ("a", "a1"),
+        ("b", "b1"),
+        ("a", "a2"),
+        ("c", "a long text body"),
+    ] {
+        app.append("opts", &format!("/s/{name}"), body).await;
+    }
+    app.append("opts", "/s/sub/x", "nested").await;
+    let get = |path: &str| {
+        let req = app.pod(Method::GET, "opts", path);
+        async move {
+            req.send()
+                .await
+                .expect("get")
+                .json::<Value>()
+                .await
+                .expect("json")
+        }
+    };
+    // unique: latest per name, in index order; a tombstoned name disappears.
+    let page = get("/s?unique=true").await;
+    let names: Vec<&str> = page["records"]
+        .as_array()
+        .expect("r")
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert_eq!(names, ["b", "a", "c"]);
+    let r = app
+        .pod(Method::DELETE, "opts", "/s/b")
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 204);
+    let page = get("/s?unique=true").await;
+    let names: Vec<&str> = page["records"]
+        .as_array()
+        .expect("r")
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert_eq!(names, ["a", "c"]);
+    // before, fields, maxContentSize.
+    let page = get("/s?before=2&fields=index,name").await;
+    assert_eq!(
+        page["records"],
+        json!([{ "index": 0, "name": "a" }, { "index": 1, "name": "b" }])
+    );
+    let page = get("/s?after=2&limit=1&maxContentSize=6").await;
+    assert_eq!(page["records"][0]["content"], "a long");
+    assert_eq!(page["records"][0]["truncated"], true);
+    // recursive: this stream then its descendants, by path then index.
+    let page = get("/s?recursive=true").await;
+    let paths: Vec<&str> = page["records"]
+        .as_array()
+        .expect("r")
+        .iter()
+        .filter_map(|r| r["path"].as_str())
+        .collect();
+    assert_eq!(paths, ["s/a", "s/b", "s/a", "s/c", "s/b", "s/sub/x"]);
+    // Stream listing with counts and hashes.
+    let listing = get("/.config/api/streams?includeRecordCounts=true&includeHashes=true").await;
+    assert_eq!(listing["pod"], "opts");
+    let streams = listing["streams"].as_array().expect("streams");
+    let s = streams.iter().find(|s| s["path"] == "s").expect("s listed");
+    assert_eq!(s["recordCount"], 5);
+    assert_eq!(s["hasChildren"], true);
+    assert_eq!(s["depth"], 1);
+    assert!(
+        streams
+            .iter()
+            .all(|s| !s["path"].as_str().unwrap_or("").starts_with(".config")),
+        "anonymous sees no .config"
+    );
+    let listing = get("/.config/api/streams?path=s&recursive=false").await;
+    assert_eq!(listing["streams"].as_array().map(Vec::len), Some(1));
+    assert_eq!(listing["streams"][0]["path"], "s/sub");
+    app.stop().await;
+}
+
+async fn tombstones_purge_and_verify(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("del").await;
+    app.append("del", "/d/secret", "v1").await;
+    app.append("del", "/d/other", "keep").await;
+    app.append("del", "/d/secret", "v2").await;
+    let del = |path: &str| app.pod(Method::DELETE, "del", path).bearer_auth(&app.token);
+    let r = del("/d/nothing").send().await.expect("unknown");
+    assert_eq!(error_code(r).await, (404, "RECORD_NOT_FOUND".into()));
+    let (_, bob) = app.user("bob").await;
+    let r = app
+        .pod(Method::DELETE, "del", "/d/other")
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .expect("bob");
+    assert_eq!(error_code(r).await, (403, "FORBIDDEN".into()));
+
+    let r = del("/d/secret").send().await.expect("tombstone");
+    assert_eq!(r.status(), 204);
+    let r = del("/d/secret").send().await.expect("again");
+    assert_eq!(r.status(), 204, "deleting is idempotent");
+    let r = app
+        .pod(Method::GET, "del", "/d/secret")
+        .send()
+        .await
+        .expect("read deleted");
+    assert_eq!(error_code(r).await, (404, "RECORD_DELETED".into()));
+    let r = app
+        .pod(Method::GET, "del", "/d?i=0")
+        .send()
+        .await
+        .expect("old version");
+    assert_eq!(r.status(), 200, "a tombstone keeps history readable");
+
+    let r = del("/d/secret?purge=true").send().await.expect("purge");
+    assert_eq!(r.status(), 204);
+    let r = app
+        .pod(Method::GET, "del", "/d?i=0")
+        .send()
+        .await
+        .expect("purged");
+    assert_eq!(error_code(r).await, (410, "RECORD_PURGED".into()));
+    let r = app
+        .pod(Method::GET, "del", "/d?i=2")
+        .send()
+        .await
+        .expect("purged");
+    assert_eq!(error_code(r).await, (410, "RECORD_PURGED".into()));
+    let r = app
+        .pod(Method::GET, "del", "/d/other")
+        .send()
+        .await
+        .expect("untouched");
+    assert_eq!(r.text().await.expect("body"), "keep");
+
+    let v: Value = app
+        .pod(Method::GET, "del", "/d?verify=true")
+        .send()
+        .await
+        .expect("verify")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["valid"], true, "{v}");
+    assert_eq!(v["length"], 5);
+    assert_eq!(v["headIndex"], 4);
+    let records = app.all_records("del", "d").await;
+    assert_eq!(records[0]["purged"], true);
+    assert_eq!(records[0]["content"], Value::Null);
+    assert_eq!(records[3]["deleted"], true);
+    app.stop().await;
+}
+
+async fn delete_streams_and_pods(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("gone").await;
+    app.append("gone", "/a/b/c/r", "1").await;
+    app.append("gone", "/a/r", "1").await;
+    app.append("gone", "/keep/r", "1").await;
+    let r = app
+        .pod(Method::DELETE, "gone", "/.config/owner")
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .expect("config");
+    assert_eq!(error_code(r).await, (403, "FORBIDDEN".into()));
+    let r = app
+        .pod(Method::DELETE, "gone", "/a")
+        .send()
+        .await
+        .expect("anonymous");
+    assert_eq!(error_code(r).await, (401, "UNAUTHORIZED".into()));
+    let r = app
+        .pod(Method::DELETE, "gone", "/a")
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .expect("delete stream");
+    assert_eq!(r.status(), 204);
+    for path in ["/a/r", "/a/b/c/r"] {
+        let r = app
+            .pod(Method::GET, "gone", path)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(
+            error_code(r).await,
+            (404, "STREAM_NOT_FOUND".into()),
+            "{path}"
+        );
+    }
+    assert_eq!(app.all_records("gone", "keep").await.len(), 1);
+    // The path can be used again, from a fresh chain.
+    let r = app.append("gone", "/a/r", "again").await;
+    assert_eq!(r["index"], 0);
+
+    let r = app
+        .pod(Method::DELETE, "gone", "/")
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .expect("delete pod");
+    assert_eq!(r.status(), 204);
+    let r = app
+        .pod(Method::GET, "gone", "/keep/r")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(error_code(r).await, (404, "POD_NOT_FOUND".into()));
+    app.create_pod("gone").await;
+    app.stop().await;
+}
+
+/// `?verify=true` notices content and links changed behind the server's back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_detects_tampering() {
+    let url = crate::support::fresh_database(Backend::Postgres).await;
+    let app = TestApp::spawn_on(&url, &[]).await;
+    app.create_pod("tamper").await;
+    for i in 0..5 {
+        app.append("tamper", "/t/r", &format!("v{i}")).await;
+    }
+    let verify = || async {
+        app.pod(Method::GET, "tamper", "/t?verify=true")
+            .send()
+            .await
+            .expect("verify")
+            .json::<Value>()
+            .await
+            .expect("json")
+    };
+    assert_eq!(verify().await["valid"], true);
+    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("db");
+    sqlx::query("UPDATE records SET content = 'forged'::bytea WHERE idx = 2 AND name = 'r'")
+        .execute(&mut db)
+        .await
+        .expect("tamper content");
+    let v = verify().await;
+    assert_eq!(v["valid"], false, "{v}");
+    assert_eq!(v["firstInvalidIndex"], 2);
+    assert_eq!(v["reason"], "contentHash does not match the content");
+    sqlx::query("UPDATE records SET content = 'v2'::bytea, author = 'someone-else' WHERE idx = 2 AND name = 'r'")
+        .execute(&mut db)
+        .await
+        .expect("tamper author");
+    let v = verify().await;
+    assert_eq!(v["firstInvalidIndex"], 2);
+    assert_eq!(v["reason"], "hash does not match the record");
+    app.stop().await;
+}
