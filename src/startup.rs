@@ -83,7 +83,14 @@ impl Server {
                 root_pod: config.root_pod.clone(),
             },
         );
-        let router = webpods_api_rest::app(state.clone(), Router::new()).layer(
+        let graphql = webpods_api_graphql::router(
+            engine.clone(),
+            webpods_api_graphql::GraphqlConfig::new(
+                MainHost(config.main_host()),
+                config.engine.max_record_bytes,
+            ),
+        );
+        let router = webpods_api_rest::app(state.clone(), graphql).layer(
             axum::middleware::from_fn(webpods_api_rest::request_id_layer),
         );
         let listener = TcpListener::bind(config.listen)

@@ -20,7 +20,7 @@ use axum::Router;
 use webpods_engine::Engine;
 
 pub use error::ApiError;
-pub use host::{HostKind, MainHost};
+pub use host::{HostKind, MainHost, token_of};
 pub use request_id::request_id_layer;
 
 /// Settings of the REST frontend, read once from configuration.

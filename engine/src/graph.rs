@@ -5,11 +5,9 @@
 
 use std::collections::HashMap;
 
-use webpods_storage::RecordRow;
-
 use crate::clock::iso8601;
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::{Caller, Pod, StreamInfo};
+use crate::model::{Caller, Pod, Record, StreamInfo};
 use crate::names::{check_stream_path, split_last};
 use crate::{OWNER_STREAM, check_token_pod, stream_view};
 
@@ -110,21 +108,33 @@ impl crate::Engine {
         Ok(out)
     }
 
-    /// The head record of each stream (absent for empty streams), in one statement.
+    /// The head record of each stream `(id, path)` (absent for empty streams), in one
+    /// statement.
     ///
-    /// The ids must come from [`StreamInfo`]s the caller obtained through a permission-checked
-    /// call (the same contract as [`Engine::read_by_index`]).
-    pub async fn head_records(&self, stream_ids: &[i64]) -> Result<HashMap<i64, RecordRow>> {
-        if stream_ids.is_empty() {
+    /// The streams must come from [`StreamInfo`]s the caller obtained through a
+    /// permission-checked call (the same contract as [`Engine::read_by_index`]).
+    pub async fn head_records(&self, streams: &[(i64, String)]) -> Result<HashMap<i64, Record>> {
+        if streams.is_empty() {
             return Ok(HashMap::new());
         }
+        let ids: Vec<i64> = streams.iter().map(|(id, _)| *id).collect();
+        let paths: HashMap<i64, &String> = streams.iter().map(|(id, p)| (*id, p)).collect();
         Ok(self
             .inner
             .store
-            .head_records(stream_ids)
+            .head_records(&ids)
             .await?
             .into_iter()
-            .map(|r| (r.stream_id, r.record))
+            .filter_map(|r| {
+                let path = paths.get(&r.stream_id)?;
+                Some((
+                    r.stream_id,
+                    Record {
+                        stream_path: (*path).clone(),
+                        row: r.record,
+                    },
+                ))
+            })
             .collect())
     }
 

@@ -639,7 +639,10 @@ impl PgStore {
         Ok(rows)
     }
 
-    pub(crate) async fn head_records(&self, stream_ids: &[i64]) -> Result<Vec<crate::StreamRecordRow>> {
+    pub(crate) async fn head_records(
+        &self,
+        stream_ids: &[i64],
+    ) -> Result<Vec<crate::StreamRecordRow>> {
         let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT stream_id, {RECORD_COLUMNS} FROM records \
              WHERE (stream_id, idx) IN (SELECT id, head_index FROM streams WHERE id = ANY($1))"

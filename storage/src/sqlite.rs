@@ -617,8 +617,8 @@ async fn set_head(
 
 impl SqliteStore {
     pub(crate) async fn users_by_ids(&self, ids: &[String]) -> Result<Vec<crate::UserBrief>> {
-        let ids_json = serde_json::to_string(ids)
-            .map_err(|e| Error::Corrupt(format!("encoding ids: {e}")))?;
+        let ids_json =
+            serde_json::to_string(ids).map_err(|e| Error::Corrupt(format!("encoding ids: {e}")))?;
         let rows = sqlx::query_as(
             "SELECT u.id, \
                     (SELECT i.email FROM identities i WHERE i.user_id = u.id \
@@ -633,7 +633,10 @@ impl SqliteStore {
         Ok(rows)
     }
 
-    pub(crate) async fn head_records(&self, stream_ids: &[i64]) -> Result<Vec<crate::StreamRecordRow>> {
+    pub(crate) async fn head_records(
+        &self,
+        stream_ids: &[i64],
+    ) -> Result<Vec<crate::StreamRecordRow>> {
         let ids_json = serde_json::to_string(stream_ids)
             .map_err(|e| Error::Corrupt(format!("encoding ids: {e}")))?;
         let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(

@@ -7,6 +7,7 @@ mod support;
 
 mod bad_input;
 mod concurrency;
+mod graphql;
 mod multi_instance;
 mod openapi;
 mod pod_config;

@@ -1,0 +1,78 @@
+//! Batch loaders, so nested lists cost a constant number of statements (no N+1): the head
+//! record of many streams, and many users (record authors, pod owners), each in one statement
+//! per request "tick". They do not cache: a loader lives as long as a request or a WebSocket
+//! connection, and a subscription must never see a stale head.
+
+use std::collections::HashMap;
+
+use async_graphql::dataloader::{DataLoader, Loader};
+use webpods_engine::{Caller, Engine, Error, Record, UserInfo};
+
+/// `(stream id, stream path)` → the stream's head record (absent for empty streams).
+pub(crate) struct HeadLoader {
+    pub engine: Engine,
+}
+
+pub(crate) type StreamKey = (i64, String);
+
+impl Loader<StreamKey> for HeadLoader {
+    type Value = Record;
+    type Error = Error;
+
+    async fn load(&self, keys: &[StreamKey]) -> Result<HashMap<StreamKey, Record>, Error> {
+        let by_id = self.engine.head_records(keys).await?;
+        Ok(keys
+            .iter()
+            .filter_map(|k| by_id.get(&k.0).map(|r| (k.clone(), r.clone())))
+            .collect())
+    }
+}
+
+/// User id → the user as the caller may see them.
+pub(crate) struct UserLoader {
+    pub engine: Engine,
+    pub caller: Caller,
+}
+
+impl Loader<String> for UserLoader {
+    type Value = UserInfo;
+    type Error = Error;
+
+    async fn load(&self, keys: &[String]) -> Result<HashMap<String, UserInfo>, Error> {
+        Ok(self
+            .engine
+            .users(&self.caller, keys)
+            .await?
+            .into_iter()
+            .map(|u| (u.id.clone(), u))
+            .collect())
+    }
+}
+
+/// What every resolver of one request (or one WebSocket connection) shares.
+pub(crate) struct RequestCtx {
+    pub caller: Caller,
+    pub heads: DataLoader<HeadLoader>,
+    pub users: DataLoader<UserLoader>,
+}
+
+impl RequestCtx {
+    pub fn new(engine: &Engine, caller: Caller) -> RequestCtx {
+        RequestCtx {
+            heads: DataLoader::new(
+                HeadLoader {
+                    engine: engine.clone(),
+                },
+                tokio::spawn,
+            ),
+            users: DataLoader::new(
+                UserLoader {
+                    engine: engine.clone(),
+                    caller: caller.clone(),
+                },
+                tokio::spawn,
+            ),
+            caller,
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! The `Subscription` root: `records(pod, stream, after, afterHash)` (SPEC §6.1, §7).
+
+use async_graphql::{Context, Result, Subscription};
+use futures::{Stream, StreamExt};
+
+use crate::error::{FORK_DETECTED, OrGql, coded, gql, invalid};
+use crate::tail;
+use crate::types::{RecordObj, parts};
+
+pub struct SubscriptionRoot;
+
+#[Subscription(name = "Subscription")]
+impl SubscriptionRoot {
+    /// Every record of the stream with index > `after` (all, without `after`), then each new
+    /// record as soon as it is committed: strictly increasing indices, no gaps, no duplicates.
+    /// With `afterHash`, the record at `after` must have that hash, else `FORK_DETECTED`.
+    /// Read permission is checked at subscribe time and again while following; a revoked
+    /// reader gets `FORBIDDEN` and the subscription ends.
+    async fn records(
+        &self,
+        ctx: &Context<'_>,
+        pod: String,
+        stream: String,
+        after: Option<i64>,
+        after_hash: Option<String>,
+    ) -> Result<impl Stream<Item = Result<RecordObj>> + use<>> {
+        let (engine, rc) = parts(ctx)?;
+        let path = stream.trim_matches('/').to_string();
+        let info = engine.open_stream(&rc.caller, &pod, &path).await.gql()?;
+        if let Some(hash) = &after_hash {
+            let Some(k) = after.filter(|k| *k >= 0) else {
+                return Err(invalid("afterHash needs after (a record index)"));
+            };
+            let at = engine.read_range(&info, k, k + 1).await.gql()?;
+            let matches = at.records.first().is_some_and(|r| r.row.hash == *hash);
+            if !matches {
+                return Err(coded(
+                    FORK_DETECTED,
+                    format!("the record at index {k} does not have hash {hash}"),
+                ));
+            }
+        }
+        let next = after.map_or(0, |a| a.saturating_add(1));
+        Ok(
+            tail::follow(engine.clone(), rc.caller.clone(), pod, info, next)
+                .map(|item| item.map(RecordObj::new).map_err(gql)),
+        )
+    }
+}
