@@ -56,6 +56,8 @@ pub struct GraphqlConfig {
     pub max_complexity: usize,
     /// Largest request body, bytes (appends carry content, base64 inflates it by 4/3).
     pub max_body_bytes: usize,
+    /// Live `records` subscriptions one WebSocket connection may hold (SPEC §6.2's default).
+    pub max_subscriptions_per_connection: usize,
 }
 
 impl GraphqlConfig {
@@ -68,6 +70,7 @@ impl GraphqlConfig {
             max_body_bytes: max_record_bytes
                 .saturating_mul(2)
                 .saturating_add(1024 * 1024),
+            max_subscriptions_per_connection: 100,
         }
     }
 }
@@ -77,12 +80,14 @@ impl GraphqlConfig {
 pub(crate) struct GraphqlSettings {
     /// Page-size cap: the engine's `max_list_records`, as in REST.
     pub max_page: i64,
+    pub max_subscriptions: usize,
 }
 
 /// The schema with its limits; `engine` is available to every resolver.
 pub fn schema(engine: Engine, config: &GraphqlConfig) -> WebPodsSchema {
     let settings = GraphqlSettings {
         max_page: engine.config().max_list_records.max(1),
+        max_subscriptions: config.max_subscriptions_per_connection,
     };
     Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
         .data(engine)

@@ -4,6 +4,8 @@
 //! connection, and a subscription must never see a stale head.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_graphql::dataloader::{DataLoader, Loader};
 use webpods_engine::{Caller, Engine, Error, Record, UserInfo};
@@ -54,6 +56,29 @@ pub(crate) struct RequestCtx {
     pub caller: Caller,
     pub heads: DataLoader<HeadLoader>,
     pub users: DataLoader<UserLoader>,
+    /// Live subscriptions of the connection (see [`SubscriptionSlot`]).
+    pub subscriptions: Arc<AtomicUsize>,
+}
+
+/// One of a connection's limited subscription slots, freed when the subscription ends.
+pub(crate) struct SubscriptionSlot(Arc<AtomicUsize>);
+
+impl SubscriptionSlot {
+    /// Takes a slot unless `max` are in use.
+    pub fn take(counter: &Arc<AtomicUsize>, max: usize) -> Option<SubscriptionSlot> {
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SubscriptionSlot(counter.clone()))
+    }
+}
+
+impl Drop for SubscriptionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl RequestCtx {
@@ -73,6 +98,7 @@ impl RequestCtx {
                 tokio::spawn,
             ),
             caller,
+            subscriptions: Arc::new(AtomicUsize::new(0)),
         }
     }
 }

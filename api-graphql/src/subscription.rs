@@ -3,7 +3,9 @@
 use async_graphql::{Context, Result, Subscription};
 use futures::{Stream, StreamExt};
 
-use crate::error::{FORK_DETECTED, OrGql, coded, gql, invalid};
+use crate::GraphqlSettings;
+use crate::error::{FORK_DETECTED, OrGql, TOO_MANY_SUBSCRIPTIONS, coded, gql, invalid};
+use crate::loaders::SubscriptionSlot;
 use crate::tail;
 use crate::types::{RecordObj, parts};
 
@@ -25,6 +27,13 @@ impl SubscriptionRoot {
         after_hash: Option<String>,
     ) -> Result<impl Stream<Item = Result<RecordObj>> + use<>> {
         let (engine, rc) = parts(ctx)?;
+        let max = ctx.data::<GraphqlSettings>()?.max_subscriptions;
+        let Some(slot) = SubscriptionSlot::take(&rc.subscriptions, max) else {
+            return Err(coded(
+                TOO_MANY_SUBSCRIPTIONS,
+                format!("at most {max} subscriptions per connection"),
+            ));
+        };
         let path = stream.trim_matches('/').to_string();
         let info = engine.open_stream(&rc.caller, &pod, &path).await.gql()?;
         if let Some(hash) = &after_hash {
@@ -42,8 +51,10 @@ impl SubscriptionRoot {
         }
         let next = after.map_or(0, |a| a.saturating_add(1));
         Ok(
-            tail::follow(engine.clone(), rc.caller.clone(), pod, info, next)
-                .map(|item| item.map(RecordObj::new).map_err(gql)),
+            tail::follow(engine.clone(), rc.caller.clone(), pod, info, next).map(move |item| {
+                let _held = &slot; // the slot lives as long as the stream
+                item.map(RecordObj::new).map_err(gql)
+            }),
         )
     }
 }

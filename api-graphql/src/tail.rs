@@ -16,6 +16,8 @@ use webpods_engine::{Caller, Engine, Error, ErrorKind, Record, StreamInfo};
 
 /// How often an idle subscription looks at the stream head.
 pub(crate) const POLL: Duration = Duration::from_millis(200);
+/// Records read (and held) at once: bounds a subscription's memory.
+const PAGE: i64 = 100;
 
 struct Tail {
     engine: Engine,
@@ -41,7 +43,7 @@ pub(crate) fn follow(
     stream: StreamInfo,
     next: i64,
 ) -> impl Stream<Item = Result<Record, Error>> + Send + 'static {
-    let page = engine.config().max_list_records.clamp(1, 1000);
+    let page = engine.config().max_list_records.clamp(1, PAGE);
     let state = Tail {
         engine,
         caller,

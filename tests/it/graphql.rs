@@ -981,7 +981,6 @@ async fn graphql_nested_queries_are_batched(backend: Backend) {
     }
     let q = r#"query($p: String!) {
         pod(name: $p) {
-            owner { id name }
             streams { path recordCount head { index name text author { id name } } }
         }
     }"#;
@@ -1008,6 +1007,7 @@ async fn graphql_nested_queries_are_batched(backend: Backend) {
         }
         costs.push(cost);
     }
+    eprintln!("storage calls of the nested query (3 streams, 50 streams): {costs:?}");
     assert_eq!(
         costs[0], costs[1],
         "50 streams must cost what 3 cost (storage calls: {costs:?})"
@@ -1235,6 +1235,40 @@ async fn graphql_subscription_over_websocket(backend: Backend) {
     assert_eq!(code(&m["payload"]), "STREAM_NOT_FOUND", "{m}");
     let m = ws_next(&mut owner).await;
     assert_eq!(m["type"], "complete", "{m}");
+
+    // At most 100 subscriptions per connection; a finished one frees its slot.
+    let mut many = ws_connect(&app, json!({})).await;
+    for i in 0..101 {
+        subscribe(
+            &mut many,
+            &format!("m{i}"),
+            r#"pod: "live", stream: "feed", after: 100000"#,
+        )
+        .await;
+    }
+    let m = ws_next(&mut many).await;
+    assert_eq!(m["type"], "next", "{m}");
+    assert_eq!(code(&m["payload"]), "TOO_MANY_SUBSCRIPTIONS", "{m}");
+    let refused = m["id"].as_str().unwrap().to_string();
+    let m = ws_next(&mut many).await;
+    assert_eq!(m, json!({ "type": "complete", "id": refused }));
+    let done = if refused == "m0" { "m1" } else { "m0" };
+    many.send(Message::text(
+        json!({ "id": done, "type": "complete" }).to_string(),
+    ))
+    .await
+    .unwrap();
+    let m = ws_next(&mut many).await;
+    assert_eq!(m, json!({ "type": "complete", "id": done }));
+    subscribe(
+        &mut many,
+        "again",
+        r#"pod: "live", stream: "feed", after: 42"#,
+    )
+    .await;
+    let m = ws_next(&mut many).await;
+    assert_eq!(m["id"], "again", "{m}");
+    assert_eq!(m["payload"]["data"]["records"]["index"], 43, "{m}");
     app.stop().await;
 }
 
