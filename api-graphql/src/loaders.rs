@@ -1,6 +1,6 @@
-//! Batch loaders, so nested lists cost a constant number of statements (no N+1): the head
-//! record of many streams, and many users (record authors, pod owners), each in one statement
-//! per request "tick". They do not cache: a loader lives as long as a request or a WebSocket
+//! Batch loaders, so nested lists cost a constant number of statements (no N+1): the stream
+//! lists of many pods, the head record of many streams, and many users (record authors, pod
+//! owners), each in one or two statements per request "tick". They do not cache: a loader lives as long as a request or a WebSocket
 //! connection, and a subscription must never see a stale head.
 
 use std::collections::HashMap;
@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_graphql::dataloader::{DataLoader, Loader};
-use webpods_engine::{Caller, Engine, Error, Record, UserInfo};
+use webpods_engine::{Caller, Engine, Error, Record, StreamInfo, UserInfo};
 
 /// `(stream id, stream path)` → the stream's head record (absent for empty streams).
 pub(crate) struct HeadLoader {
@@ -26,6 +26,31 @@ impl Loader<StreamKey> for HeadLoader {
         Ok(keys
             .iter()
             .filter_map(|k| by_id.get(&k.0).map(|r| (k.clone(), r.clone())))
+            .collect())
+    }
+}
+
+/// Pod name → every stream of the pod the caller may read (ordered by path, with record
+/// counts). Nested listings (`myPods { streams { children } }`) filter this in memory, so
+/// they cost two statements per tick whatever their width.
+pub(crate) struct StreamListLoader {
+    pub engine: Engine,
+    pub caller: Caller,
+}
+
+pub(crate) type StreamList = Arc<Vec<(StreamInfo, i64)>>;
+
+impl Loader<String> for StreamListLoader {
+    type Value = StreamList;
+    type Error = Error;
+
+    async fn load(&self, keys: &[String]) -> Result<HashMap<String, StreamList>, Error> {
+        Ok(self
+            .engine
+            .readable_streams_of(&self.caller, keys)
+            .await?
+            .into_iter()
+            .map(|(k, v)| (k, Arc::new(v)))
             .collect())
     }
 }
@@ -56,6 +81,7 @@ pub(crate) struct RequestCtx {
     pub caller: Caller,
     pub heads: DataLoader<HeadLoader>,
     pub users: DataLoader<UserLoader>,
+    pub streams: DataLoader<StreamListLoader>,
     /// Live subscriptions of the connection (see [`SubscriptionSlot`]).
     pub subscriptions: Arc<AtomicUsize>,
 }
@@ -92,6 +118,13 @@ impl RequestCtx {
             ),
             users: DataLoader::new(
                 UserLoader {
+                    engine: engine.clone(),
+                    caller: caller.clone(),
+                },
+                tokio::spawn,
+            ),
+            streams: DataLoader::new(
+                StreamListLoader {
                     engine: engine.clone(),
                     caller: caller.clone(),
                 },

@@ -12,6 +12,8 @@ use webpods_engine::{
     Verification, is_json_type,
 };
 
+use webpods_engine::names::{check_stream_path, split_last};
+
 use crate::error::{OrGql, coded, gql, invalid};
 use crate::loaders::RequestCtx;
 use crate::{GraphqlSettings, STREAMS_FACTOR, page_complexity};
@@ -127,11 +129,20 @@ async fn list_streams(
     base: &str,
     recursive: bool,
 ) -> Result<Vec<StreamObj>> {
-    let (engine, rc) = parts(ctx)?;
-    let found = engine
-        .readable_streams(&rc.caller, pod, base, recursive)
-        .await
-        .gql()?;
+    let (_, rc) = parts(ctx)?;
+    let base = base.trim_matches('/');
+    check_stream_path(base).gql()?;
+    let all = rc.streams.load_one(pod.to_string()).await.gql()?;
+    let prefix = format!("{base}/");
+    let found: Vec<(StreamInfo, i64)> = all
+        .iter()
+        .flat_map(|list| list.iter())
+        .filter(|(s, _)| {
+            let under = base.is_empty() || s.path.starts_with(&prefix);
+            under && (recursive || split_last(&s.path).0 == base)
+        })
+        .cloned()
+        .collect();
     // Heads (and their authors) of the whole list in one load each, whatever the timing of
     // the resolvers (the loaders' batching window alone could split a long list).
     let want_head = ctx.look_ahead().field("head");

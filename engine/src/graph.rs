@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use crate::clock::iso8601;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Caller, Pod, Record, StreamInfo};
-use crate::names::{check_stream_path, split_last};
+use crate::names::{check_stream_path, is_valid_pod_name};
 use crate::{OWNER_STREAM, check_token_pod, stream_view};
+use webpods_storage::PodRow;
 
 /// A user as other users may see them. `email` is only filled for the caller themselves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,39 +73,59 @@ impl crate::Engine {
         Ok(stream_view(&s))
     }
 
-    /// The streams under `base` (`""` = the whole pod; all descendants, or only direct
-    /// children) that the caller may read, ordered by path, with their record counts — the
-    /// same selection as [`Engine::list_streams`], but with the handles GraphQL resolves
-    /// further fields on. One statement for the whole tree.
-    pub async fn readable_streams(
+    /// Every stream (root excluded) of each of these pods that the caller may read, ordered by
+    /// path, with its record count — the selection of [`Engine::list_streams`], with the
+    /// handles GraphQL resolves further fields on. Two statements for any number of pods (one
+    /// when their rows are cached). Unknown pods, and pods the caller's token is not valid
+    /// for, are absent.
+    pub async fn readable_streams_of(
         &self,
         caller: &Caller,
-        pod: &str,
-        base: &str,
-        recursive: bool,
-    ) -> Result<Vec<(StreamInfo, i64)>> {
-        let base = base.trim_matches('/');
-        check_stream_path(base)?;
-        let pod = self.pod(pod).await?;
-        if let Caller::User(u) = caller {
-            check_token_pod(u, &pod.name)?;
+        pods: &[String],
+    ) -> Result<HashMap<String, Vec<(StreamInfo, i64)>>> {
+        let mut rows: HashMap<i64, PodRow> = HashMap::new();
+        let mut missing = Vec::new();
+        for name in pods {
+            match self.inner.pods.get(name).await {
+                Some(p) => {
+                    rows.insert(p.id, p);
+                }
+                None if is_valid_pod_name(name) => missing.push(name.clone()),
+                None => {}
+            }
         }
-        let prefix = format!("{base}/");
-        let mut out = Vec::new();
-        for s in self.inner.store.list_streams(pod.id).await? {
-            if s.path.is_empty() {
-                continue;
+        if !missing.is_empty() {
+            for p in self.inner.store.pods_by_names(&missing).await? {
+                self.inner.pods.insert(p.name.clone(), p.clone()).await;
+                rows.insert(p.id, p);
             }
-            let under = base.is_empty() || s.path.starts_with(&prefix);
-            if !under || (!recursive && split_last(&s.path).0 != base) {
-                continue;
-            }
-            if self.check_read(&pod, &s, caller).is_err() {
-                continue;
-            }
-            out.push((stream_view(&s), s.head.index + 1));
         }
-        out.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+        rows.retain(|_, p| match caller {
+            Caller::User(u) => check_token_pod(u, &p.name).is_ok(),
+            Caller::Anonymous => true,
+        });
+        let ids: Vec<i64> = rows.keys().copied().collect();
+        let mut out: HashMap<String, Vec<(StreamInfo, i64)>> = rows
+            .values()
+            .map(|p| (p.name.clone(), Vec::new()))
+            .collect();
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        for s in self.inner.store.streams_of_pods(&ids).await? {
+            let Some(pod) = rows.get(&s.pod_id) else {
+                continue;
+            };
+            if s.path.is_empty() || self.check_read(pod, &s, caller).is_err() {
+                continue;
+            }
+            if let Some(list) = out.get_mut(&pod.name) {
+                list.push((stream_view(&s), s.head.index + 1));
+            }
+        }
+        for list in out.values_mut() {
+            list.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+        }
         Ok(out)
     }
 

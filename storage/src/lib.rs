@@ -501,6 +501,16 @@ impl Store {
         dispatch!(self, s => s.users_by_ids(ids).await)
     }
 
+    /// Pods by name; unknown names are skipped.
+    pub async fn pods_by_names(&self, names: &[String]) -> Result<Vec<PodRow>> {
+        dispatch!(self, s => s.pods_by_names(names).await)
+    }
+
+    /// Every stream of these pods, ordered by pod id then path.
+    pub async fn streams_of_pods(&self, pod_ids: &[i64]) -> Result<Vec<StreamRow>> {
+        dispatch!(self, s => s.streams_of_pods(pod_ids).await)
+    }
+
     /// The head record (highest index) of each of these streams; empty streams are skipped.
     pub async fn head_records(&self, stream_ids: &[i64]) -> Result<Vec<StreamRecordRow>> {
         dispatch!(self, s => s.head_records(stream_ids).await)

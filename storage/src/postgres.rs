@@ -624,6 +624,25 @@ async fn set_head(
 // many streams, or many users, with one statement instead of one per item.
 
 impl PgStore {
+    pub(crate) async fn pods_by_names(&self, names: &[String]) -> Result<Vec<PodRow>> {
+        let rows =
+            sqlx::query_as("SELECT id, name, owner_id, created_at FROM pods WHERE name = ANY($1)")
+                .bind(names)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows)
+    }
+
+    pub(crate) async fn streams_of_pods(&self, pod_ids: &[i64]) -> Result<Vec<StreamRow>> {
+        let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {STREAM_COLUMNS} FROM streams WHERE pod_id = ANY($1) ORDER BY pod_id, path"
+        )))
+        .bind(pod_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
     pub(crate) async fn users_by_ids(&self, ids: &[String]) -> Result<Vec<crate::UserBrief>> {
         let rows = sqlx::query_as(
             "SELECT u.id, \

@@ -616,6 +616,24 @@ async fn set_head(
 // many streams, or many users, with one statement instead of one per item.
 
 impl SqliteStore {
+    pub(crate) async fn pods_by_names(&self, names: &[String]) -> Result<Vec<PodRow>> {
+        let rows = sqlx::query_as("SELECT id, name, owner_id, created_at FROM pods WHERE name IN (SELECT value FROM json_each(?))")
+            .bind(json_of(names)?)
+            .fetch_all(&self.readers)
+            .await?;
+        Ok(rows)
+    }
+
+    pub(crate) async fn streams_of_pods(&self, pod_ids: &[i64]) -> Result<Vec<StreamRow>> {
+        let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {STREAM_COLUMNS} FROM streams WHERE pod_id IN (SELECT value FROM json_each(?)) ORDER BY pod_id, path"
+        )))
+        .bind(json_of(pod_ids)?)
+        .fetch_all(&self.readers)
+        .await?;
+        Ok(rows)
+    }
+
     pub(crate) async fn users_by_ids(&self, ids: &[String]) -> Result<Vec<crate::UserBrief>> {
         let ids_json =
             serde_json::to_string(ids).map_err(|e| Error::Corrupt(format!("encoding ids: {e}")))?;
@@ -649,4 +667,9 @@ impl SqliteStore {
         .await?;
         Ok(rows)
     }
+}
+
+/// A JSON array for `json_each(?)`.
+fn json_of<T: serde::Serialize>(items: &[T]) -> Result<String> {
+    serde_json::to_string(items).map_err(|e| Error::Corrupt(format!("encoding a list: {e}")))
 }
