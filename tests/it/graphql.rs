@@ -23,6 +23,7 @@ both_backends!(
     graphql_limits_and_transport,
     graphql_nested_queries_are_batched,
     graphql_subscription_over_websocket,
+    graphql_websocket_authentication,
 );
 
 /// A GraphQL request to the main domain; returns the response body.
@@ -1290,6 +1291,110 @@ async fn graphql_subscription_over_websocket(backend: Backend) {
     let m = ws_next(&mut many).await;
     assert_eq!(m["id"], "again", "{m}");
     assert_eq!(m["payload"]["data"]["records"]["index"], 43, "{m}");
+    app.stop().await;
+}
+
+/// A `graphql-transport-ws` connection with extra upgrade headers and no init payload.
+async fn ws_connect_with(app: &TestApp, headers: &[(&'static str, String)]) -> Ws {
+    let mut req = format!("ws://{}/graphql/ws", app.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    for (k, v) in headers {
+        req.headers_mut().insert(*k, v.parse().unwrap());
+    }
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("ws connect");
+    ws.send(Message::text(
+        json!({ "type": "connection_init" }).to_string(),
+    ))
+    .await
+    .unwrap();
+    let ack = ws_next(&mut ws).await;
+    assert_eq!(ack["type"], "connection_ack", "{ack}");
+    ws
+}
+
+async fn graphql_websocket_authentication(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("wsauth").await;
+    ok(
+        &app,
+        Some(&app.token),
+        r#"mutation { appendRecord(pod: "wsauth", stream: "p", name: "a", content: "x", access: "private") { index } }"#,
+        json!({}),
+    )
+    .await;
+    let args = r#"pod: "wsauth", stream: "p""#;
+    // The Authorization header at upgrade.
+    let mut ws = ws_connect_with(&app, &[("authorization", format!("Bearer {}", app.token))]).await;
+    subscribe(&mut ws, "1", args).await;
+    let m = ws_next(&mut ws).await;
+    assert_eq!(m["payload"]["data"]["records"]["index"], 0, "{m}");
+    // The token cookie, from a main-domain page (or no page at all).
+    let cookie = format!("token={}", app.token);
+    for origin in [None, Some("http://localhost")] {
+        let mut headers = vec![("cookie", cookie.clone())];
+        if let Some(o) = origin {
+            headers.push(("origin", o.to_string()));
+        }
+        let mut ws = ws_connect_with(&app, &headers).await;
+        subscribe(&mut ws, "1", args).await;
+        let m = ws_next(&mut ws).await;
+        assert_eq!(
+            m["payload"]["data"]["records"]["index"], 0,
+            "{origin:?}: {m}"
+        );
+    }
+    // A pod's page is same-site: its cookie must not authenticate the socket.
+    let mut ws = ws_connect_with(
+        &app,
+        &[
+            ("cookie", cookie.clone()),
+            ("origin", "http://evil.localhost".to_string()),
+        ],
+    )
+    .await;
+    subscribe(&mut ws, "1", args).await;
+    let m = ws_next(&mut ws).await;
+    assert_eq!(code(&m["payload"]), "UNAUTHORIZED", "{m}");
+    // A bad token at upgrade is refused before the upgrade.
+    let mut req = format!("ws://{}/graphql/ws", app.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    req.headers_mut()
+        .insert("authorization", "Bearer junk".parse().unwrap());
+    let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 401),
+        other => panic!("expected a 401, got {other}"),
+    }
+    // Queries and mutations work over the socket too, with the socket's caller.
+    let mut ws = ws_connect(
+        &app,
+        json!({ "Authorization": format!("Bearer {}", app.token) }),
+    )
+    .await;
+    ws.send(Message::text(
+        json!({ "id": "q", "type": "subscribe", "payload": { "query": "{ myPods { name } }" } })
+            .to_string(),
+    ))
+    .await
+    .unwrap();
+    let m = ws_next(&mut ws).await;
+    assert_eq!(
+        m["payload"]["data"]["myPods"],
+        json!([{ "name": "wsauth" }]),
+        "{m}"
+    );
     app.stop().await;
 }
 
