@@ -13,8 +13,8 @@ pub struct SubscriptionRoot;
 
 #[Subscription(name = "Subscription")]
 impl SubscriptionRoot {
-    /// Every record of the stream with index > `after` (all, without `after`), then each new
-    /// record as soon as it is committed: strictly increasing indices, no gaps, no duplicates.
+    /// Every record of the stream with index > `after` (all, without `after`; a negative
+    /// `after` = the last `-after` records), then each new record as soon as it is committed: strictly increasing indices, no gaps, no duplicates.
     /// With `afterHash`, the record at `after` must have that hash, else `FORK_DETECTED`.
     /// Read permission is checked at subscribe time and again while following; a revoked
     /// reader gets `FORBIDDEN` and the subscription ends.
@@ -49,7 +49,15 @@ impl SubscriptionRoot {
                 ));
             }
         }
-        let next = after.map_or(0, |a| a.saturating_add(1));
+        let next = match after {
+            None => 0,
+            Some(a) if a >= 0 => a.saturating_add(1),
+            // The last -a records, like REST's after=-N.
+            Some(a) => {
+                let total = engine.read_range(&info, 0, 0).await.gql()?.total;
+                total.saturating_add(a).max(0)
+            }
+        };
         Ok(
             tail::follow(engine.clone(), rc.caller.clone(), pod, info, next).map(move |item| {
                 let _held = &slot; // the slot lives as long as the stream

@@ -1197,6 +1197,20 @@ async fn graphql_subscription_over_websocket(backend: Backend) {
     assert_eq!(m["payload"]["data"]["records"]["index"], 43);
     assert_eq!(m["payload"]["data"]["records"]["text"], "later");
 
+    // A negative after starts with the last records.
+    subscribe(&mut ws, "4", r#"pod: "live", stream: "feed", after: -2"#).await;
+    let m = ws_next(&mut ws).await;
+    assert_eq!(m["payload"]["data"]["records"]["index"], 42, "{m}");
+    let m = ws_next(&mut ws).await;
+    assert_eq!(m["payload"]["data"]["records"]["index"], 43, "{m}");
+    ws.send(Message::text(
+        json!({ "id": "4", "type": "complete" }).to_string(),
+    ))
+    .await
+    .unwrap();
+    let m = ws_next(&mut ws).await;
+    assert_eq!(m, json!({ "type": "complete", "id": "4" }));
+
     // A wrong afterHash is a fork.
     subscribe(
         &mut ws,
