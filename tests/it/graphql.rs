@@ -1391,6 +1391,24 @@ async fn graphql_websocket_authentication(backend: Backend) {
         tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 401),
         other => panic!("expected a 401, got {other}"),
     }
+    // Revocation: a reader who loses access gets FORBIDDEN and the subscription ends.
+    let (bob_id, bob) = app.user("bob").await;
+    let transfer = r#"mutation($u: String!) { transferPod(pod: "wsauth", userId: $u) { name } }"#;
+    ok(&app, Some(&app.token), transfer, json!({ "u": bob_id })).await;
+    let mut ws = ws_connect(&app, json!({ "Authorization": format!("Bearer {bob}") })).await;
+    subscribe(&mut ws, "r", args).await;
+    let m = ws_next(&mut ws).await;
+    assert_eq!(
+        m["payload"]["data"]["records"]["index"], 0,
+        "the owner reads: {m}"
+    );
+    let local_id = app.engine.ensure_local_user("local").await.unwrap();
+    ok(&app, Some(&bob), transfer, json!({ "u": local_id })).await;
+    let m = ws_next(&mut ws).await;
+    assert_eq!(code(&m["payload"]), "FORBIDDEN", "{m}");
+    let m = ws_next(&mut ws).await;
+    assert_eq!(m, json!({ "type": "complete", "id": "r" }));
+
     // Queries and mutations work over the socket too, with the socket's caller.
     let mut ws = ws_connect(
         &app,
