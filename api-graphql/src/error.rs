@@ -97,3 +97,40 @@ fn code_error(e: &mut ServerError) {
         .get_or_insert_with(ErrorExtensionValues::default)
         .set("code", code);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_of(e: &ServerError) -> Option<String> {
+        e.extensions
+            .as_ref()
+            .and_then(|x| x.get("code"))
+            .map(|v| v.to_string().trim_matches('"').to_string())
+    }
+
+    #[test]
+    fn engine_errors_keep_their_code_and_hide_internals() {
+        let e = gql(Error::Internal("db password is hunter2".into()));
+        assert_eq!(e.message, "internal error");
+        let e = e.into_server_error(Default::default());
+        assert_eq!(code_of(&e).as_deref(), Some("INTERNAL_ERROR"));
+        let e =
+            gql(Error::new(ErrorKind::PodNotFound, "no pod")).into_server_error(Default::default());
+        assert_eq!(code_of(&e).as_deref(), Some("POD_NOT_FOUND"));
+    }
+
+    #[test]
+    fn library_errors_get_codes() {
+        let resp = Response::from_errors(vec![
+            ServerError::new("Query is nested too deep.", None),
+            ServerError::new("Query is too complex.", None),
+            ServerError::new("Unknown field \"x\"", None),
+        ]);
+        let codes: Vec<_> = add_codes(resp).errors.iter().filter_map(code_of).collect();
+        assert_eq!(
+            codes,
+            [QUERY_TOO_DEEP, QUERY_TOO_COMPLEX, VALIDATION_FAILED]
+        );
+    }
+}

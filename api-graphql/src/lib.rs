@@ -108,3 +108,33 @@ pub fn sdl() -> String {
 pub fn router(engine: Engine, config: GraphqlConfig) -> Router {
     http::router(schema(engine.clone(), &config), engine, config)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_complexity_follows_the_page_size() {
+        assert_eq!(page_complexity(None, None), 100);
+        assert_eq!(page_complexity(Some(5), None), 5);
+        assert_eq!(page_complexity(None, Some(7)), 7);
+        assert_eq!(page_complexity(Some(0), None), 1);
+        assert_eq!(page_complexity(Some(-3), None), 1);
+        assert_eq!(page_complexity(Some(1_000_000), None), 1000);
+    }
+
+    #[test]
+    fn the_schema_names_its_roots_as_the_spec_does() {
+        let sdl = sdl();
+        for needle in [
+            "type Query {",
+            "type Mutation {",
+            "type Subscription {",
+            "type RecordConnection {",
+            "type PageInfo {",
+            "records(pod: String!, stream: String!, after: Int, afterHash: String): Record!",
+        ] {
+            assert!(sdl.contains(needle), "missing {needle:?}");
+        }
+    }
+}
