@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use url::Url;
-use webpods_engine::{ActorLimits, EngineConfig};
+use webpods_engine::{ActorLimits, EngineConfig, RateLimits};
 use webpods_storage::StoreOptions;
 
 /// Log output format.
@@ -99,6 +99,40 @@ impl Config {
         let pool = parse("WEBPODS_DB_MAX_CONNECTIONS", "16", &mut errors);
         let shutdown = parse("WEBPODS_SHUTDOWN_TIMEOUT_SECS", "30", &mut errors);
         let max_batch = parse("WEBPODS_MAX_BATCH_BYTES", "67108864", &mut errors);
+        let rate_defaults = RateLimits::default();
+        let rate_limits = RateLimits {
+            enabled: match var("WEBPODS_RATE_LIMITS").as_deref() {
+                None | Some("on") => true,
+                Some("off") => false,
+                Some(other) => {
+                    errors.push(format!(
+                        "WEBPODS_RATE_LIMITS: expected on or off, got {other:?}"
+                    ));
+                    true
+                }
+            },
+            read: parse(
+                "WEBPODS_RATE_LIMIT_READ",
+                &rate_defaults.read.to_string(),
+                &mut errors,
+            ),
+            write: parse(
+                "WEBPODS_RATE_LIMIT_WRITE",
+                &rate_defaults.write.to_string(),
+                &mut errors,
+            ),
+            pod_create: parse(
+                "WEBPODS_RATE_LIMIT_POD_CREATE",
+                &rate_defaults.pod_create.to_string(),
+                &mut errors,
+            ),
+            stream_create: parse(
+                "WEBPODS_RATE_LIMIT_STREAM_CREATE",
+                &rate_defaults.stream_create.to_string(),
+                &mut errors,
+            ),
+            ..rate_defaults
+        };
         let allowed_record_headers = var("WEBPODS_ALLOWED_RECORD_HEADERS")
             .map(|v| {
                 v.split(',')
@@ -119,7 +153,7 @@ impl Config {
         let max_record_bytes = usize::try_from(max_record_bytes).unwrap_or(usize::MAX);
         Ok(Config {
             listen,
-            public_url,
+            public_url: public_url.clone(),
             database_url,
             jwt_secret: var("WEBPODS_JWT_SECRET"),
             log: var("WEBPODS_LOG").unwrap_or_else(|| "info".into()),
@@ -135,6 +169,11 @@ impl Config {
                 max_list_records: i64::try_from(max_list.max(1)).unwrap_or(1000),
                 allowed_record_headers,
                 cache_ttl: Duration::from_secs(5),
+                auth: webpods_engine::AuthSettings {
+                    public_url: public_url.clone(),
+                    ..Default::default()
+                },
+                rate_limits,
             },
             store: StoreOptions {
                 max_connections: u32::try_from(pool.max(1)).unwrap_or(16),

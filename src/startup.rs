@@ -58,22 +58,34 @@ pub async fn token_keys(config: &Config, store: &Store) -> anyhow::Result<TokenK
 impl Server {
     /// Binds the listener and builds everything; nothing is served until [`Server::run`].
     pub async fn build(config: Config) -> anyhow::Result<Server> {
-        // No OAuth provider can be configured yet, so the server always runs in local mode.
-        if !config.listen.ip().is_loopback() {
+        let local_mode = config.engine.auth.providers.is_empty();
+        if local_mode && !config.listen.ip().is_loopback() {
             bail!(
                 "local mode (no login provider configured) only listens on a loopback address, \
                  not {}",
                 config.listen
             );
         }
+        if !local_mode && config.jwt_secret.is_none() {
+            bail!("WEBPODS_JWT_SECRET is required when login providers are configured");
+        }
         let store = open_store(&config).await?;
         let keys = token_keys(&config, &store).await?;
         let engine = Engine::new(store.clone(), config.engine.clone(), keys);
-        let user = engine.ensure_local_user(LOCAL_USER).await?;
-        let token = engine.issue_token(&user, None, Scope::ALL, None)?;
-        if let Some(path) = &config.token_file {
-            write_token_file(path, &token)?;
-        }
+        engine
+            .listen_for_changes()
+            .await
+            .context("listening for other instances' changes")?;
+        let local_token = if local_mode {
+            let user = engine.ensure_local_user(LOCAL_USER).await?;
+            let token = engine.issue_token(&user, None, Scope::ALL, None)?;
+            if let Some(path) = &config.token_file {
+                write_token_file(path, &token)?;
+            }
+            Some(token)
+        } else {
+            None
+        };
         let state = AppState::new(
             engine.clone(),
             RestConfig {
@@ -103,7 +115,7 @@ impl Server {
             engine,
             store,
             config,
-            local_token: Some(token),
+            local_token,
         })
     }
 
@@ -134,7 +146,8 @@ impl Server {
         } = self;
         state.set_ready(true);
         let draining = state.clone();
-        let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+        let app = router.into_make_service_with_connect_info::<SocketAddr>();
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.await;
             draining.set_ready(false);
             tracing::info!("shutting down: draining requests and pending appends");

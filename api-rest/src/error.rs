@@ -41,6 +41,9 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         PreconditionFailed => StatusCode::PRECONDITION_FAILED,
         Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        InvalidProvider | InvalidCallback | InvalidState => StatusCode::BAD_REQUEST,
+        OauthError => StatusCode::UNAUTHORIZED,
+        RateLimitExceeded => StatusCode::TOO_MANY_REQUESTS,
     }
 }
 

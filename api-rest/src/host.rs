@@ -3,8 +3,13 @@
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::header::HOST;
-use axum::response::IntoResponse;
+use std::net::SocketAddr;
+
+use axum::extract::ConnectInfo;
+use axum::http::{HeaderMap, HeaderValue, Method};
+use axum::response::{IntoResponse, Response};
 use tower::ServiceExt;
+use webpods_engine::Action;
 use webpods_engine::ErrorKind;
 
 use crate::AppState;
@@ -55,6 +60,55 @@ fn strip_port(host: &str) -> &str {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => host,
     }
+}
+
+/// The rate-limited action of a request (SPEC §9); stream creation is counted by the engine.
+fn rate_action(on_pod: bool, method: &Method, path: &str) -> Option<Action> {
+    match (on_pod, method) {
+        (true, &Method::GET | &Method::HEAD) => Some(Action::Read),
+        (true, &Method::POST | &Method::DELETE) => Some(Action::Write),
+        (false, &Method::POST) if path == "/api/pods" => Some(Action::PodCreate),
+        _ => None,
+    }
+}
+
+/// The caller a limit applies to: the token's user, else the client's IP address.
+fn rate_key(st: &AppState, req: &Request, on_pod: bool) -> String {
+    let user = token_of(req.headers(), on_pod)
+        .and_then(|t| st.engine.authenticate(Some(&t)).ok())
+        .and_then(|c| c.user_id().map(str::to_string));
+    match user {
+        Some(u) => u,
+        None => match req.extensions().get::<ConnectInfo<SocketAddr>>() {
+            Some(ConnectInfo(addr)) => format!("ip:{}", addr.ip()),
+            None => "ip:unknown".to_string(),
+        },
+    }
+}
+
+fn rate_headers(h: &mut HeaderMap, limit: u64, remaining: u64, reset: i64) {
+    for (name, value) in [
+        ("x-ratelimit-limit", limit.to_string()),
+        ("x-ratelimit-remaining", remaining.to_string()),
+        ("x-ratelimit-reset", reset.to_string()),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+}
+
+/// 429 with `Retry-After` and the limit headers.
+fn rate_limited(e: webpods_engine::Error) -> Response {
+    let d = e.details().cloned().unwrap_or_default();
+    let num = |k: &str| d.get(k).and_then(serde_json::Value::as_i64).unwrap_or(0);
+    let mut resp = ApiError(e).into_response();
+    let h = resp.headers_mut();
+    rate_headers(h, u64::try_from(num("limit")).unwrap_or(0), 0, num("reset"));
+    if let Ok(v) = HeaderValue::from_str(&num("retryAfter").max(1).to_string()) {
+        h.insert("retry-after", v);
+    }
+    resp
 }
 
 /// Paths the main domain keeps for itself even when a root pod is configured (SPEC §2).
@@ -111,6 +165,16 @@ pub fn dispatch(state: AppState, main: Router, pods: Router) -> Router {
                         }
                     }
                 };
+                let rate = match rate_action(pod.is_some(), req.method(), req.uri().path()) {
+                    None => None,
+                    Some(action) => {
+                        let key = rate_key(&st, &req, pod.is_some());
+                        match st.engine.rate_limit(&key, action).await {
+                            Ok(status) => status,
+                            Err(e) => return rate_limited(e),
+                        }
+                    }
+                };
                 let result = match pod {
                     None => main.oneshot(req).await,
                     Some(pod) => {
@@ -118,32 +182,38 @@ pub fn dispatch(state: AppState, main: Router, pods: Router) -> Router {
                         pods.oneshot(req).await
                     }
                 };
-                match result {
+                let mut resp = match result {
                     Ok(resp) => resp,
                     Err(never) => match never {},
+                };
+                if let Some(s) = rate {
+                    rate_headers(resp.headers_mut(), s.limit, s.remaining, s.reset);
                 }
+                resp
             }
         })
         .with_state(state)
 }
 
+/// The value of a cookie.
+pub fn cookie(headers: &axum::http::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, v)| *k == name && !v.is_empty())
+        .map(|(_, v)| v.to_string())
+}
+
 /// The token of a request (SPEC §3.1): cookie `pod_token` (pod hosts), cookie `token`,
 /// `Authorization: Bearer <t>`, `Authorization: <t>`.
 pub fn token_of(headers: &axum::http::HeaderMap, pod_host: bool) -> Option<String> {
-    let cookie = |name: &str| {
-        headers
-            .get_all(axum::http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|c| c.trim().split_once('='))
-            .find(|(k, v)| *k == name && !v.is_empty())
-            .map(|(_, v)| v.to_string())
-    };
-    if pod_host && let Some(t) = cookie("pod_token") {
+    if pod_host && let Some(t) = cookie(headers, "pod_token") {
         return Some(t);
     }
-    if let Some(t) = cookie("token") {
+    if let Some(t) = cookie(headers, "token") {
         return Some(t);
     }
     let auth = headers

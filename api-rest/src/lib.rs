@@ -5,6 +5,7 @@
 //! [`webpods_engine::ErrorKind`] to the spec's status codes and error envelope. Every rule
 //! (names, permissions, the chain) is the engine's; this crate never touches storage.
 
+mod auth_routes;
 mod caller;
 mod error;
 mod host;
@@ -64,7 +65,9 @@ impl AppState {
 /// The whole HTTP surface: `main` serves the main domain (REST routes of this crate merged with
 /// whatever the caller adds, e.g. GraphQL), pod hosts get the pod routes.
 pub fn app(state: AppState, extra_main_routes: Router) -> Router {
-    let main = main_routes::router(state.clone()).merge(extra_main_routes);
+    let main = main_routes::router(state.clone())
+        .merge(auth_routes::router(state.clone()))
+        .merge(extra_main_routes);
     let pods = pod_routes::router(state.clone());
     host::dispatch(state, main, pods)
 }

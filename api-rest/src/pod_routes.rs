@@ -22,6 +22,7 @@ use webpods_engine::{
 };
 
 use crate::AppState;
+use crate::auth_routes;
 use crate::caller::Auth;
 use crate::error::ApiError;
 use crate::host::PodHost;
@@ -49,6 +50,21 @@ async fn handle(
             ErrorKind::InvalidPath,
             "paths may not contain escapes",
         ));
+    }
+    // Names the main domain reserves (SPEC §2); a pod host serves only its SSO steps there.
+    let first = path.split('/').next().unwrap_or("");
+    match (req.method(), path.trim_end_matches('/')) {
+        (&Method::GET, "login") => return Ok(auth_routes::pod_login(&st, &pod, req.uri().query())),
+        (&Method::GET, "auth/callback") => {
+            return auth_routes::pod_callback(&st, &pod, req.uri().query());
+        }
+        _ if matches!(first, "auth" | "api" | "graphql" | "ws") => {
+            return Err(ApiError::new(
+                ErrorKind::NotFound,
+                "not served on a pod host",
+            ));
+        }
+        _ => {}
     }
     if path.trim_end_matches('/') == STREAMS_API && *req.method() == Method::GET {
         return list_streams(&st, &caller, &pod, req.uri().query()).await;

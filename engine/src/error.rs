@@ -33,6 +33,11 @@ pub enum ErrorKind {
     Unavailable,
     Internal,
     DomainTaken,
+    InvalidProvider,
+    InvalidCallback,
+    InvalidState,
+    OauthError,
+    RateLimitExceeded,
 }
 
 impl ErrorKind {
@@ -67,6 +72,11 @@ impl ErrorKind {
             Unavailable => "UNAVAILABLE",
             Internal => "INTERNAL_ERROR",
             DomainTaken => "DOMAIN_TAKEN",
+            InvalidProvider => "INVALID_PROVIDER",
+            InvalidCallback => "INVALID_CALLBACK",
+            InvalidState => "INVALID_STATE",
+            OauthError => "OAUTH_ERROR",
+            RateLimitExceeded => "RATE_LIMIT_EXCEEDED",
         }
     }
 }

@@ -39,7 +39,7 @@ impl crate::Engine {
             check_token_pod(u, &pod.name)?;
         }
         let owner_visible = match self.stream(&pod, OWNER_STREAM).await? {
-            Some(s) => self.check_read(&pod, &s, caller).is_ok(),
+            Some(s) => self.check_read(&pod, &s, caller).await.is_ok(),
             None => false,
         };
         Ok(PodInfo {
@@ -69,7 +69,7 @@ impl crate::Engine {
         check_stream_path(path)?;
         let pod = self.pod(pod).await?;
         let s = self.existing_stream(&pod, path).await?;
-        self.check_read(&pod, &s, caller)?;
+        self.check_read(&pod, &s, caller).await?;
         Ok(stream_view(&s))
     }
 
@@ -116,7 +116,7 @@ impl crate::Engine {
             let Some(pod) = rows.get(&s.pod_id) else {
                 continue;
             };
-            if s.path.is_empty() || self.check_read(pod, &s, caller).is_err() {
+            if s.path.is_empty() || self.check_read(pod, &s, caller).await.is_err() {
                 continue;
             }
             if let Some(list) = out.get_mut(&pod.name) {

@@ -12,15 +12,19 @@
 //! Errors are one enum, [`Error`], whose [`ErrorKind`] frontends map to their transport.
 
 mod actor;
+mod auth;
 mod batch;
 pub mod clock;
 mod error;
 mod graph;
 pub mod hash;
+mod invalidation;
 mod manage;
 mod model;
 pub mod names;
+mod permissions;
 mod pod_config;
+mod ratelimit;
 pub mod token;
 mod verify;
 
@@ -33,11 +37,13 @@ use moka::future::Cache;
 use webpods_storage::{CreateStream, NewStream, PodRow, RecordRange, RecordRow, Store, StreamRow};
 
 pub use actor::ActorLimits;
+pub use auth::{AuthSettings, Login, Provider, ProviderConfig, SessionInfo, WhoAmI, provider_list};
 pub use error::{Error, ErrorKind, Result};
 pub use graph::{PodInfo, UserInfo};
 pub use manage::{StreamListQuery, StreamListing, StreamSummary};
 pub use model::*;
 pub use pod_config::Routes;
+pub use ratelimit::{Action, RateLimits, RateStatus};
 pub use token::{Claims, Scope, TokenKeys};
 pub use verify::Verification;
 
@@ -66,6 +72,9 @@ pub struct EngineConfig {
     pub allowed_record_headers: Vec<String>,
     /// Safety-net lifetime of cached pods and streams.
     pub cache_ttl: Duration,
+    /// Login providers and session settings (no providers = local mode).
+    pub auth: AuthSettings,
+    pub rate_limits: RateLimits,
 }
 
 impl Default for EngineConfig {
@@ -80,6 +89,8 @@ impl Default for EngineConfig {
             max_list_records: 1000,
             allowed_record_headers: Vec::new(),
             cache_ttl: Duration::from_secs(5),
+            auth: AuthSettings::default(),
+            rate_limits: RateLimits::default(),
         }
     }
 }
@@ -113,11 +124,19 @@ struct Inner {
     routes: Cache<String, Arc<pod_config::Routes>>,
     /// Custom domain → pod name (negative answers cached too).
     domains: Cache<String, Option<String>>,
+    /// Decision tables of permission streams, by stream id.
+    perms: Cache<i64, Arc<permissions::PermTable>>,
+    /// `None` when rate limiting is off.
+    rate: Option<Arc<ratelimit::RateLimiter>>,
 }
 
 impl Engine {
     pub fn new(store: Store, config: EngineConfig, keys: TokenKeys) -> Engine {
         let ttl = config.cache_ttl;
+        let limits = config.rate_limits;
+        let rate = limits
+            .enabled
+            .then(|| ratelimit::RateLimiter::start(store.clone(), limits));
         let pods = Cache::builder()
             .max_capacity(10_000)
             .time_to_live(config.cache_ttl)
@@ -142,6 +161,11 @@ impl Engine {
                     .max_capacity(10_000)
                     .time_to_live(ttl)
                     .build(),
+                perms: Cache::builder()
+                    .max_capacity(10_000)
+                    .time_to_live(ttl)
+                    .build(),
+                rate,
             }),
         }
     }
@@ -183,6 +207,7 @@ impl Engine {
             user_id: claims.sub,
             pods: claims.pods,
             scope,
+            expires_at: claims.exp,
         }))
     }
 
@@ -279,7 +304,8 @@ impl Engine {
         let content = serde_json::json!({ "userId": new_owner });
         self.append_system(&pod, OWNER_STREAM, OWNER_RECORD, &content, &user.user_id)
             .await?;
-        self.inner.pods.invalidate(&pod.name).await;
+        self.changed(invalidation::Change::Pod(pod.name.clone()))
+            .await;
         Ok(())
     }
 
@@ -399,6 +425,16 @@ impl Engine {
             }
             other => other?,
         };
+        let grants_changed = !committed.replayed
+            && pod.owner_id == user.user_id
+            && committed
+                .rows
+                .iter()
+                .any(|r| permissions::looks_like_grant(&r.content));
+        if grants_changed {
+            self.changed(invalidation::Change::Permissions(stream.id))
+                .await;
+        }
         Ok(AppendOutcome {
             receipts: committed
                 .rows
@@ -421,7 +457,7 @@ impl Engine {
             Some(s) => s,
             None => self.create_stream_path(pod, user, path, access).await?,
         };
-        self.check_write(pod, &stream, user)?;
+        self.check_write(pod, &stream, user).await?;
         Ok(stream)
     }
 
@@ -515,10 +551,11 @@ impl Engine {
             }
             // Top-level streams are the owner's; deeper ones need write access to the parent.
             let allowed = pod.owner_id == user.user_id
-                || (!parent.path.is_empty() && self.check_write(pod, &parent, user).is_ok());
+                || (!parent.path.is_empty() && self.check_write(pod, &parent, user).await.is_ok());
             if !allowed {
                 return Err(forbidden("you may not create streams here"));
             }
+            self.rate_limit(&user.user_id, Action::StreamCreate).await?;
             let new = NewStream {
                 pod_id: pod.id,
                 parent_id: Some(parent.id),
@@ -564,14 +601,14 @@ impl Engine {
     pub async fn resolve(&self, caller: &Caller, pod: &str, path: &str) -> Result<Target> {
         let pod = self.pod(pod).await?;
         if let Some(s) = self.stream(&pod, path).await? {
-            self.check_read(&pod, &s, caller)?;
+            self.check_read(&pod, &s, caller).await?;
             return Ok(Target::Stream(stream_view(&s)));
         }
         let (stream_path, name) = names::split_last(path);
         check_stream_path(stream_path)?;
         check_record_name(name)?;
         let s = self.existing_stream(&pod, stream_path).await?;
-        self.check_read(&pod, &s, caller)?;
+        self.check_read(&pod, &s, caller).await?;
         Ok(Target::Record {
             stream: stream_view(&s),
             name: name.to_string(),
@@ -780,37 +817,6 @@ impl Engine {
                 format!("stream {path:?} does not exist"),
             )
         })
-    }
-
-    fn check_read(&self, pod: &PodRow, s: &StreamRow, caller: &Caller) -> Result<()> {
-        if let Caller::User(u) = caller {
-            check_token_pod(u, &pod.name)?;
-            if !u.scope.read {
-                return Err(forbidden("this token may not read"));
-            }
-        }
-        if s.access == "public" && !is_system_path(&s.path) {
-            return Ok(());
-        }
-        let user = require_user(caller)?;
-        if pod.owner_id == user.user_id || (s.access == "private" && s.creator_id == user.user_id) {
-            return Ok(());
-        }
-        Err(forbidden("you may not read this stream"))
-    }
-
-    fn check_write(&self, pod: &PodRow, s: &StreamRow, user: &UserCaller) -> Result<()> {
-        if pod.owner_id == user.user_id {
-            return Ok(());
-        }
-        if is_system_path(&s.path) {
-            return Err(forbidden(".config streams are owner-only"));
-        }
-        match s.access.as_str() {
-            "public" => Ok(()),
-            "private" if s.creator_id == user.user_id => Ok(()),
-            _ => Err(forbidden("you may not write to this stream")),
-        }
     }
 }
 

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::batch::Entry;
 use crate::clock::iso8601;
 use crate::error::{Error, ErrorKind, Result};
+use crate::invalidation::Change;
 use crate::model::{Caller, NewRecord, Record, RecordPage, StreamInfo};
 use crate::names::{check_record_name, check_stream_path, is_system_path, split_last};
 use crate::{Engine, forbidden, require_owner};
@@ -75,7 +76,7 @@ impl Engine {
             if !under || (!recursive && parent_path != base) {
                 continue;
             }
-            if self.check_read(&pod, s, caller).is_err() {
+            if self.check_read(&pod, s, caller).await.is_err() {
                 continue;
             }
             streams.push(StreamSummary {
@@ -110,16 +111,13 @@ impl Engine {
             .unwrap_or(100)
             .clamp(1, self.inner.config.max_list_records);
         let prefix = format!("{}/", stream.path);
-        let ids: Vec<i64> = self
-            .inner
-            .store
-            .list_streams(pod.id)
-            .await?
-            .into_iter()
-            .filter(|s| s.id == stream.id || stream.path.is_empty() || s.path.starts_with(&prefix))
-            .filter(|s| self.check_read(&pod, s, caller).is_ok())
-            .map(|s| s.id)
-            .collect();
+        let mut ids = Vec::new();
+        for s in self.inner.store.list_streams(pod.id).await? {
+            let inside = s.id == stream.id || stream.path.is_empty() || s.path.starts_with(&prefix);
+            if inside && self.check_read(&pod, &s, caller).await.is_ok() {
+                ids.push(s.id);
+            }
+        }
         let mut rows = self
             .inner
             .store
@@ -201,7 +199,7 @@ impl Engine {
         }
         self.existing_stream(&pod, path).await?;
         self.inner.store.delete_stream_tree(pod.id, path).await?;
-        self.inner.streams.invalidate_all();
+        self.changed(Change::Streams).await;
         Ok(())
     }
 
@@ -210,9 +208,9 @@ impl Engine {
         let pod = self.pod(pod).await?;
         require_owner(&pod, caller)?;
         self.inner.store.delete_pod(pod.id).await?;
-        self.inner.pods.invalidate(&pod.name).await;
-        self.inner.streams.invalidate_all();
-        self.inner.domains.invalidate_all();
+        self.changed(Change::Pod(pod.name.clone())).await;
+        self.changed(Change::Streams).await;
+        self.changed(Change::Domains).await;
         Ok(())
     }
 }

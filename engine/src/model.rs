@@ -24,6 +24,8 @@ pub struct UserCaller {
     /// `None` = every pod.
     pub pods: Option<Vec<String>>,
     pub scope: crate::token::Scope,
+    /// `exp` of the token (epoch seconds), if it expires.
+    pub expires_at: Option<i64>,
 }
 
 impl Caller {

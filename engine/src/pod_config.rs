@@ -9,6 +9,7 @@ use serde_json::json;
 use webpods_storage::DomainsOutcome;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::invalidation::Change;
 use crate::model::Caller;
 use crate::names::check_stream_path;
 use crate::{Engine, require_owner};
@@ -117,7 +118,7 @@ impl Engine {
                 format!("{d} already serves another pod"),
             ));
         }
-        self.inner.domains.invalidate_all();
+        self.changed(Change::Domains).await;
         self.append_system(
             &pod,
             DOMAINS_STREAM,

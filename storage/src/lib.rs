@@ -15,6 +15,7 @@
 //! - a record name never equals a child stream's name in the same stream: record batches and
 //!   stream creation both check the other side while holding the parent stream's row lock.
 
+mod accounts;
 mod postgres;
 mod sqlite;
 
@@ -27,6 +28,7 @@ const STREAM_COLUMNS: &str = "id, pod_id, parent_id, path, name, access, creator
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+pub use accounts::{BusEvent, IdentityRow, OAuthStateRow, RateDelta, SessionRow};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 

@@ -16,7 +16,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 
 #[derive(Debug, Clone)]
 pub struct PgStore {
-    pool: PgPool,
+    pub(crate) pool: PgPool,
     /// Storage calls made through [`crate::Store`] (see [`crate::Store::query_count`]).
     pub(crate) queries: crate::QueryCounter,
 }

@@ -25,8 +25,8 @@ const INSERT_CHUNK: usize = 2000;
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    writer: SqlitePool,
-    readers: SqlitePool,
+    pub(crate) writer: SqlitePool,
+    pub(crate) readers: SqlitePool,
     /// Storage calls made through [`crate::Store`] (see [`crate::Store::query_count`]).
     pub(crate) queries: crate::QueryCounter,
 }
@@ -56,7 +56,7 @@ impl SqliteStore {
         })
     }
 
-    async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
+    pub(crate) async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
 

@@ -5,10 +5,12 @@
 
 mod support;
 
+mod auth;
 mod bad_input;
 mod concurrency;
 mod graphql;
 mod multi_instance;
+mod oauth_provider;
 mod openapi;
 mod pod_config;
 mod records;

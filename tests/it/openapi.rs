@@ -29,7 +29,10 @@ async fn the_document_matches_the_routes() {
                 continue;
             }
             documented.push((method.to_uppercase(), path.clone()));
-            let concrete = path.replace("{path}", "some/stream/name");
+            let concrete = path
+                .replace("{path}", "some/stream/name")
+                .replace("{provider}", "none")
+                .replace("{id}", "none");
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
             let req = if on_pod {
                 app.pod(m, "alice", &concrete)
@@ -62,6 +65,18 @@ async fn the_document_matches_the_routes() {
         ("POST", "/.config/owner"),
         ("POST", "/.config/routing"),
         ("POST", "/.config/domains"),
+        ("GET", "/auth/providers"),
+        ("GET", "/auth/{provider}"),
+        ("GET", "/auth/{provider}/callback"),
+        ("GET", "/auth/success"),
+        ("GET", "/login"),
+        ("GET", "/auth/whoami"),
+        ("GET", "/auth/session"),
+        ("GET", "/auth/sessions"),
+        ("DELETE", "/auth/sessions/{id}"),
+        ("POST", "/auth/logout"),
+        ("GET", "/auth/authorize"),
+        ("POST", "/api/tokens"),
     ] {
         assert!(
             documented.contains(&(method.to_string(), path.to_string())),

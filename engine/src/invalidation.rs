@@ -1,0 +1,128 @@
+//! Keeping caches right across instances. Every change that can alter a cached answer (a
+//! permission record, an ownership transfer, routing, domains, deleted streams or pods)
+//! invalidates the local cache at once and is published on the invalidation bus (PostgreSQL
+//! `NOTIFY` after commit); each instance listens and drops the same entries. If the listener
+//! reconnects, messages may have been lost, so everything is dropped. The caches' TTL is only
+//! a safety net. SQLite runs a single instance: there is nothing to publish.
+
+use std::sync::{Arc, Weak};
+
+use webpods_storage::BusEvent;
+
+use crate::{Engine, Inner};
+
+const CHANNEL: &str = "webpods_invalidate";
+
+/// What changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// A permission stream got a record.
+    Permissions(i64),
+    /// A pod's owner changed, or the pod was deleted.
+    Pod(String),
+    Routes(String),
+    Domains,
+    /// Streams were deleted.
+    Streams,
+}
+
+impl Change {
+    fn encode(&self) -> String {
+        match self {
+            Change::Permissions(id) => format!("perm:{id}"),
+            Change::Pod(p) => format!("pod:{p}"),
+            Change::Routes(p) => format!("routes:{p}"),
+            Change::Domains => "domains".into(),
+            Change::Streams => "streams".into(),
+        }
+    }
+
+    fn decode(s: &str) -> Option<Change> {
+        Some(match s.split_once(':') {
+            Some(("perm", id)) => Change::Permissions(id.parse().ok()?),
+            Some(("pod", p)) => Change::Pod(p.to_string()),
+            Some(("routes", p)) => Change::Routes(p.to_string()),
+            None if s == "domains" => Change::Domains,
+            None if s == "streams" => Change::Streams,
+            _ => return None,
+        })
+    }
+}
+
+impl Inner {
+    async fn apply(&self, change: &Change) {
+        match change {
+            Change::Permissions(id) => self.perms.invalidate(id).await,
+            Change::Pod(p) => {
+                self.pods.invalidate(p).await;
+                self.routes.invalidate(p).await;
+                self.perms.invalidate_all();
+            }
+            Change::Routes(p) => self.routes.invalidate(p).await,
+            Change::Domains => self.domains.invalidate_all(),
+            Change::Streams => self.streams.invalidate_all(),
+        }
+    }
+
+    fn clear_all(&self) {
+        self.pods.invalidate_all();
+        self.streams.invalidate_all();
+        self.routes.invalidate_all();
+        self.domains.invalidate_all();
+        self.perms.invalidate_all();
+    }
+}
+
+impl Engine {
+    /// Applies a change here and tells the other instances.
+    pub(crate) async fn changed(&self, change: Change) {
+        self.inner.apply(&change).await;
+        if let Err(e) = self.inner.store.notify(CHANNEL, &change.encode()).await {
+            // The TTL bounds how long other instances may serve the old answer.
+            tracing::warn!(error = %e, "could not publish a cache invalidation");
+        }
+    }
+
+    /// Starts listening for other instances' changes (PostgreSQL only).
+    pub async fn listen_for_changes(&self) -> crate::Result<()> {
+        let Some(mut rx) = self.inner.store.listen(CHANNEL).await? else {
+            return Ok(());
+        };
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            while let Some(event) = rx.recv().await {
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                match event {
+                    BusEvent::Message(m) => {
+                        if let Some(change) = Change::decode(&m) {
+                            inner.apply(&change).await;
+                        }
+                    }
+                    BusEvent::Reconnected => inner.clear_all(),
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Change;
+
+    #[test]
+    fn changes_round_trip() {
+        for c in [
+            Change::Permissions(42),
+            Change::Pod("alice".into()),
+            Change::Routes("alice".into()),
+            Change::Domains,
+            Change::Streams,
+        ] {
+            assert_eq!(Change::decode(&c.encode()), Some(c));
+        }
+        assert_eq!(Change::decode("nonsense"), None);
+    }
+}

@@ -1,0 +1,249 @@
+//! Rate limits (SPEC §9): per caller (user id, else client IP) and action, over a sliding hour
+//! made of one-minute slices, shared by all instances and surviving restarts.
+//!
+//! Requests are counted locally. Every `flush_interval` the local deltas are added to the
+//! database (`rate_counts`) and the global totals of the active keys are read back in the same
+//! call; a decision is `global total + local unflushed < limit`. So no request waits for the
+//! database, except the first one of a caller/action this process has not seen, which loads
+//! its total once. The overshoot is bounded by instances × flush interval × request rate.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use webpods_storage::{RateDelta, Store};
+
+use crate::clock::now_ms;
+use crate::error::{Error, ErrorKind, Result};
+
+const SLICE_MS: i64 = 60_000;
+/// Slices in the sliding window (one hour).
+const WINDOW_SLICES: i64 = 60;
+
+/// What is being rate-limited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Read,
+    Write,
+    PodCreate,
+    StreamCreate,
+}
+
+impl Action {
+    fn as_str(self) -> &'static str {
+        match self {
+            Action::Read => "read",
+            Action::Write => "write",
+            Action::PodCreate => "pod_create",
+            Action::StreamCreate => "stream_create",
+        }
+    }
+}
+
+/// Limits per hour; `enabled = false` switches limiting off.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimits {
+    pub enabled: bool,
+    pub read: u64,
+    pub write: u64,
+    pub pod_create: u64,
+    pub stream_create: u64,
+    pub flush_interval: Duration,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            enabled: true,
+            read: 10_000,
+            write: 1_000,
+            pod_create: 10,
+            stream_create: 100,
+            flush_interval: Duration::from_millis(300),
+        }
+    }
+}
+
+impl RateLimits {
+    fn limit(&self, a: Action) -> u64 {
+        match a {
+            Action::Read => self.read,
+            Action::Write => self.write,
+            Action::PodCreate => self.pod_create,
+            Action::StreamCreate => self.stream_create,
+        }
+    }
+}
+
+/// The state of one caller's limit after a request, for the `X-RateLimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateStatus {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Unix seconds when the oldest counted slice leaves the window.
+    pub reset: i64,
+}
+
+#[derive(Default)]
+struct Counter {
+    /// Total over the window as of the last sync (includes what we flushed).
+    global: i64,
+    /// Counted here and not yet flushed, by slice.
+    pending: HashMap<i64, i64>,
+    /// Taken by a flush that has not answered yet (still counted until it does).
+    flushing: i64,
+    /// Last slice this key was used in (keys idle for a whole window are dropped).
+    last_slice: i64,
+}
+
+type Key = (String, Action);
+
+pub(crate) struct RateLimiter {
+    limits: RateLimits,
+    store: Store,
+    counters: Mutex<HashMap<Key, Counter>>,
+}
+
+impl RateLimiter {
+    pub(crate) fn start(store: Store, limits: RateLimits) -> Arc<RateLimiter> {
+        let limiter = Arc::new(RateLimiter {
+            limits,
+            store,
+            counters: Mutex::new(HashMap::new()),
+        });
+        let weak: Weak<RateLimiter> = Arc::downgrade(&limiter);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(limits.flush_interval);
+            loop {
+                tick.tick().await;
+                let Some(l) = weak.upgrade() else {
+                    return;
+                };
+                if let Err(e) = l.flush().await {
+                    tracing::warn!(error = %e, "rate-limit counters could not be synced");
+                }
+            }
+        });
+        limiter
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Counter>> {
+        self.counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts one request, or refuses it with 429 `RATE_LIMIT_EXCEEDED`.
+    pub(crate) async fn check(&self, caller: &str, action: Action) -> Result<RateStatus> {
+        let key = (caller.to_string(), action);
+        let known = self.lock().contains_key(&key);
+        if !known {
+            let since = now_ms() / SLICE_MS - WINDOW_SLICES + 1;
+            let totals = self
+                .store
+                .add_rate_counts(&[], &[(key.0.clone(), action.as_str().to_string())], since)
+                .await?;
+            let global = totals.first().map_or(0, |t| t.2);
+            self.lock().entry(key.clone()).or_insert(Counter {
+                global,
+                ..Counter::default()
+            });
+        }
+        let limit = self.limits.limit(action);
+        let slice = now_ms() / SLICE_MS;
+        let reset = (slice + 1) * SLICE_MS / 1000;
+        let mut map = self.lock();
+        let c = map.entry(key).or_default();
+        c.last_slice = slice;
+        let used = c.global + c.flushing + c.pending.values().sum::<i64>();
+        let used = u64::try_from(used).unwrap_or(0);
+        if used >= limit {
+            let retry_after = (reset - now_ms() / 1000).max(1);
+            return Err(Error::with_details(
+                ErrorKind::RateLimitExceeded,
+                format!(
+                    "rate limit of {limit} {} requests per hour exceeded",
+                    action.as_str()
+                ),
+                serde_json::json!({ "limit": limit, "remaining": 0, "reset": reset, "retryAfter": retry_after }),
+            ));
+        }
+        *c.pending.entry(slice).or_default() += 1;
+        Ok(RateStatus {
+            limit,
+            remaining: limit - used - 1,
+            reset,
+        })
+    }
+
+    /// Adds local deltas to the database and refreshes the global totals.
+    async fn flush(&self) -> Result<()> {
+        let now_slice = now_ms() / SLICE_MS;
+        let since = now_slice - WINDOW_SLICES + 1;
+        let (deltas, keys) = {
+            let mut map = self.lock();
+            map.retain(|_, c| c.last_slice >= since || !c.pending.is_empty());
+            let mut deltas = Vec::new();
+            for ((caller, action), c) in map.iter_mut() {
+                for (slice, count) in c.pending.drain() {
+                    c.flushing += count;
+                    deltas.push(RateDelta {
+                        caller: caller.clone(),
+                        action: action.as_str().to_string(),
+                        slice,
+                        count,
+                    });
+                }
+            }
+            let keys: Vec<(String, String)> = map
+                .keys()
+                .map(|(c, a)| (c.clone(), a.as_str().to_string()))
+                .collect();
+            (deltas, keys)
+        };
+        if keys.is_empty() {
+            return Ok(());
+        }
+        match self.store.add_rate_counts(&deltas, &keys, since).await {
+            Ok(totals) => {
+                let totals: HashMap<(String, String), i64> =
+                    totals.into_iter().map(|(c, a, n)| ((c, a), n)).collect();
+                let mut map = self.lock();
+                for ((caller, action), c) in map.iter_mut() {
+                    c.global = totals
+                        .get(&(caller.clone(), action.as_str().to_string()))
+                        .copied()
+                        .unwrap_or(0);
+                    c.flushing = 0;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Keep the counts for the next attempt.
+                let mut map = self.lock();
+                for d in deltas {
+                    let action = match d.action.as_str() {
+                        "read" => Action::Read,
+                        "write" => Action::Write,
+                        "pod_create" => Action::PodCreate,
+                        _ => Action::StreamCreate,
+                    };
+                    if let Some(c) = map.get_mut(&(d.caller, action)) {
+                        *c.pending.entry(d.slice).or_default() += d.count;
+                        c.flushing -= d.count;
+                    }
+                }
+                Err(e.into())
+            }
+        }
+    }
+}
+
+impl crate::Engine {
+    /// Counts a request of `caller` (a user id or `ip:…`) for `action`. `Ok(None)` when rate
+    /// limiting is off.
+    pub async fn rate_limit(&self, caller: &str, action: Action) -> Result<Option<RateStatus>> {
+        match &self.inner.rate {
+            Some(l) => l.check(caller, action).await.map(Some),
+            None => Ok(None),
+        }
+    }
+}

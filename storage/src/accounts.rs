@@ -1,0 +1,427 @@
+//! Accounts and cross-instance coordination: identities, login sessions, single-use OAuth
+//! states, permission records, rate-limit counters, and the invalidation bus (PostgreSQL
+//! `LISTEN`/`NOTIFY`; a no-op on single-instance SQLite).
+
+use sqlx::Row;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use tokio::sync::mpsc;
+
+use crate::{PgStore, RECORD_COLUMNS, RecordRow, Result, SqliteStore, Store};
+
+/// A login session.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct SessionRow {
+    pub id: String,
+    pub user_id: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
+/// A pending OAuth login (PKCE verifier kept server-side).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct OAuthStateRow {
+    pub state: String,
+    pub provider: String,
+    pub verifier: String,
+    pub redirect: Option<String>,
+    pub expires_at: i64,
+}
+
+/// What a user is called, from their first identity.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct IdentityRow {
+    pub provider: String,
+    pub email: Option<String>,
+    pub name: Option<String>,
+}
+
+/// Additions to one rate-limit counter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateDelta {
+    pub caller: String,
+    pub action: String,
+    pub slice: i64,
+    pub count: i64,
+}
+
+/// What arrives from the invalidation bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusEvent {
+    Message(String),
+    /// The listener lost its connection and reconnected: messages may have been missed.
+    Reconnected,
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Postgres($s) => $e,
+            Store::Sqlite($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// The first identity of a user.
+    pub async fn identity_of(&self, user_id: &str) -> Result<Option<IdentityRow>> {
+        dispatch!(self, s => s.identity_of(user_id).await)
+    }
+
+    pub async fn create_session(&self, s: &SessionRow) -> Result<()> {
+        dispatch!(self, st => st.create_session(s).await)
+    }
+
+    /// A session that exists and has not expired at `now`.
+    pub async fn get_session(&self, id: &str, now: i64) -> Result<Option<SessionRow>> {
+        dispatch!(self, s => s.get_session(id, now).await)
+    }
+
+    pub async fn list_sessions(&self, user_id: &str, now: i64) -> Result<Vec<SessionRow>> {
+        dispatch!(self, s => s.list_sessions(user_id, now).await)
+    }
+
+    /// Deletes a session of this user; `false` when there was none.
+    pub async fn delete_session(&self, id: &str, user_id: &str) -> Result<bool> {
+        dispatch!(self, s => s.delete_session(id, user_id).await)
+    }
+
+    pub async fn put_oauth_state(&self, s: &OAuthStateRow) -> Result<()> {
+        dispatch!(self, st => st.put_oauth_state(s).await)
+    }
+
+    /// Removes and returns a login state: each state can be used once, on any instance.
+    pub async fn take_oauth_state(&self, state: &str) -> Result<Option<OAuthStateRow>> {
+        dispatch!(self, s => s.take_oauth_state(state).await)
+    }
+
+    /// Records of a stream written by `author`, newest first (permission streams).
+    pub async fn records_by_author(&self, stream_id: i64, author: &str) -> Result<Vec<RecordRow>> {
+        dispatch!(self, s => s.records_by_author(stream_id, author).await)
+    }
+
+    /// Adds counts, and returns the totals of the same (caller, action) pairs over slices
+    /// `>= since`.
+    pub async fn add_rate_counts(
+        &self,
+        deltas: &[RateDelta],
+        keys: &[(String, String)],
+        since: i64,
+    ) -> Result<Vec<(String, String, i64)>> {
+        dispatch!(self, s => s.add_rate_counts(deltas, keys, since).await)
+    }
+
+    /// Publishes a message on the invalidation bus (after the change committed).
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<()> {
+        match self {
+            Store::Postgres(s) => {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(channel)
+                    .bind(payload)
+                    .execute(&s.pool)
+                    .await?;
+                Ok(())
+            }
+            Store::Sqlite(_) => Ok(()),
+        }
+    }
+
+    /// Listens on a channel. `None` on SQLite, where there is only one instance.
+    pub async fn listen(&self, channel: &str) -> Result<Option<mpsc::Receiver<BusEvent>>> {
+        let Store::Postgres(s) = self else {
+            return Ok(None);
+        };
+        // A connection of its own (not one of the pool's), so closing the pool never waits
+        // for the listener; the one-connection pool only serves reconnection.
+        let own = PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect_with((*s.pool.connect_options()).clone())
+            .await?;
+        let mut listener = PgListener::connect_with(&own).await?;
+        listener.listen(channel).await?;
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            loop {
+                let received = tokio::select! {
+                    r = listener.try_recv() => r,
+                    // Nobody listens any more (the engine was dropped).
+                    () = tx.closed() => break,
+                };
+                let event = match received {
+                    Ok(Some(n)) => BusEvent::Message(n.payload().to_string()),
+                    // The connection dropped; the next call reconnects and re-listens.
+                    Ok(None) => BusEvent::Reconnected,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "invalidation listener failed; retrying");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        BusEvent::Reconnected
+                    }
+                };
+                if tx.send(event).await.is_err() {
+                    break;
+                }
+            }
+            own.close().await;
+        });
+        Ok(Some(rx))
+    }
+}
+
+impl PgStore {
+    async fn identity_of(&self, user_id: &str) -> Result<Option<IdentityRow>> {
+        Ok(sqlx::query_as(
+            "SELECT provider, email, name FROM identities WHERE user_id = $1 \
+             ORDER BY created_at LIMIT 1",
+        )
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn create_session(&self, s: &SessionRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO sessions (id, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&s.id)
+        .bind(&s.user_id)
+        .bind(s.created_at)
+        .bind(s.expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_session(&self, id: &str, now: i64) -> Result<Option<SessionRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, user_id, created_at, expires_at FROM sessions WHERE id = $1 AND expires_at > $2",
+        )
+        .bind(id)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn list_sessions(&self, user_id: &str, now: i64) -> Result<Vec<SessionRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, user_id, created_at, expires_at FROM sessions \
+             WHERE user_id = $1 AND expires_at > $2 ORDER BY created_at",
+        )
+        .bind(user_id)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn delete_session(&self, id: &str, user_id: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM sessions WHERE id = $1 AND user_id = $2")
+            .bind(id)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn put_oauth_state(&self, s: &OAuthStateRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO oauth_states (state, provider, verifier, redirect, expires_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&s.state)
+        .bind(&s.provider)
+        .bind(&s.verifier)
+        .bind(&s.redirect)
+        .bind(s.expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn take_oauth_state(&self, state: &str) -> Result<Option<OAuthStateRow>> {
+        Ok(sqlx::query_as(
+            "DELETE FROM oauth_states WHERE state = $1 \
+             RETURNING state, provider, verifier, redirect, expires_at",
+        )
+        .bind(state)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn records_by_author(&self, stream_id: i64, author: &str) -> Result<Vec<RecordRow>> {
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE stream_id = $1 AND author = $2 ORDER BY idx DESC"
+        )))
+        .bind(stream_id)
+        .bind(author)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn add_rate_counts(
+        &self,
+        deltas: &[RateDelta],
+        keys: &[(String, String)],
+        since: i64,
+    ) -> Result<Vec<(String, String, i64)>> {
+        if !deltas.is_empty() {
+            let callers: Vec<&str> = deltas.iter().map(|d| d.caller.as_str()).collect();
+            let actions: Vec<&str> = deltas.iter().map(|d| d.action.as_str()).collect();
+            let slices: Vec<i64> = deltas.iter().map(|d| d.slice).collect();
+            let counts: Vec<i64> = deltas.iter().map(|d| d.count).collect();
+            sqlx::query(
+                "INSERT INTO rate_counts (caller, action, slice, count) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[]) \
+                 ON CONFLICT (caller, action, slice) DO UPDATE SET count = rate_counts.count + excluded.count",
+            )
+            .bind(&callers)
+            .bind(&actions)
+            .bind(&slices)
+            .bind(&counts)
+            .execute(&self.pool)
+            .await?;
+        }
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let callers: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        let actions: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+        let rows = sqlx::query(
+            "SELECT r.caller, r.action, SUM(r.count)::bigint FROM rate_counts r \
+             JOIN UNNEST($1::text[], $2::text[]) AS k(caller, action) \
+               ON k.caller = r.caller AND k.action = r.action \
+             WHERE r.slice >= $3 GROUP BY r.caller, r.action",
+        )
+        .bind(&callers)
+        .bind(&actions)
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+}
+
+impl SqliteStore {
+    async fn identity_of(&self, user_id: &str) -> Result<Option<IdentityRow>> {
+        Ok(sqlx::query_as(
+            "SELECT provider, email, name FROM identities WHERE user_id = ? ORDER BY created_at LIMIT 1",
+        )
+        .bind(user_id)
+        .fetch_optional(&self.readers)
+        .await?)
+    }
+
+    async fn create_session(&self, s: &SessionRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO sessions (id, user_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(&s.id)
+        .bind(&s.user_id)
+        .bind(s.created_at)
+        .bind(s.expires_at)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_session(&self, id: &str, now: i64) -> Result<Option<SessionRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, user_id, created_at, expires_at FROM sessions WHERE id = ? AND expires_at > ?",
+        )
+        .bind(id)
+        .bind(now)
+        .fetch_optional(&self.readers)
+        .await?)
+    }
+
+    async fn list_sessions(&self, user_id: &str, now: i64) -> Result<Vec<SessionRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, user_id, created_at, expires_at FROM sessions \
+             WHERE user_id = ? AND expires_at > ? ORDER BY created_at",
+        )
+        .bind(user_id)
+        .bind(now)
+        .fetch_all(&self.readers)
+        .await?)
+    }
+
+    async fn delete_session(&self, id: &str, user_id: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM sessions WHERE id = ? AND user_id = ?")
+            .bind(id)
+            .bind(user_id)
+            .execute(&self.writer)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn put_oauth_state(&self, s: &OAuthStateRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO oauth_states (state, provider, verifier, redirect, expires_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&s.state)
+        .bind(&s.provider)
+        .bind(&s.verifier)
+        .bind(&s.redirect)
+        .bind(s.expires_at)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn take_oauth_state(&self, state: &str) -> Result<Option<OAuthStateRow>> {
+        Ok(sqlx::query_as(
+            "DELETE FROM oauth_states WHERE state = ? \
+             RETURNING state, provider, verifier, redirect, expires_at",
+        )
+        .bind(state)
+        .fetch_optional(&self.writer)
+        .await?)
+    }
+
+    async fn records_by_author(&self, stream_id: i64, author: &str) -> Result<Vec<RecordRow>> {
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE stream_id = ? AND author = ? ORDER BY idx DESC"
+        )))
+        .bind(stream_id)
+        .bind(author)
+        .fetch_all(&self.readers)
+        .await?)
+    }
+
+    async fn add_rate_counts(
+        &self,
+        deltas: &[RateDelta],
+        keys: &[(String, String)],
+        since: i64,
+    ) -> Result<Vec<(String, String, i64)>> {
+        let mut tx = self.begin().await?;
+        for d in deltas {
+            sqlx::query(
+                "INSERT INTO rate_counts (caller, action, slice, count) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (caller, action, slice) DO UPDATE SET count = count + excluded.count",
+            )
+            .bind(&d.caller)
+            .bind(&d.action)
+            .bind(d.slice)
+            .bind(d.count)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut totals = Vec::with_capacity(keys.len());
+        for (caller, action) in keys {
+            let sum: Option<i64> = sqlx::query_scalar(
+                "SELECT SUM(count) FROM rate_counts WHERE caller = ? AND action = ? AND slice >= ?",
+            )
+            .bind(caller)
+            .bind(action)
+            .bind(since)
+            .fetch_one(&mut *tx)
+            .await?;
+            totals.push((caller.clone(), action.clone(), sum.unwrap_or(0)));
+        }
+        tx.commit().await?;
+        Ok(totals)
+    }
+}

@@ -1,0 +1,717 @@
+//! SPEC §3 and §8–9 end to end: OAuth login against a provider on loopback, sessions and SSO
+//! to pod hosts, narrower tokens, permission streams (also across instances, with warm caches)
+//! and rate limits shared by instances and surviving restarts.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::both_backends;
+use crate::oauth_provider::FakeProvider;
+use crate::support::{Backend, TestApp, error_code, fresh_database, test_config};
+
+both_backends!(
+    login_and_whoami,
+    login_errors,
+    sessions_and_sso,
+    narrower_tokens,
+    permission_streams
+);
+
+/// A server with the loopback provider configured as `idp` (so not in local mode).
+async fn auth_app(url: &str, provider: &FakeProvider) -> TestApp {
+    let mut config = test_config(url, &[]);
+    config.engine.auth.providers =
+        vec![provider.config("idp").resolve(|_| None).expect("provider")];
+    TestApp::spawn_with(config).await
+}
+
+struct LoggedIn {
+    token: String,
+    session: String,
+    location: String,
+}
+
+fn location(r: &reqwest::Response) -> String {
+    r.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_string()
+}
+
+fn set_cookie(r: &reqwest::Response, name: &str) -> Option<String> {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| {
+            c.strip_prefix(&format!("{name}="))
+                .map(|v| v.split(';').next().unwrap_or("").to_string())
+        })
+}
+
+/// Our callback URL (built from public_url http://localhost) sent to the test server.
+async fn follow_callback(app: &TestApp, url: &str) -> reqwest::Response {
+    let u = url::Url::parse(url).expect("callback url");
+    let path = format!("{}?{}", u.path(), u.query().unwrap_or(""));
+    app.main(Method::GET, &path).send().await.expect("callback")
+}
+
+/// Runs the whole browser flow: /auth/idp → provider → /auth/idp/callback.
+async fn login(app: &TestApp, user: &str, redirect: Option<&str>) -> LoggedIn {
+    let start = match redirect {
+        Some(r) => format!(
+            "/auth/idp?redirect={}",
+            url::form_urlencoded::byte_serialize(r.as_bytes()).collect::<String>()
+        ),
+        None => "/auth/idp".to_string(),
+    };
+    let r = app.main(Method::GET, &start).send().await.expect("start");
+    assert_eq!(r.status(), 303, "login start redirects to the provider");
+    let authorize = location(&r);
+    assert!(
+        authorize.contains("code_challenge_method=S256"),
+        "{authorize}"
+    );
+    let r = app
+        .http
+        .get(format!("{authorize}&login_hint={user}"))
+        .send()
+        .await
+        .expect("authorize");
+    assert_eq!(r.status(), 303);
+    let r = follow_callback(app, &location(&r)).await;
+    assert_eq!(r.status(), 303, "callback redirects");
+    let cookie = set_cookie(&r, "session").expect("session cookie");
+    let all: Vec<&str> = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    assert!(
+        all.iter()
+            .all(|c| c.contains("HttpOnly") && c.contains("SameSite=Lax")),
+        "{all:?}"
+    );
+    LoggedIn {
+        token: set_cookie(&r, "token").expect("token cookie"),
+        session: cookie,
+        location: location(&r),
+    }
+}
+
+async fn login_and_whoami(backend: Backend) {
+    let provider = FakeProvider::start().await;
+    let app = auth_app(&fresh_database(backend).await, &provider).await;
+    let providers: Value = app
+        .main(Method::GET, "/auth/providers")
+        .send()
+        .await
+        .expect("providers")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        providers,
+        json!({ "providers": [{ "id": "idp", "name": "Test IdP", "loginUrl": "/auth/idp" }] })
+    );
+    let page = app
+        .main(Method::GET, "/login")
+        .send()
+        .await
+        .expect("login page")
+        .text()
+        .await
+        .expect("html");
+    assert!(
+        page.contains("href=\"/auth/idp\"") && page.contains("Test IdP"),
+        "{page}"
+    );
+
+    let alice = login(&app, "alice", None).await;
+    assert_eq!(alice.location, "/auth/success");
+    let who: Value = app
+        .main(Method::GET, "/auth/whoami")
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .expect("whoami")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(who["email"], "alice@example.com");
+    assert_eq!(who["name"], "ALICE");
+    // The same identity logs in as the same user.
+    let again = login(&app, "alice", None).await;
+    let who2: Value = app
+        .main(Method::GET, "/auth/whoami")
+        .bearer_auth(&again.token)
+        .send()
+        .await
+        .expect("whoami")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(who2["userId"], who["userId"]);
+    // The success page shows the token; the token works for real requests.
+    let page = app
+        .main(Method::GET, "/auth/success")
+        .header("cookie", format!("token={}", alice.token))
+        .send()
+        .await
+        .expect("success")
+        .text()
+        .await
+        .expect("html");
+    assert!(page.contains(&alice.token));
+    let r = app
+        .main(Method::POST, "/api/pods")
+        .bearer_auth(&alice.token)
+        .json(&json!({ "name": "alices" }))
+        .send()
+        .await
+        .expect("pod");
+    assert_eq!(r.status(), 201);
+    // A permitted redirect is honoured.
+    let back = login(&app, "alice", Some("http://alices.localhost/notes")).await;
+    assert_eq!(back.location, "http://alices.localhost/notes");
+    app.stop().await;
+}
+
+async fn login_errors(backend: Backend) {
+    let provider = FakeProvider::start().await;
+    let app = auth_app(&fresh_database(backend).await, &provider).await;
+    let get = |path: String| app.main(Method::GET, &path).send();
+    let r = get("/auth/nope".into()).await.expect("unknown provider");
+    assert_eq!(error_code(r).await, (400, "INVALID_PROVIDER".into()));
+    for evil in [
+        "https://evil.example/x",
+        "//evil.example",
+        "http://localhost.evil.example/",
+    ] {
+        let r = get(format!(
+            "/auth/idp?redirect={}",
+            url::form_urlencoded::byte_serialize(evil.as_bytes()).collect::<String>()
+        ))
+        .await
+        .expect("open redirect");
+        assert_eq!(r.status(), 400, "{evil}");
+    }
+    let r = get("/auth/idp/callback".into()).await.expect("no params");
+    assert_eq!(error_code(r).await, (400, "INVALID_CALLBACK".into()));
+    let r = get("/auth/idp/callback?code=x&state=never-issued".into())
+        .await
+        .expect("bad state");
+    assert_eq!(error_code(r).await, (400, "INVALID_STATE".into()));
+
+    // A real state, then a provider error: 401, and the state is spent.
+    let start = get("/auth/idp".into()).await.expect("start");
+    let authorize = url::Url::parse(&location(&start)).expect("url");
+    let state = authorize
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .expect("state")
+        .1
+        .into_owned();
+    let r = get(format!(
+        "/auth/idp/callback?error=access_denied&state={state}"
+    ))
+    .await
+    .expect("refused");
+    assert_eq!(error_code(r).await, (401, "OAUTH_ERROR".into()));
+    let r = get(format!("/auth/idp/callback?code=x&state={state}"))
+        .await
+        .expect("spent");
+    assert_eq!(error_code(r).await, (400, "INVALID_STATE".into()));
+
+    // A tampered code is refused by the provider; the reused state after it too.
+    let start = get("/auth/idp".into()).await.expect("start");
+    let r = app
+        .http
+        .get(location(&start))
+        .send()
+        .await
+        .expect("authorize");
+    let cb = url::Url::parse(&location(&r)).expect("callback");
+    let state = cb
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .expect("state")
+        .1
+        .into_owned();
+    let r = get(format!("/auth/idp/callback?code=forged&state={state}"))
+        .await
+        .expect("tampered");
+    assert_eq!(error_code(r).await, (401, "OAUTH_ERROR".into()));
+    let r = follow_callback(&app, cb.as_str()).await;
+    assert_eq!(
+        error_code(r).await,
+        (400, "INVALID_STATE".into()),
+        "a state works once"
+    );
+
+    // The good flow still works, once.
+    let start = get("/auth/idp".into()).await.expect("start");
+    let r = app
+        .http
+        .get(location(&start))
+        .send()
+        .await
+        .expect("authorize");
+    let cb = location(&r);
+    assert_eq!(follow_callback(&app, &cb).await.status(), 303);
+    let r = follow_callback(&app, &cb).await;
+    assert_eq!(error_code(r).await, (400, "INVALID_STATE".into()));
+    app.stop().await;
+}
+
+async fn sessions_and_sso(backend: Backend) {
+    let provider = FakeProvider::start().await;
+    let app = auth_app(&fresh_database(backend).await, &provider).await;
+    let alice = login(&app, "alice", None).await;
+    let r = app
+        .main(Method::POST, "/api/pods")
+        .bearer_auth(&alice.token)
+        .json(&json!({ "name": "wiki" }))
+        .send()
+        .await
+        .expect("pod");
+    assert_eq!(r.status(), 201);
+    let session_cookie = format!("session={}", alice.session);
+    let s: Value = app
+        .main(Method::GET, "/auth/session")
+        .header("cookie", &session_cookie)
+        .send()
+        .await
+        .expect("session")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(s["id"], alice.session.as_str());
+
+    // SSO: pod host /login → main /auth/authorize → pod /auth/callback → pod_token cookie.
+    let r = app
+        .pod(Method::GET, "wiki", "/login?redirect=/notes/today")
+        .send()
+        .await
+        .expect("pod login");
+    let to_main = url::Url::parse(&location(&r)).expect("authorize url");
+    assert_eq!(to_main.path(), "/auth/authorize");
+    let r = app
+        .main(
+            Method::GET,
+            &format!("{}?{}", to_main.path(), to_main.query().unwrap_or("")),
+        )
+        .header("cookie", &session_cookie)
+        .send()
+        .await
+        .expect("authorize");
+    let to_pod = url::Url::parse(&location(&r)).expect("pod callback");
+    assert_eq!(to_pod.host_str(), Some("wiki.localhost"));
+    let r = app
+        .pod(
+            Method::GET,
+            "wiki",
+            &format!("{}?{}", to_pod.path(), to_pod.query().unwrap_or("")),
+        )
+        .send()
+        .await
+        .expect("pod callback");
+    assert_eq!(location(&r), "/notes/today");
+    let pod_token = set_cookie(&r, "pod_token").expect("pod_token");
+    let r = app
+        .pod(Method::POST, "wiki", "/notes/today")
+        .header("cookie", format!("pod_token={pod_token}"))
+        .body("written with SSO")
+        .send()
+        .await
+        .expect("write");
+    assert_eq!(r.status(), 201);
+    // The pod token is limited to that pod; a forged callback token is refused.
+    let r = app
+        .pod(Method::GET, "wiki", "/auth/callback?token=bogus")
+        .send()
+        .await
+        .expect("forged");
+    assert_eq!(r.status(), 401);
+    let r = app
+        .pod(Method::GET, "wiki", "/auth/whoami")
+        .send()
+        .await
+        .expect("reserved");
+    assert_eq!(r.status(), 404, "pod hosts do not serve /auth/*");
+
+    // Sessions: list, revoke, logout.
+    let second = login(&app, "alice", None).await;
+    let list: Value = app
+        .main(Method::GET, "/auth/sessions")
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(list.as_array().map(Vec::len), Some(2));
+    let r = app
+        .main(
+            Method::DELETE,
+            &format!("/auth/sessions/{}", second.session),
+        )
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(r.status(), 204);
+    let r = app
+        .main(Method::POST, "/auth/logout")
+        .header("cookie", &session_cookie)
+        .send()
+        .await
+        .expect("logout");
+    assert_eq!(r.status(), 200);
+    assert_eq!(set_cookie(&r, "session").as_deref(), Some(""));
+    let r = app
+        .main(Method::GET, "/auth/session")
+        .header("cookie", &session_cookie)
+        .send()
+        .await
+        .expect("session");
+    assert_eq!(r.status(), 401);
+    // Without a session, authorize starts a login at the (only) provider.
+    let r = app
+        .main(Method::GET, "/auth/authorize?pod=wiki&redirect=/")
+        .header("cookie", &session_cookie)
+        .send()
+        .await
+        .expect("authorize");
+    assert!(
+        location(&r).starts_with("/auth/idp?redirect="),
+        "{}",
+        location(&r)
+    );
+    app.stop().await;
+}
+
+async fn narrower_tokens(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("nar").await;
+    let issue = |token: &str, body: Value| {
+        app.main(Method::POST, "/api/tokens")
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+    };
+    let r = issue(
+        &app.token,
+        json!({ "pods": ["nar"], "scope": "read", "expiresIn": 600 }),
+    )
+    .await
+    .expect("issue");
+    assert_eq!(r.status(), 201);
+    let read_only = r.json::<Value>().await.expect("json")["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let r = app
+        .pod(Method::POST, "nar", "/s/x")
+        .bearer_auth(&read_only)
+        .body("x")
+        .send()
+        .await
+        .expect("write");
+    assert_eq!(error_code(r).await, (403, "FORBIDDEN".into()));
+    let r = app
+        .main(Method::POST, "/api/pods")
+        .bearer_auth(&read_only)
+        .json(&json!({ "name": "other" }))
+        .send()
+        .await
+        .expect("pod");
+    assert_eq!(r.status(), 403);
+    // Never wider or longer-lived than the token used.
+    let r = issue(&read_only, json!({ "scope": "write" }))
+        .await
+        .expect("wider scope");
+    assert_eq!(error_code(r).await, (403, "FORBIDDEN".into()));
+    let r = issue(&read_only, json!({ "pods": ["nar", "elsewhere"] }))
+        .await
+        .expect("wider pods");
+    assert_eq!(error_code(r).await, (403, "FORBIDDEN".into()));
+    let r = issue(&read_only, json!({ "expiresIn": 100_000 }))
+        .await
+        .expect("longer");
+    assert_eq!(error_code(r).await, (403, "FORBIDDEN".into()));
+    let r = issue(&read_only, json!({ "expiresIn": 60 }))
+        .await
+        .expect("shorter");
+    assert_eq!(r.status(), 201);
+    let r = issue(&app.token, json!({ "scope": "admin" }))
+        .await
+        .expect("bad scope");
+    assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()));
+    let r = app
+        .main(Method::POST, "/api/tokens")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("anonymous");
+    assert_eq!(error_code(r).await, (401, "UNAUTHORIZED".into()));
+    app.stop().await;
+}
+
+async fn permission_streams(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("club").await;
+    let (bob_id, bob) = app.user("bob").await;
+    let (_, carol) = app.user("carol").await;
+    let r = app
+        .pod(Method::POST, "club", "/members?access=private")
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .expect("members");
+    assert_eq!(r.status(), 201);
+    let r = app
+        .pod(Method::POST, "club", "/room?access=/members")
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .expect("room");
+    assert_eq!(r.status(), 201);
+    app.append("club", "/room/hello", "members only").await;
+    let read = |token: &str| {
+        app.pod(Method::GET, "club", "/room/hello")
+            .bearer_auth(token)
+            .send()
+    };
+    let grant = |v: Value| {
+        app.pod(Method::POST, "club", "/members/grant")
+            .bearer_auth(&app.token)
+            .header("content-type", "application/json")
+            .body(v.to_string())
+            .send()
+    };
+    assert_eq!(read(&bob).await.expect("read").status(), 403);
+    assert_eq!(
+        read(&bob).await.expect("read again, cache warm").status(),
+        403
+    );
+    assert_eq!(
+        grant(json!({ "userId": bob_id, "read": true }))
+            .await
+            .expect("grant")
+            .status(),
+        201
+    );
+    assert_eq!(
+        read(&bob).await.expect("read").status(),
+        200,
+        "granted at once"
+    );
+    assert_eq!(read(&carol).await.expect("carol").status(), 403);
+    let r = app
+        .pod(Method::POST, "club", "/room/bob")
+        .bearer_auth(&bob)
+        .body("x")
+        .send()
+        .await
+        .expect("write");
+    assert_eq!(r.status(), 403, "read does not grant write");
+    assert_eq!(
+        grant(json!({ "userId": bob_id, "read": true, "write": true }))
+            .await
+            .expect("grant")
+            .status(),
+        201
+    );
+    let r = app
+        .pod(Method::POST, "club", "/room/bob")
+        .bearer_auth(&bob)
+        .body("x")
+        .send()
+        .await
+        .expect("write");
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        grant(json!({ "userId": bob_id, "read": false }))
+            .await
+            .expect("revoke")
+            .status(),
+        201
+    );
+    assert_eq!(
+        read(&bob).await.expect("read").status(),
+        403,
+        "revoked at once"
+    );
+    let r = app
+        .pod(Method::GET, "club", "/room/hello")
+        .send()
+        .await
+        .expect("anonymous");
+    assert_eq!(r.status(), 401);
+    app.stop().await;
+}
+
+/// Grants and revocations reach another instance whose cache is warm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn permission_changes_reach_every_instance() {
+    let url = fresh_database(Backend::Postgres).await;
+    let a = TestApp::spawn_on(&url, &[]).await;
+    let b = TestApp::spawn_on(&url, &[]).await;
+    a.create_pod("club").await;
+    let (bob_id, bob) = a.user("bob").await;
+    for path in ["/members?access=private", "/room?access=/members"] {
+        let r = a
+            .pod(Method::POST, "club", path)
+            .bearer_auth(&a.token)
+            .send()
+            .await
+            .expect("create");
+        assert_eq!(r.status(), 201);
+    }
+    a.append("club", "/room/hello", "members only").await;
+    let read_on_b = || {
+        b.pod(Method::GET, "club", "/room/hello")
+            .bearer_auth(&bob)
+            .send()
+    };
+    let grant = |read: bool| {
+        a.pod(Method::POST, "club", "/members/grant")
+            .bearer_auth(&a.token)
+            .header("content-type", "application/json")
+            .body(json!({ "userId": bob_id, "read": read }).to_string())
+            .send()
+    };
+    assert_eq!(read_on_b().await.expect("read").status(), 403);
+    grant(true).await.expect("grant");
+    wait_for(|| async { read_on_b().await.expect("read").status() == 200 }).await;
+    assert_eq!(read_on_b().await.expect("warm").status(), 200);
+    grant(false).await.expect("revoke");
+    wait_for(|| async { read_on_b().await.expect("read").status() == 403 }).await;
+
+    // Ownership transfer through A: B refuses the old owner's owner-only actions.
+    let r = a
+        .pod(Method::POST, "club", "/.config/owner")
+        .bearer_auth(&a.token)
+        .json(&json!({ "userId": bob_id }))
+        .send()
+        .await
+        .expect("transfer");
+    assert_eq!(r.status(), 201);
+    wait_for(|| async {
+        let r = b
+            .pod(Method::DELETE, "club", "/room/hello")
+            .bearer_auth(&a.token)
+            .send()
+            .await
+            .expect("delete");
+        r.status() == 403
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Polls until `check` holds; cross-instance notifications take milliseconds, far below the
+/// caches' 5 s safety TTL, so a 2 s bound proves they were delivered.
+async fn wait_for<F, Fut>(check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the change did not reach the other instance in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Limits hold on every instance and survive a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limits_are_shared_and_durable() {
+    let url = fresh_database(Backend::Postgres).await;
+    let limits = [
+        ("WEBPODS_RATE_LIMITS", "on"),
+        ("WEBPODS_RATE_LIMIT_WRITE", "4"),
+        ("WEBPODS_RATE_LIMIT_READ", "1000"),
+    ];
+    let a = TestApp::spawn_on(&url, &limits).await;
+    let b = TestApp::spawn_on(&url, &limits).await;
+    a.create_pod("limited").await;
+    let token = a.token.clone();
+    let write = |app: &TestApp, i: usize| {
+        app.pod(Method::POST, "limited", &format!("/s/r{i}"))
+            .bearer_auth(&token)
+            .body("x")
+            .send()
+    };
+    let r = write(&a, 0).await.expect("write");
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["x-ratelimit-limit"], "4");
+    assert_eq!(r.headers()["x-ratelimit-remaining"], "3");
+    assert!(
+        r.headers()["x-ratelimit-reset"]
+            .to_str()
+            .expect("reset")
+            .parse::<i64>()
+            .is_ok()
+    );
+    for i in 1..4 {
+        assert_eq!(write(&a, i).await.expect("write").status(), 201);
+    }
+    let r = write(&a, 4).await.expect("over");
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .expect("retry-after")
+        .parse()
+        .expect("secs");
+    assert!((1..=60).contains(&retry));
+    assert_eq!(error_code(r).await, (429, "RATE_LIMIT_EXCEEDED".into()));
+    // B learns the count from the database within a flush interval.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(write(&b, 5).await.expect("b").status(), 429);
+    // Reads have their own budget.
+    assert_eq!(
+        b.pod(Method::GET, "limited", "/s/r0")
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("read")
+            .status(),
+        200
+    );
+    a.stop().await;
+    b.stop().await;
+    let c = TestApp::spawn_on(&url, &limits).await;
+    assert_eq!(write(&c, 6).await.expect("after restart").status(), 429);
+    // Anonymous callers are limited by IP address.
+    let c2 = TestApp::spawn_on(
+        &url,
+        &[
+            ("WEBPODS_RATE_LIMITS", "on"),
+            ("WEBPODS_RATE_LIMIT_READ", "2"),
+        ],
+    )
+    .await;
+    for expected in [404, 404, 429] {
+        let r = c2
+            .pod(Method::GET, "limited", "/nothing/here")
+            .send()
+            .await
+            .expect("anon");
+        assert_eq!(r.status(), expected);
+    }
+    c.stop().await;
+    c2.stop().await;
+}
