@@ -10,13 +10,15 @@
 //!   page's `Origin` is the main domain), or from the `connection_init` payload
 //!   `{"Authorization": "Bearer <token>"}`, which wins.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphQLPlaygroundConfig, playground_source};
 use async_graphql::{Data, Executor, Request, Response};
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::body::{Body, Bytes};
-use axum::extract::{State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, FromRequestParts, State, WebSocketUpgrade};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
@@ -82,8 +84,25 @@ fn error_response(status: StatusCode, err: async_graphql::Error) -> axum::respon
     (status, Json(resp)).into_response()
 }
 
+/// The client's address, when the server records it (`ConnectInfo`).
+struct ClientIp(Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(a)| a.ip()),
+        ))
+    }
+}
+
 async fn post_graphql(
     State(st): State<GqlState>,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     body: Body,
 ) -> axum::response::Response {
@@ -126,7 +145,7 @@ async fn post_graphql(
         Ok(c) => c,
         Err(e) => return error_response(StatusCode::UNAUTHORIZED, gql(e)),
     };
-    let request = request.data(RequestCtx::new(&st.engine, caller));
+    let request = request.data(RequestCtx::new(&st.engine, caller, ip));
     let resp = st.executor.execute(request).await;
     let mut out = Json(resp).into_response();
     out.headers_mut()
@@ -150,6 +169,7 @@ fn same_origin(headers: &HeaderMap, config: &GraphqlConfig) -> bool {
 
 async fn websocket(
     State(st): State<GqlState>,
+    ClientIp(ip): ClientIp,
     protocol: GraphQLProtocol,
     upgrade: WebSocketUpgrade,
     headers: HeaderMap,
@@ -165,7 +185,7 @@ async fn websocket(
         Err(e) => return ApiError(e).into_response(),
     };
     let mut data = Data::default();
-    data.insert(RequestCtx::new(&st.engine, caller));
+    data.insert(RequestCtx::new(&st.engine, caller, ip));
     let engine = st.engine.clone();
     let executor = st.executor.clone();
     upgrade
@@ -174,7 +194,7 @@ async fn websocket(
             GraphQLWebSocket::new(socket, executor, protocol)
                 .with_data(data)
                 .on_connection_init(
-                    move |payload| async move { connection_init(&engine, &payload) },
+                    move |payload| async move { connection_init(&engine, &payload, ip) },
                 )
                 .serve()
                 .await
@@ -192,7 +212,11 @@ fn bearer_only(headers: &HeaderMap) -> Option<String> {
 
 /// `connection_init` with `{"Authorization": "Bearer <token>"}` replaces the caller of the
 /// upgrade; without it the upgrade's caller stays. A bad token closes the connection (4403).
-fn connection_init(engine: &Engine, payload: &serde_json::Value) -> async_graphql::Result<Data> {
+fn connection_init(
+    engine: &Engine,
+    payload: &serde_json::Value,
+    ip: Option<IpAddr>,
+) -> async_graphql::Result<Data> {
     let auth = payload
         .as_object()
         .and_then(|o| {
@@ -217,6 +241,6 @@ fn connection_init(engine: &Engine, payload: &serde_json::Value) -> async_graphq
         Some(t) => engine.authenticate(Some(&t)).map_err(gql)?,
         None => Caller::Anonymous,
     };
-    data.insert(RequestCtx::new(engine, caller));
+    data.insert(RequestCtx::new(engine, caller, ip));
     Ok(data)
 }

@@ -4,6 +4,7 @@
 //! connection, and a subscription must never see a stale head.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -79,6 +80,8 @@ impl Loader<String> for UserLoader {
 /// What every resolver of one request (or one WebSocket connection) shares.
 pub(crate) struct RequestCtx {
     pub caller: Caller,
+    /// Who rate limits count against: the user id, else `ip:<address>` (as REST).
+    pub rate_key: String,
     pub heads: DataLoader<HeadLoader>,
     pub users: DataLoader<UserLoader>,
     pub streams: DataLoader<StreamListLoader>,
@@ -108,8 +111,14 @@ impl Drop for SubscriptionSlot {
 }
 
 impl RequestCtx {
-    pub fn new(engine: &Engine, caller: Caller) -> RequestCtx {
+    pub fn new(engine: &Engine, caller: Caller, client_ip: Option<IpAddr>) -> RequestCtx {
+        let rate_key = match (caller.user_id(), client_ip) {
+            (Some(u), _) => u.to_string(),
+            (None, Some(ip)) => format!("ip:{ip}"),
+            (None, None) => "ip:unknown".to_string(),
+        };
         RequestCtx {
+            rate_key,
             heads: DataLoader::new(
                 HeadLoader {
                     engine: engine.clone(),

@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use async_graphql::{Context, InputObject, Json, Object, Result};
 use base64::Engine as _;
 use bytes::Bytes;
-use webpods_engine::{AppendRequest, ErrorKind, NewRecord, Precondition};
+use webpods_engine::{Action, AppendRequest, ErrorKind, NewRecord, Precondition};
 
 use crate::STREAMS_FACTOR;
 use crate::error::{OrGql, coded, invalid};
-use crate::types::{PodObj, ReceiptObj, StreamObj, UserObj, caller, open_stream, parts};
+use crate::types::{PodObj, ReceiptObj, StreamObj, UserObj, caller, charge, open_stream, parts};
 
 pub struct QueryRoot;
 
@@ -18,6 +18,7 @@ pub struct QueryRoot;
 impl QueryRoot {
     /// The caller (`null` when anonymous).
     async fn me(&self, ctx: &Context<'_>) -> Result<Option<UserObj>> {
+        charge(ctx, Action::Read).await?;
         let (engine, rc) = parts(ctx)?;
         if rc.caller.user_id().is_none() {
             return Ok(None);
@@ -27,6 +28,7 @@ impl QueryRoot {
     /// Pods the caller owns (`UNAUTHORIZED` when anonymous).
     #[graphql(complexity = "STREAMS_FACTOR * child_complexity + 1")]
     async fn my_pods(&self, ctx: &Context<'_>) -> Result<Vec<PodObj>> {
+        charge(ctx, Action::Read).await?;
         let (engine, rc) = parts(ctx)?;
         Ok(engine
             .my_pods(&rc.caller)
@@ -38,11 +40,13 @@ impl QueryRoot {
     }
     /// A pod by name (`POD_NOT_FOUND`).
     async fn pod(&self, ctx: &Context<'_>, name: String) -> Result<PodObj> {
+        charge(ctx, Action::Read).await?;
         let (engine, rc) = parts(ctx)?;
         Ok(PodObj(engine.pod_info(&rc.caller, &name).await.gql()?))
     }
     /// A stream the caller may read (`path` `""` = the pod's root stream).
     async fn stream(&self, ctx: &Context<'_>, pod: String, path: String) -> Result<StreamObj> {
+        charge(ctx, Action::Read).await?;
         open_stream(ctx, &pod, &path).await
     }
 }
@@ -150,12 +154,14 @@ pub struct MutationRoot;
 impl MutationRoot {
     /// Creates a pod owned by the caller (`POD_EXISTS`, `INVALID_INPUT`).
     async fn create_pod(&self, ctx: &Context<'_>, name: String) -> Result<PodObj> {
+        charge(ctx, Action::PodCreate).await?;
         let (engine, rc) = parts(ctx)?;
         engine.create_pod(&rc.caller, &name).await.gql()?;
         Ok(PodObj(engine.pod_info(&rc.caller, &name).await.gql()?))
     }
     /// Deletes a pod with all its streams and records (owner only).
     async fn delete_pod(&self, ctx: &Context<'_>, name: String) -> Result<bool> {
+        charge(ctx, Action::Write).await?;
         let (engine, rc) = parts(ctx)?;
         engine.delete_pod(&rc.caller, &name).await.gql()?;
         Ok(true)
@@ -168,6 +174,7 @@ impl MutationRoot {
         pod: String,
         user_id: String,
     ) -> Result<PodObj> {
+        charge(ctx, Action::Write).await?;
         let (engine, rc) = parts(ctx)?;
         engine
             .transfer_owner(&rc.caller, &pod, &user_id)
@@ -184,6 +191,7 @@ impl MutationRoot {
         path: String,
         access: Option<String>,
     ) -> Result<StreamObj> {
+        charge(ctx, Action::Write).await?;
         let (engine, rc) = parts(ctx)?;
         let path = path.trim_matches('/').to_string();
         let info = engine
@@ -199,6 +207,7 @@ impl MutationRoot {
     }
     /// Removes a stream, its descendants and their records (owner only; not `.config`).
     async fn delete_stream(&self, ctx: &Context<'_>, pod: String, path: String) -> Result<bool> {
+        charge(ctx, Action::Write).await?;
         let (engine, rc) = parts(ctx)?;
         engine
             .delete_stream(&rc.caller, &pod, path.trim_matches('/'))
@@ -228,6 +237,7 @@ impl MutationRoot {
         idempotency_key: Option<String>,
         access: Option<String>,
     ) -> Result<ReceiptObj> {
+        charge(ctx, Action::Write).await?;
         let record = RecordInput {
             name,
             content,
@@ -264,6 +274,7 @@ impl MutationRoot {
         idempotency_key: Option<String>,
         access: Option<String>,
     ) -> Result<Vec<ReceiptObj>> {
+        charge(ctx, Action::Write).await?;
         append(
             ctx,
             &pod,
@@ -285,6 +296,7 @@ impl MutationRoot {
         name: String,
         purge: Option<bool>,
     ) -> Result<bool> {
+        charge(ctx, Action::Write).await?;
         let purge = purge.unwrap_or(false);
         let (engine, rc) = parts(ctx)?;
         engine
@@ -300,6 +312,7 @@ impl MutationRoot {
         pod: String,
         routes: Json<BTreeMap<String, String>>,
     ) -> Result<bool> {
+        charge(ctx, Action::Write).await?;
         let (engine, rc) = parts(ctx)?;
         engine.set_routing(&rc.caller, &pod, routes.0).await.gql()?;
         Ok(true)
@@ -311,6 +324,7 @@ impl MutationRoot {
         pod: String,
         domains: Vec<String>,
     ) -> Result<bool> {
+        charge(ctx, Action::Write).await?;
         let (engine, rc) = parts(ctx)?;
         engine.set_domains(&rc.caller, &pod, domains).await.gql()?;
         Ok(true)

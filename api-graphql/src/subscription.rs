@@ -7,7 +7,8 @@ use crate::GraphqlSettings;
 use crate::error::{FORK_DETECTED, OrGql, TOO_MANY_SUBSCRIPTIONS, coded, gql, invalid};
 use crate::loaders::SubscriptionSlot;
 use crate::tail;
-use crate::types::{RecordObj, parts};
+use crate::types::{RecordObj, charge, parts};
+use webpods_engine::Action;
 
 pub struct SubscriptionRoot;
 
@@ -26,6 +27,7 @@ impl SubscriptionRoot {
         after: Option<i64>,
         after_hash: Option<String>,
     ) -> Result<impl Stream<Item = Result<RecordObj>> + use<>> {
+        charge(ctx, Action::Read).await?;
         let (engine, rc) = parts(ctx)?;
         let max = ctx.data::<GraphqlSettings>()?.max_subscriptions;
         let Some(slot) = SubscriptionSlot::take(&rc.subscriptions, max) else {

@@ -8,7 +8,7 @@ use async_graphql::connection::{Connection, Edge, EmptyFields};
 use async_graphql::{Context, ID, Json, Object, Result, SimpleObject};
 use base64::Engine as _;
 use webpods_engine::{
-    Caller, Engine, ErrorKind, ListQuery, PodInfo, Receipt, Record, StreamInfo, UserInfo,
+    Action, Caller, Engine, ErrorKind, ListQuery, PodInfo, Receipt, Record, StreamInfo, UserInfo,
     Verification, is_json_type,
 };
 
@@ -21,6 +21,15 @@ use crate::{GraphqlSettings, STREAMS_FACTOR, page_complexity};
 /// The engine and the request context of a resolver.
 pub(crate) fn parts<'a>(ctx: &'a Context<'_>) -> Result<(&'a Engine, &'a RequestCtx)> {
     Ok((ctx.data::<Engine>()?, ctx.data::<RequestCtx>()?))
+}
+
+/// Counts one `action` of the request's caller against the rate limits (SPEC §9), as REST
+/// counts one per request: every top-level query field is a read, every mutation field a write
+/// (a pod creation for `createPod`), every subscription a read.
+pub(crate) async fn charge(ctx: &Context<'_>, action: Action) -> Result<()> {
+    let (engine, rc) = parts(ctx)?;
+    engine.rate_limit(&rc.rate_key, action).await.gql()?;
+    Ok(())
 }
 
 pub(crate) fn caller<'a>(ctx: &'a Context<'_>) -> Result<&'a Caller> {

@@ -24,6 +24,7 @@ both_backends!(
     graphql_nested_queries_are_batched,
     graphql_subscription_over_websocket,
     graphql_websocket_authentication,
+    graphql_rate_limits,
 );
 
 /// A GraphQL request to the main domain; returns the response body.
@@ -1039,6 +1040,54 @@ async fn graphql_nested_queries_are_batched(backend: Backend) {
         cost <= 8,
         "nested listings must be batched: {cost} statements"
     );
+    app.stop().await;
+}
+
+async fn graphql_rate_limits(backend: Backend) {
+    let url = fresh_database(backend).await;
+    let app = TestApp::spawn_on(
+        &url,
+        &[
+            ("WEBPODS_RATE_LIMITS", "on"),
+            ("WEBPODS_RATE_LIMIT_WRITE", "3"),
+            ("WEBPODS_RATE_LIMIT_READ", "4"),
+            ("WEBPODS_RATE_LIMIT_POD_CREATE", "1"),
+        ],
+    )
+    .await;
+    let t = Some(app.token.as_str());
+    ok(
+        &app,
+        t,
+        r#"mutation { createPod(name: "rl") { name } }"#,
+        json!({}),
+    )
+    .await;
+    let body = gql(
+        &app,
+        t,
+        r#"mutation { createPod(name: "rl2") { name } }"#,
+        json!({}),
+    )
+    .await;
+    assert_eq!(code(&body), "RATE_LIMIT_EXCEEDED", "{body}");
+    // Every mutation field is a write, as every REST write is.
+    let append =
+        r#"mutation { appendRecord(pod: "rl", stream: "s", name: "a", content: "x") { index } }"#;
+    for _ in 0..3 {
+        ok(&app, t, append, json!({})).await;
+    }
+    let body = gql(&app, t, append, json!({})).await;
+    assert_eq!(code(&body), "RATE_LIMIT_EXCEEDED", "{body}");
+    // Every top-level query field is a read; anonymous callers count by address.
+    let read = r#"{ stream(pod: "rl", path: "s") { recordCount } }"#;
+    for _ in 0..4 {
+        ok(&app, None, read, json!({})).await;
+    }
+    let body = gql(&app, None, read, json!({})).await;
+    assert_eq!(code(&body), "RATE_LIMIT_EXCEEDED", "{body}");
+    // Another caller has their own budget.
+    ok(&app, t, read, json!({})).await;
     app.stop().await;
 }
 
