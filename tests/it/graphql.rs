@@ -249,6 +249,7 @@ async fn graphql_pagination(backend: Backend) {
         stream(pod: "pages", path: "log") {
             records(after: $a, before: $b, first: $f, last: $l, unique: $u) {
                 totalCount
+                nodes { index }
                 edges { cursor node { index name text } }
                 pageInfo { hasNextPage hasPreviousPage startCursor endCursor }
             }
@@ -272,6 +273,10 @@ async fn graphql_pagination(backend: Backend) {
         json!({ "hasNextPage": true, "hasPreviousPage": false, "startCursor": "0", "endCursor": "2" })
     );
     assert_eq!(p["edges"][1]["cursor"], "1");
+    assert_eq!(
+        p["nodes"],
+        json!([{ "index": 0 }, { "index": 1 }, { "index": 2 }])
+    );
     assert_eq!(p["edges"][1]["node"]["text"], "v1");
 
     let p = page(&ok(&app, t, q, json!({ "f": 3, "a": "2" })).await);
