@@ -54,6 +54,7 @@ async fn setup() -> Setup {
         &StoreOptions {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(30),
+            statement_timeout: None,
         },
     )
     .await

@@ -1,12 +1,20 @@
-//! Configuration, read once at startup from the `WEBPODS_*` environment variables (SPEC §10)
-//! into typed structs that are passed down. Every problem is reported at once.
+//! Configuration, read once at startup (SPEC §10) into typed structs that are passed down.
+//!
+//! Sources, highest priority first: the `WEBPODS_*` environment variables, then the optional
+//! TOML file (`--config FILE` or `WEBPODS_CONFIG`), then the defaults. Every file key has a
+//! variable ([`KEYS`]), so any key can be overridden without editing the file; the one
+//! exception is `[[auth.providers]]`, a list of tables. Every problem — unknown sections and
+//! keys, wrong types, bad values — is collected and reported at once. `webpods.example.toml`
+//! at the repository root documents every key (a test checks it parses with no problem).
 
+use std::collections::HashMap;
+use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use url::Url;
-use webpods_engine::{ActorLimits, EngineConfig, RateLimits};
+use webpods_engine::{ActorLimits, EngineConfig};
 use webpods_storage::StoreOptions;
 
 /// Log output format.
@@ -16,122 +24,539 @@ pub enum LogFormat {
     Json,
 }
 
-/// Everything the server needs to start.
-#[derive(Debug, Clone)]
+/// Everything the server needs to start. Its `Debug` output hides the secrets (the JWT secret,
+/// the database password, provider client secrets), so it is safe to log.
+#[derive(Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     pub public_url: Url,
     pub database_url: String,
     /// HS256 secret; when absent, local mode generates one and keeps it in the database.
     pub jwt_secret: Option<String>,
+    /// Lifetime of issued tokens (`auth.jwt_expiry`); `None`: tokens do not expire.
+    pub jwt_expiry: Option<Duration>,
+    /// OAuth providers (`[[auth.providers]]`); none = local mode.
+    pub providers: Vec<ProviderConfig>,
     pub log: String,
     pub log_format: LogFormat,
     /// Where local mode writes the `local` user's token (default: next to a SQLite database).
     pub token_file: Option<PathBuf>,
     pub engine: EngineConfig,
     pub store: StoreOptions,
+    /// How long to keep retrying an unreachable database at startup before giving up.
+    pub connect_retry: Duration,
     /// How long a graceful shutdown may take before the process exits anyway.
     pub shutdown_timeout: Duration,
+    /// After a shutdown signal, how long to keep serving with `/ready` at 503 before the
+    /// listener closes (so load balancers stop routing here first). Part of the timeout.
+    pub drain_delay: Duration,
     /// Largest body of a batch append.
     pub max_batch_bytes: usize,
+    /// Most live subscriptions on one `/ws` connection (SPEC §6.2).
+    /// WebSocket/SSE live tails.
+    pub live: webpods_api_ws::LiveConfig,
     /// The pod also served on the main domain (SPEC §2).
     pub root_pod: Option<String>,
+    pub rate_limits: RateLimits,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("public_url", &self.public_url.as_str())
+            .field("database_url", &redact_password(&self.database_url))
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "***"))
+            .field("jwt_expiry", &self.jwt_expiry)
+            .field("providers", &self.providers)
+            .field("log", &self.log)
+            .field("log_format", &self.log_format)
+            .field("token_file", &self.token_file)
+            .field("engine", &self.engine)
+            .field("store", &self.store)
+            .field("connect_retry", &self.connect_retry)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("drain_delay", &self.drain_delay)
+            .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("live", &self.live)
+            .field("root_pod", &self.root_pod)
+            .field("rate_limits", &self.rate_limits)
+            .finish()
+    }
+}
+
+/// A database URL with its password (if any) replaced by `***`.
+pub fn redact_password(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Per-caller hourly limits of SPEC §9 (requests per hour and action).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimits {
+    pub enabled: bool,
+    pub read: u64,
+    pub write: u64,
+    pub pod_create: u64,
+    pub stream_create: u64,
+}
+
+/// One OAuth 2.0 provider (SPEC §3.2). Presets (`github`, `google`, `gitlab`) may leave the
+/// URLs and fields unset; the login code fills them in.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub id: String,
+    pub name: Option<String>,
+    pub client_id: String,
+    /// The secret itself, or resolved from `client_secret_env` at load time.
+    pub client_secret: Option<String>,
+    pub client_secret_env: Option<String>,
+    pub auth_url: Option<String>,
+    pub token_url: Option<String>,
+    pub userinfo_url: Option<String>,
+    /// Unset: the preset's scopes, else `openid email profile`.
+    pub scopes: Option<Vec<String>>,
+    pub id_field: Option<String>,
+    pub email_field: Option<String>,
+    pub name_field: Option<String>,
+    /// `client_secret_basic` (default) or `client_secret_post`.
+    pub token_auth: Option<String>,
+}
+
+impl fmt::Debug for ProviderConfig {
+    /// Like the derived one, without the secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProviderConfig")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret.as_ref().map(|_| "***"))
+            .field("auth_url", &self.auth_url)
+            .field("token_url", &self.token_url)
+            .field("userinfo_url", &self.userinfo_url)
+            .field("scopes", &self.scopes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Providers whose URLs and fields are built in.
+pub const PROVIDER_PRESETS: [&str; 3] = ["github", "google", "gitlab"];
+
+/// The value type of a configuration key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Str,
+    Int,
+    Bool,
+    /// A TOML array of strings, or a comma-separated string (variables).
+    List,
+}
+
+/// Every file key `(section, key)` and the variable that overrides it.
+pub const KEYS: &[(&str, &str, &str)] = &[
+    ("server", "listen", "WEBPODS_LISTEN"),
+    ("server", "public_url", "WEBPODS_PUBLIC_URL"),
+    ("server", "root_pod", "WEBPODS_ROOT_POD"),
+    (
+        "server",
+        "allowed_record_headers",
+        "WEBPODS_ALLOWED_RECORD_HEADERS",
+    ),
+    (
+        "server",
+        "shutdown_timeout_secs",
+        "WEBPODS_SHUTDOWN_TIMEOUT_SECS",
+    ),
+    ("server", "drain_delay_secs", "WEBPODS_DRAIN_DELAY_SECS"),
+    ("server", "token_file", "WEBPODS_TOKEN_FILE"),
+    ("database", "url", "WEBPODS_DATABASE_URL"),
+    ("database", "max_connections", "WEBPODS_DB_MAX_CONNECTIONS"),
+    (
+        "database",
+        "acquire_timeout_secs",
+        "WEBPODS_DB_ACQUIRE_TIMEOUT_SECS",
+    ),
+    (
+        "database",
+        "statement_timeout_secs",
+        "WEBPODS_DB_STATEMENT_TIMEOUT_SECS",
+    ),
+    (
+        "database",
+        "connect_retry_secs",
+        "WEBPODS_DB_CONNECT_RETRY_SECS",
+    ),
+    ("auth", "jwt_secret", "WEBPODS_JWT_SECRET"),
+    ("auth", "jwt_expiry", "WEBPODS_JWT_EXPIRY"),
+    ("limits", "max_record_bytes", "WEBPODS_MAX_RECORD_BYTES"),
+    ("limits", "max_list_records", "WEBPODS_MAX_LIST_RECORDS"),
+    ("limits", "max_batch_bytes", "WEBPODS_MAX_BATCH_BYTES"),
+    (
+        "limits",
+        "max_subscriptions_per_connection",
+        "WEBPODS_MAX_SUBSCRIPTIONS_PER_CONNECTION",
+    ),
+    ("live", "max_message_bytes", "WEBPODS_WS_MAX_MESSAGE_BYTES"),
+    ("live", "idle_timeout_secs", "WEBPODS_WS_IDLE_TIMEOUT_SECS"),
+    (
+        "live",
+        "send_timeout_secs",
+        "WEBPODS_LIVE_SEND_TIMEOUT_SECS",
+    ),
+    ("live", "max_behind", "WEBPODS_LIVE_MAX_BEHIND"),
+    ("actors", "idle_secs", "WEBPODS_ACTOR_IDLE_SECS"),
+    (
+        "actors",
+        "max_batch_records",
+        "WEBPODS_ACTOR_MAX_BATCH_RECORDS",
+    ),
+    ("actors", "max_batch_bytes", "WEBPODS_ACTOR_MAX_BATCH_BYTES"),
+    ("log", "filter", "WEBPODS_LOG"),
+    ("log", "format", "WEBPODS_LOG_FORMAT"),
+    ("rate_limits", "enabled", "WEBPODS_RATE_LIMITS"),
+    ("rate_limits", "read_per_hour", "WEBPODS_RATE_LIMIT_READ"),
+    ("rate_limits", "write_per_hour", "WEBPODS_RATE_LIMIT_WRITE"),
+    (
+        "rate_limits",
+        "pod_create_per_hour",
+        "WEBPODS_RATE_LIMIT_POD_CREATE",
+    ),
+    (
+        "rate_limits",
+        "stream_create_per_hour",
+        "WEBPODS_RATE_LIMIT_STREAM_CREATE",
+    ),
+];
+
+fn kind_of(var: &str) -> Kind {
+    match var {
+        "WEBPODS_ALLOWED_RECORD_HEADERS" => Kind::List,
+        "WEBPODS_RATE_LIMITS" => Kind::Bool,
+        v if v.ends_with("_SECS")
+            || v.ends_with("_BYTES")
+            || v.ends_with("_RECORDS")
+            || v.ends_with("_CONNECTIONS")
+            || v.ends_with("_CONNECTION")
+            || v.starts_with("WEBPODS_RATE_LIMIT_")
+            || v == "WEBPODS_LIVE_MAX_BEHIND" =>
+        {
+            Kind::Int
+        }
+        _ => Kind::Str,
+    }
+}
+
+/// Where a value came from, to name it in error messages.
+#[derive(Debug, Clone)]
+enum Origin {
+    Env,
+    File { key: String },
+}
+
+/// The file's values by variable name, plus what only the file can hold.
+#[derive(Debug, Default)]
+struct FileValues {
+    path: Option<PathBuf>,
+    values: HashMap<&'static str, String>,
+    providers: Vec<ProviderConfig>,
+}
+
+impl FileValues {
+    /// Parses a TOML document, recording every problem in `errors`.
+    fn parse(text: &str, path: &Path, errors: &mut Vec<String>) -> FileValues {
+        let file = path.display();
+        let mut out = FileValues {
+            path: Some(path.to_path_buf()),
+            ..FileValues::default()
+        };
+        let table: toml::Table = match toml::from_str(text) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(format!("{file}: {}", e.to_string().trim_end()));
+                return out;
+            }
+        };
+        for (section, value) in table {
+            let toml::Value::Table(entries) = value else {
+                errors.push(format!(
+                    "{file}: `{section}` must be a [section], found a {}",
+                    value.type_str()
+                ));
+                continue;
+            };
+            if !KEYS.iter().any(|(s, _, _)| *s == section) {
+                errors.push(format!("{file}: unknown section [{section}]"));
+                continue;
+            }
+            for (key, v) in entries {
+                if section == "auth" && key == "providers" {
+                    out.providers = parse_providers(v, &file.to_string(), errors);
+                    continue;
+                }
+                let Some(&(_, _, var)) = KEYS.iter().find(|(s, k, _)| *s == section && *k == key)
+                else {
+                    errors.push(format!("{file}: unknown key `{key}` in [{section}]"));
+                    continue;
+                };
+                match as_string(kind_of(var), v) {
+                    Ok(s) => {
+                        out.values.insert(var, s);
+                    }
+                    Err(expected) => {
+                        errors.push(format!("{file}: {section}.{key}: expected {expected}"));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A file value in the textual form the variables use.
+fn as_string(kind: Kind, v: toml::Value) -> Result<String, &'static str> {
+    use toml::Value as V;
+    match (kind, v) {
+        (Kind::Str, V::String(s)) => Ok(s),
+        (Kind::Str, _) => Err("a string"),
+        (Kind::Int, V::Integer(i)) => Ok(i.to_string()),
+        (Kind::Int, _) => Err("an integer"),
+        (Kind::Bool, V::Boolean(b)) => Ok(if b { "on" } else { "off" }.to_string()),
+        (Kind::Bool, _) => Err("true or false"),
+        (Kind::List, V::Array(items)) => items
+            .into_iter()
+            .map(|i| match i {
+                V::String(s) if !s.contains(',') => Ok(s),
+                _ => Err("an array of names"),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| v.join(",")),
+        (Kind::List, _) => Err("an array of names"),
+    }
+}
+
+fn parse_providers(v: toml::Value, file: &str, errors: &mut Vec<String>) -> Vec<ProviderConfig> {
+    let toml::Value::Array(items) = v else {
+        errors.push(format!(
+            "{file}: auth.providers must be written as [[auth.providers]] tables"
+        ));
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        match item.try_into::<ProviderConfig>() {
+            Ok(p) => out.push(p),
+            Err(e) => errors.push(format!(
+                "{file}: [[auth.providers]] #{}: {}",
+                i + 1,
+                e.to_string().trim_end()
+            )),
+        }
+    }
+    out
 }
 
 impl Config {
-    /// Reads the process environment.
+    /// Reads the process environment and, if given, the TOML file (`--config`/`WEBPODS_CONFIG`).
+    pub fn load(file: Option<&Path>) -> Result<Config, Vec<String>> {
+        Self::load_with(file, |k| std::env::var(k).ok())
+    }
+
+    /// Reads the process environment only.
     pub fn from_env() -> Result<Config, Vec<String>> {
-        Self::from_lookup(|k| std::env::var(k).ok())
+        Self::load(None)
     }
 
     /// Reads configuration through `get` (the environment, or a map in tests).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, Vec<String>> {
+        Self::build(&FileValues::default(), &get, Vec::new())
+    }
+
+    /// The file at `file` (if any) overridden by the variables `get` finds.
+    pub fn load_with(
+        file: Option<&Path>,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, Vec<String>> {
         let mut errors = Vec::new();
-        let var = |k: &str| get(k).filter(|v| !v.trim().is_empty());
-        // A bad number is recorded and replaced by 0; any recorded error aborts below.
-        let parse = |k: &str, default: &str, errors: &mut Vec<String>| -> u64 {
-            let v = var(k).unwrap_or_else(|| default.to_string());
-            v.trim().parse::<u64>().unwrap_or_else(|_| {
-                errors.push(format!("{k}: expected a non-negative integer, got {v:?}"));
-                0
-            })
+        let values = match file {
+            None => FileValues::default(),
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => FileValues::parse(&text, path, &mut errors),
+                Err(e) => {
+                    errors.push(format!("{}: cannot read: {e}", path.display()));
+                    FileValues::default()
+                }
+            },
         };
-        let listen = var("WEBPODS_LISTEN").unwrap_or_else(|| "127.0.0.1:3000".into());
+        Self::build(&values, &get, errors)
+    }
+
+    /// Parses a TOML document as if it were the file `name` (tests and examples).
+    pub fn from_toml_str(
+        text: &str,
+        name: &str,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, Vec<String>> {
+        let mut errors = Vec::new();
+        let values = FileValues::parse(text, Path::new(name), &mut errors);
+        Self::build(&values, &get, errors)
+    }
+
+    fn build(
+        file: &FileValues,
+        env: &dyn Fn(&str) -> Option<String>,
+        mut errors: Vec<String>,
+    ) -> Result<Config, Vec<String>> {
+        let lookup = |k: &str| -> Option<(String, Origin)> {
+            if let Some(v) = env(k).filter(|v| !v.trim().is_empty()) {
+                return Some((v, Origin::Env));
+            }
+            let v = file.values.get(k)?;
+            let key = KEYS
+                .iter()
+                .find(|(_, _, var)| *var == k)
+                .map(|(s, key, _)| format!("{s}.{key}"))
+                .unwrap_or_default();
+            Some((v.clone(), Origin::File { key }))
+        };
+        let file_name = file
+            .path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        // How a problem names its key: the variable, or the file key and the variable.
+        let name = |k: &str, origin: &Origin| match origin {
+            Origin::Env => k.to_string(),
+            Origin::File { key } => format!("{file_name}: {key} ({k})"),
+        };
+        let var = |k: &str| lookup(k).map(|(v, _)| v);
+        // A bad number is recorded and replaced by 0; any recorded error aborts below.
+        let parse = |k: &str, default: u64, errors: &mut Vec<String>| -> u64 {
+            match lookup(k) {
+                None => default,
+                Some((v, origin)) => v.trim().parse::<u64>().unwrap_or_else(|_| {
+                    errors.push(format!(
+                        "{}: expected a non-negative integer, got {v:?}",
+                        name(k, &origin)
+                    ));
+                    0
+                }),
+            }
+        };
+        let (listen, origin) =
+            lookup("WEBPODS_LISTEN").unwrap_or_else(|| ("127.0.0.1:3000".to_string(), Origin::Env));
         let listen = listen
             .parse::<SocketAddr>()
             .map_err(|_| {
                 errors.push(format!(
-                    "WEBPODS_LISTEN: {listen:?} is not an address like 127.0.0.1:3000"
+                    "{}: {listen:?} is not an address like 127.0.0.1:3000",
+                    name("WEBPODS_LISTEN", &origin)
                 ))
             })
             .ok();
-        let public = var("WEBPODS_PUBLIC_URL").unwrap_or_else(|| "http://localhost:3000".into());
+        let (public, origin) = lookup("WEBPODS_PUBLIC_URL")
+            .unwrap_or_else(|| ("http://localhost:3000".to_string(), Origin::Env));
         let public_url = match Url::parse(&public) {
             Ok(u) if u.host_str().is_some() && matches!(u.scheme(), "http" | "https") => Some(u),
             _ => {
                 errors.push(format!(
-                    "WEBPODS_PUBLIC_URL: {public:?} is not an http(s) URL"
+                    "{}: {public:?} is not an http(s) URL",
+                    name("WEBPODS_PUBLIC_URL", &origin)
                 ));
                 None
             }
         };
-        let database_url =
-            var("WEBPODS_DATABASE_URL").unwrap_or_else(|| "sqlite://./webpods.db".into());
+        let (database_url, origin) = lookup("WEBPODS_DATABASE_URL")
+            .unwrap_or_else(|| ("sqlite://./webpods.db".to_string(), Origin::Env));
         if !(database_url.starts_with("sqlite:")
             || database_url.starts_with("postgres://")
             || database_url.starts_with("postgresql://"))
         {
-            errors.push("WEBPODS_DATABASE_URL: expected postgres://… or sqlite://path".to_string());
+            errors.push(format!(
+                "{}: expected postgres://… or sqlite://path",
+                name("WEBPODS_DATABASE_URL", &origin)
+            ));
         }
-        let log_format = match var("WEBPODS_LOG_FORMAT").as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                errors.push(format!(
-                    "WEBPODS_LOG_FORMAT: expected text or json, got {other:?}"
-                ));
-                LogFormat::Text
-            }
-        };
-        let max_record_bytes = parse("WEBPODS_MAX_RECORD_BYTES", "10485760", &mut errors);
-        let max_list = parse("WEBPODS_MAX_LIST_RECORDS", "1000", &mut errors);
-        let idle = parse("WEBPODS_ACTOR_IDLE_SECS", "30", &mut errors);
-        let pool = parse("WEBPODS_DB_MAX_CONNECTIONS", "16", &mut errors);
-        let shutdown = parse("WEBPODS_SHUTDOWN_TIMEOUT_SECS", "30", &mut errors);
-        let max_batch = parse("WEBPODS_MAX_BATCH_BYTES", "67108864", &mut errors);
-        let rate_defaults = RateLimits::default();
-        let rate_limits = RateLimits {
-            enabled: match var("WEBPODS_RATE_LIMITS").as_deref() {
-                None | Some("on") => true,
-                Some("off") => false,
-                Some(other) => {
+        let log_format = match lookup("WEBPODS_LOG_FORMAT") {
+            None => LogFormat::Text,
+            Some((v, origin)) => match v.trim() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
                     errors.push(format!(
-                        "WEBPODS_RATE_LIMITS: expected on or off, got {other:?}"
+                        "{}: expected text or json, got {other:?}",
+                        name("WEBPODS_LOG_FORMAT", &origin)
+                    ));
+                    LogFormat::Text
+                }
+            },
+        };
+        let rate_limits_on = match lookup("WEBPODS_RATE_LIMITS") {
+            None => true,
+            Some((v, origin)) => match v.trim() {
+                "on" | "true" => true,
+                "off" | "false" => false,
+                other => {
+                    errors.push(format!(
+                        "{}: expected on or off, got {other:?}",
+                        name("WEBPODS_RATE_LIMITS", &origin)
                     ));
                     true
                 }
             },
-            read: parse(
-                "WEBPODS_RATE_LIMIT_READ",
-                &rate_defaults.read.to_string(),
-                &mut errors,
-            ),
-            write: parse(
-                "WEBPODS_RATE_LIMIT_WRITE",
-                &rate_defaults.write.to_string(),
-                &mut errors,
-            ),
-            pod_create: parse(
-                "WEBPODS_RATE_LIMIT_POD_CREATE",
-                &rate_defaults.pod_create.to_string(),
-                &mut errors,
-            ),
-            stream_create: parse(
-                "WEBPODS_RATE_LIMIT_STREAM_CREATE",
-                &rate_defaults.stream_create.to_string(),
-                &mut errors,
-            ),
-            ..rate_defaults
+        };
+        let jwt_expiry = match lookup("WEBPODS_JWT_EXPIRY") {
+            None => None,
+            Some((v, origin)) => match parse_duration(&v) {
+                Some(d) => Some(d),
+                None => {
+                    errors.push(format!(
+                        "{}: expected a duration like 3600, 90s, 30m, 12h or 7d, got {v:?}",
+                        name("WEBPODS_JWT_EXPIRY", &origin)
+                    ));
+                    None
+                }
+            },
+        };
+        let max_record_bytes = parse("WEBPODS_MAX_RECORD_BYTES", 10 * 1024 * 1024, &mut errors);
+        let max_list = parse("WEBPODS_MAX_LIST_RECORDS", 1000, &mut errors);
+        let max_batch = parse("WEBPODS_MAX_BATCH_BYTES", 64 * 1024 * 1024, &mut errors);
+        let max_subs = parse("WEBPODS_MAX_SUBSCRIPTIONS_PER_CONNECTION", 100, &mut errors);
+        let ws_message = parse("WEBPODS_WS_MAX_MESSAGE_BYTES", 65_536, &mut errors);
+        let ws_idle = parse("WEBPODS_WS_IDLE_TIMEOUT_SECS", 60, &mut errors);
+        let live_send = parse("WEBPODS_LIVE_SEND_TIMEOUT_SECS", 10, &mut errors);
+        let live_behind = parse("WEBPODS_LIVE_MAX_BEHIND", 100_000, &mut errors);
+        let idle = parse("WEBPODS_ACTOR_IDLE_SECS", 30, &mut errors);
+        let batch_records = parse("WEBPODS_ACTOR_MAX_BATCH_RECORDS", 4096, &mut errors);
+        let batch_bytes = parse(
+            "WEBPODS_ACTOR_MAX_BATCH_BYTES",
+            16 * 1024 * 1024,
+            &mut errors,
+        );
+        let pool = parse("WEBPODS_DB_MAX_CONNECTIONS", 16, &mut errors);
+        let acquire = parse("WEBPODS_DB_ACQUIRE_TIMEOUT_SECS", 5, &mut errors);
+        let statement = parse("WEBPODS_DB_STATEMENT_TIMEOUT_SECS", 30, &mut errors);
+        let retry = parse("WEBPODS_DB_CONNECT_RETRY_SECS", 30, &mut errors);
+        let shutdown = parse("WEBPODS_SHUTDOWN_TIMEOUT_SECS", 30, &mut errors);
+        let drain_delay = parse("WEBPODS_DRAIN_DELAY_SECS", 0, &mut errors);
+        if drain_delay >= shutdown && drain_delay > 0 {
+            errors.push(format!(
+                "WEBPODS_DRAIN_DELAY_SECS ({drain_delay}) must be shorter than \
+                 WEBPODS_SHUTDOWN_TIMEOUT_SECS ({shutdown}), which includes it"
+            ));
+        }
+        let rate = |k: &str, default: u64, errors: &mut Vec<String>| parse(k, default, errors);
+        let rate_limits = RateLimits {
+            enabled: rate_limits_on,
+            read: rate("WEBPODS_RATE_LIMIT_READ", 10_000, &mut errors),
+            write: rate("WEBPODS_RATE_LIMIT_WRITE", 1_000, &mut errors),
+            pod_create: rate("WEBPODS_RATE_LIMIT_POD_CREATE", 10, &mut errors),
+            stream_create: rate("WEBPODS_RATE_LIMIT_STREAM_CREATE", 100, &mut errors),
         };
         let allowed_record_headers = var("WEBPODS_ALLOWED_RECORD_HEADERS")
             .map(|v| {
@@ -144,44 +569,110 @@ impl Config {
         let token_file = var("WEBPODS_TOKEN_FILE")
             .map(PathBuf::from)
             .or_else(|| sqlite_path(&database_url).map(|p| p.with_extension("token")));
+        let providers = resolve_providers(&file.providers, env, &file_name, &mut errors);
+        // The engine's form: presets applied (secrets were resolved just above).
+        // Skipped when anything is wrong already: the checks above said it better.
+        let checked: &[ProviderConfig] = if errors.is_empty() { &providers } else { &[] };
+        let login_providers: Vec<webpods_engine::Provider> = checked
+            .iter()
+            .filter_map(|p| {
+                webpods_engine::ProviderConfig {
+                    id: p.id.clone(),
+                    name: p.name.clone(),
+                    client_id: p.client_id.clone(),
+                    client_secret: p.client_secret.clone(),
+                    client_secret_env: None,
+                    auth_url: p.auth_url.clone(),
+                    token_url: p.token_url.clone(),
+                    userinfo_url: p.userinfo_url.clone(),
+                    scopes: p.scopes.clone(),
+                    id_field: p.id_field.clone(),
+                    email_field: p.email_field.clone(),
+                    name_field: p.name_field.clone(),
+                    token_auth: p.token_auth.clone(),
+                }
+                .resolve(|_| None)
+                .map_err(|e| errors.push(format!("{file_name}: {e}")))
+                .ok()
+            })
+            .collect();
+        let jwt_secret = var("WEBPODS_JWT_SECRET");
+        if !providers.is_empty() && jwt_secret.is_none() {
+            errors.push(
+                "auth.jwt_secret (WEBPODS_JWT_SECRET) is required when login providers are \
+                 configured"
+                    .to_string(),
+            );
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
         let (Some(listen), Some(public_url)) = (listen, public_url) else {
             return Err(vec!["invalid configuration".to_string()]);
         };
-        let max_record_bytes = usize::try_from(max_record_bytes).unwrap_or(usize::MAX);
+        let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
         Ok(Config {
             listen,
             public_url: public_url.clone(),
             database_url,
-            jwt_secret: var("WEBPODS_JWT_SECRET"),
+            jwt_secret,
+            jwt_expiry,
+            providers,
             log: var("WEBPODS_LOG").unwrap_or_else(|| "info".into()),
             log_format,
             token_file,
             engine: EngineConfig {
                 actors: ActorLimits {
-                    max_batch_records: 4096,
-                    max_batch_bytes: 16 * 1024 * 1024,
+                    max_batch_records: size(batch_records.max(1)),
+                    max_batch_bytes: size(batch_bytes.max(1)),
                     idle_timeout: Duration::from_secs(idle.max(1)),
                 },
-                max_record_bytes,
+                max_record_bytes: size(max_record_bytes),
                 max_list_records: i64::try_from(max_list.max(1)).unwrap_or(1000),
                 allowed_record_headers,
                 cache_ttl: Duration::from_secs(5),
                 auth: webpods_engine::AuthSettings {
+                    providers: login_providers,
                     public_url: public_url.clone(),
+                    jwt_expiry,
                     ..Default::default()
                 },
-                rate_limits,
+                rate_limits: webpods_engine::RateLimits {
+                    enabled: rate_limits.enabled,
+                    read: rate_limits.read,
+                    write: rate_limits.write,
+                    pod_create: rate_limits.pod_create,
+                    stream_create: rate_limits.stream_create,
+                    ..Default::default()
+                },
+                live: webpods_engine::LiveLimits {
+                    max_behind: i64::try_from(live_behind).unwrap_or(i64::MAX),
+                    ..Default::default()
+                },
             },
             store: StoreOptions {
                 max_connections: u32::try_from(pool.max(1)).unwrap_or(16),
-                acquire_timeout: Duration::from_secs(5),
+                acquire_timeout: Duration::from_secs(acquire.max(1)),
+                statement_timeout: (statement > 0).then(|| Duration::from_secs(statement)),
             },
+            connect_retry: Duration::from_secs(retry),
             shutdown_timeout: Duration::from_secs(shutdown),
-            max_batch_bytes: usize::try_from(max_batch).unwrap_or(usize::MAX),
+            drain_delay: Duration::from_secs(drain_delay),
+            max_batch_bytes: size(max_batch),
+            live: {
+                let d = webpods_api_ws::LiveConfig::default();
+                let idle_timeout = Duration::from_secs(ws_idle.max(2));
+                webpods_api_ws::LiveConfig {
+                    max_subscriptions_per_connection: size(max_subs.max(1)),
+                    max_message_bytes: size(ws_message.max(256)),
+                    ping_interval: (idle_timeout / 3).min(d.ping_interval),
+                    idle_timeout,
+                    send_timeout: Duration::from_secs(live_send.max(1)),
+                    ..d
+                }
+            },
             root_pod: var("WEBPODS_ROOT_POD"),
+            rate_limits,
         })
     }
 
@@ -195,6 +686,99 @@ impl Config {
     }
 }
 
+/// `WEBPODS_*` variables set in the environment that configure nothing (most likely typos),
+/// for a warning at startup. `WEBPODS_CONFIG` and the test suite's `WEBPODS_TEST_*` are known.
+pub fn unknown_variables(vars: impl Iterator<Item = String>) -> Vec<String> {
+    let mut unknown: Vec<String> = vars
+        .filter(|k| k.starts_with("WEBPODS_"))
+        .filter(|k| k != "WEBPODS_CONFIG" && !k.starts_with("WEBPODS_TEST_"))
+        .filter(|k| !KEYS.iter().any(|(_, _, var)| var == k))
+        .collect();
+    unknown.sort();
+    unknown
+}
+
+/// Checks the providers and resolves `client_secret_env`.
+fn resolve_providers(
+    providers: &[ProviderConfig],
+    env: &dyn Fn(&str) -> Option<String>,
+    file: &str,
+    errors: &mut Vec<String>,
+) -> Vec<ProviderConfig> {
+    let mut out: Vec<ProviderConfig> = Vec::new();
+    for p in providers {
+        let what = format!("{file}: [[auth.providers]] {:?}", p.id);
+        let mut p = p.clone();
+        let id_ok = !p.id.is_empty()
+            && p.id.len() <= 64
+            && p.id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !id_ok {
+            errors.push(format!("{what}: id must be 1-64 of a-z, 0-9, '-' and '_'"));
+        }
+        if out.iter().any(|o| o.id == p.id) {
+            errors.push(format!("{what}: id used twice"));
+        }
+        if let Some(var) = &p.client_secret_env {
+            match env(var) {
+                Some(s) if !s.is_empty() => p.client_secret = Some(s),
+                _ => errors.push(format!("{what}: client_secret_env {var} is not set")),
+            }
+        }
+        if p.client_secret.is_none() && p.client_secret_env.is_none() {
+            errors.push(format!("{what}: needs client_secret or client_secret_env"));
+        }
+        if !PROVIDER_PRESETS.contains(&p.id.as_str()) {
+            for (field, v) in [
+                ("auth_url", &p.auth_url),
+                ("token_url", &p.token_url),
+                ("userinfo_url", &p.userinfo_url),
+            ] {
+                if v.is_none() {
+                    errors.push(format!("{what}: {field} is required (not a preset)"));
+                }
+            }
+        }
+        for (field, v) in [
+            ("auth_url", &p.auth_url),
+            ("token_url", &p.token_url),
+            ("userinfo_url", &p.userinfo_url),
+        ] {
+            if let Some(u) = v
+                && !Url::parse(u).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+            {
+                errors.push(format!("{what}: {field} {u:?} is not an http(s) URL"));
+            }
+        }
+        if let Some(a) = &p.token_auth
+            && !matches!(a.as_str(), "client_secret_basic" | "client_secret_post")
+        {
+            errors.push(format!(
+                "{what}: token_auth must be client_secret_basic or client_secret_post"
+            ));
+        }
+        out.push(p);
+    }
+    out
+}
+
+/// `3600`, `90s`, `30m`, `12h`, `7d` → a duration.
+fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    Some(Duration::from_secs(n.checked_mul(mult)?))
+}
+
 /// The file of a `sqlite://path` URL.
 fn sqlite_path(url: &str) -> Option<PathBuf> {
     let rest = url
@@ -206,16 +790,18 @@ fn sqlite_path(url: &str) -> Option<PathBuf> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
 
-    fn with(vars: &[(&str, &str)]) -> Result<Config, Vec<String>> {
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
         let map: HashMap<String, String> = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Config::from_lookup(|k| map.get(k).cloned())
+        move |k| map.get(k).cloned()
+    }
+
+    fn with(vars: &[(&str, &str)]) -> Result<Config, Vec<String>> {
+        Config::from_lookup(env(vars))
     }
 
     #[test]
@@ -226,6 +812,12 @@ mod tests {
         assert_eq!(c.database_url, "sqlite://./webpods.db");
         assert_eq!(c.token_file, Some(PathBuf::from("./webpods.token")));
         assert_eq!(c.engine.max_record_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.engine.max_list_records, 1000);
+        assert_eq!(c.live.max_subscriptions_per_connection, 100);
+        assert!(c.rate_limits.enabled);
+        assert_eq!(c.rate_limits.write, 1000);
+        assert_eq!(c.store.statement_timeout, Some(Duration::from_secs(30)));
+        assert!(c.providers.is_empty());
     }
 
     #[test]
@@ -237,5 +829,163 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    #[test]
+    fn the_file_is_read_and_variables_override_it() {
+        let text = r#"
+            [server]
+            listen = "127.0.0.1:4000"
+            public_url = "https://pods.example.com"
+            allowed_record_headers = ["X-Source", "x-trace"]
+            [database]
+            url = "postgres://db/webpods"
+            max_connections = 32
+            statement_timeout_secs = 0
+            [limits]
+            max_record_bytes = 1024
+            [rate_limits]
+            enabled = false
+        "#;
+        let c = Config::from_toml_str(
+            text,
+            "webpods.toml",
+            env(&[("WEBPODS_LISTEN", "127.0.0.1:5000")]),
+        )
+        .expect("config");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:5000", "the variable wins");
+        assert_eq!(c.main_host(), "pods.example.com");
+        assert_eq!(c.engine.allowed_record_headers, ["x-source", "x-trace"]);
+        assert_eq!(c.database_url, "postgres://db/webpods");
+        assert_eq!(c.store.max_connections, 32);
+        assert_eq!(c.store.statement_timeout, None);
+        assert_eq!(c.engine.max_record_bytes, 1024);
+        assert!(!c.rate_limits.enabled);
+        assert_eq!(c.token_file, None);
+    }
+
+    #[test]
+    fn every_file_problem_is_reported_at_once() {
+        let text = r#"
+            colour = "blue"
+            [server]
+            listen = 3000
+            lisen = "typo"
+            [databse]
+            url = "x"
+            [limits]
+            max_record_bytes = "ten"
+            [log]
+            format = "xml"
+        "#;
+        let errs =
+            Config::from_toml_str(text, "webpods.toml", env(&[("WEBPODS_PUBLIC_URL", "nope")]))
+                .unwrap_err();
+        let all = errs.join("\n");
+        for needle in [
+            "`colour` must be a [section]",
+            "server.listen: expected a string",
+            "unknown key `lisen` in [server]",
+            "unknown section [databse]",
+            "limits.max_record_bytes: expected an integer",
+            "webpods.toml: log.format (WEBPODS_LOG_FORMAT): expected text or json",
+            "WEBPODS_PUBLIC_URL: \"nope\"",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert_eq!(errs.len(), 7, "{all}");
+    }
+
+    #[test]
+    fn unknown_variables_are_found() {
+        let vars = [
+            "WEBPODS_LISTEN",
+            "WEBPODS_LSTEN",
+            "WEBPODS_CONFIG",
+            "WEBPODS_TEST_X",
+            "PATH",
+        ];
+        assert_eq!(
+            unknown_variables(vars.iter().map(|s| s.to_string())),
+            ["WEBPODS_LSTEN"]
+        );
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let c = with(&[
+            ("WEBPODS_JWT_SECRET", "jwt-secret-value"),
+            ("WEBPODS_DATABASE_URL", "postgres://u:db-password@h/db"),
+        ])
+        .expect("config");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("jwt-secret-value"), "{shown}");
+        assert!(!shown.contains("db-password"), "{shown}");
+        assert!(shown.contains("postgres://u:***@h/db"), "{shown}");
+    }
+
+    #[test]
+    fn a_toml_syntax_error_is_reported_with_its_place() {
+        let errs = Config::from_toml_str("[server\nlisten = 1", "w.toml", env(&[])).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].starts_with("w.toml: "), "{errs:?}");
+    }
+
+    #[test]
+    fn providers_are_checked_and_secrets_resolved() {
+        let text = r#"
+            [auth]
+            jwt_secret = "s3cret-s3cret-s3cret"
+            jwt_expiry = "12h"
+            [[auth.providers]]
+            id = "github"
+            client_id = "abc"
+            client_secret_env = "GH_SECRET"
+            [[auth.providers]]
+            id = "corp"
+            client_id = "webpods"
+            client_secret = "x"
+            auth_url = "https://idp.example/auth"
+        "#;
+        let errs = Config::from_toml_str(text, "f.toml", env(&[])).unwrap_err();
+        let all = errs.join("\n");
+        assert!(
+            all.contains("client_secret_env GH_SECRET is not set"),
+            "{all}"
+        );
+        assert!(all.contains("token_url is required"), "{all}");
+        assert!(all.contains("userinfo_url is required"), "{all}");
+        assert_eq!(errs.len(), 3, "{all}");
+
+        let ok = text.replace(
+            "auth_url = \"https://idp.example/auth\"",
+            "auth_url = \"https://idp.example/auth\"\ntoken_url = \"https://idp.example/token\"\n\
+             userinfo_url = \"https://idp.example/me\"",
+        );
+        let c = Config::from_toml_str(&ok, "f.toml", env(&[("GH_SECRET", "from-env")]))
+            .expect("config");
+        assert_eq!(c.providers.len(), 2);
+        assert_eq!(c.providers[0].client_secret.as_deref(), Some("from-env"));
+        assert_eq!(c.jwt_expiry, Some(Duration::from_secs(12 * 3600)));
+        assert!(!format!("{:?}", c.providers[0]).contains("from-env"));
+    }
+
+    #[test]
+    fn the_documented_example_is_valid_and_every_key_is_in_it() {
+        let text = include_str!("../webpods.example.toml");
+        let c = Config::from_toml_str(text, "webpods.example.toml", env(&[]))
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(c.listen.to_string(), "127.0.0.1:3000");
+        // Every key appears in the example, commented out or not.
+        for (section, key, var) in KEYS {
+            assert!(
+                text.contains(&format!("[{section}]")) && text.contains(&format!("{key} =")),
+                "{section}.{key} is not documented in webpods.example.toml"
+            );
+            assert!(
+                text.contains(var),
+                "{var} is not named in webpods.example.toml"
+            );
+        }
     }
 }

@@ -13,6 +13,9 @@ use webpods_engine::{Engine, Scope};
     about = "An append-only, hash-chained log service"
 )]
 struct Cli {
+    /// Configuration file (TOML; see webpods.example.toml). Variables override its keys.
+    #[arg(long, global = true, env = "WEBPODS_CONFIG", value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -50,7 +53,7 @@ enum TokenCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config = match Config::from_env() {
+    let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(errors) => {
             for e in &errors {
@@ -60,6 +63,11 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     webpods::telemetry::init(&config.log, config.log_format);
+    for var in webpods::config::unknown_variables(
+        std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()),
+    ) {
+        tracing::warn!(variable = %var, "ignoring an unknown WEBPODS_* variable (a typo?)");
+    }
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config).await,
         Command::Migrate => {

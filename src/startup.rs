@@ -1,13 +1,17 @@
 //! Building and running the server: config → storage → engine → routers → listener.
 //! Tests use the same [`Server`] on `127.0.0.1:0`.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use axum::Router;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use webpods_api_rest::{AppState, MainHost, RestConfig};
+use webpods_api_ws::LiveState;
 use webpods_engine::{Engine, Scope, TokenKeys};
 use webpods_storage::Store;
 
@@ -23,6 +27,7 @@ pub struct Server {
     listener: TcpListener,
     router: Router,
     state: AppState,
+    live: LiveState,
     engine: Engine,
     store: Store,
     config: Config,
@@ -30,11 +35,36 @@ pub struct Server {
     pub local_token: Option<String>,
 }
 
-/// Connects to the database and applies migrations.
+/// Connects to the database and applies migrations. An unreachable database is retried with
+/// exponential backoff (each attempt logged) for up to `database.connect_retry_secs`, so that
+/// a server and its database can start in any order; other errors fail at once.
 pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
-    let store = Store::connect(&config.database_url, &config.store)
-        .await
-        .context("connecting to the database")?;
+    let give_up = Instant::now() + config.connect_retry;
+    let mut delay = Duration::from_millis(200);
+    let mut attempt = 1u32;
+    let store = loop {
+        match Store::connect(&config.database_url, &config.store).await {
+            Ok(store) => break store,
+            Err(e)
+                if e.kind() == webpods_storage::ErrorKind::Unavailable
+                    && Instant::now() + delay < give_up =>
+            {
+                tracing::warn!(
+                    attempt,
+                    error = %e,
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "database unreachable; retrying"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("connecting to the database (attempt {attempt})"));
+            }
+        }
+    };
     store.migrate().await.context("applying migrations")?;
     Ok(store)
 }
@@ -72,10 +102,8 @@ impl Server {
         let store = open_store(&config).await?;
         let keys = token_keys(&config, &store).await?;
         let engine = Engine::new(store.clone(), config.engine.clone(), keys);
-        engine
-            .listen_for_changes()
-            .await
-            .context("listening for other instances' changes")?;
+        // Other instances' notices: live tails and cache invalidations (PostgreSQL).
+        engine.start_live();
         let local_token = if local_mode {
             let user = engine.ensure_local_user(LOCAL_USER).await?;
             let token = engine.issue_token(&user, None, Scope::ALL, None)?;
@@ -95,6 +123,8 @@ impl Server {
                 root_pod: config.root_pod.clone(),
             },
         );
+        let live = LiveState::new(engine.clone(), config.live.clone());
+        engine.start_live();
         let graphql = webpods_api_graphql::router(
             engine.clone(),
             webpods_api_graphql::GraphqlConfig::new(
@@ -102,9 +132,15 @@ impl Server {
                 config.engine.max_record_bytes,
             ),
         );
-        let router = webpods_api_rest::app(state.clone(), graphql).layer(
-            axum::middleware::from_fn(webpods_api_rest::request_id_layer),
-        );
+        let router = webpods_api_rest::app_with_live(
+            state.clone(),
+            graphql.merge(webpods_api_ws::main_router(live.clone())),
+            Some(webpods_api_ws::pod_router(live.clone())),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            webpods_api_rest::request_id_layer,
+        ));
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -112,6 +148,7 @@ impl Server {
             listener,
             router,
             state,
+            live,
             engine,
             store,
             config,
@@ -128,9 +165,13 @@ impl Server {
         Ok(self.listener.local_addr()?)
     }
 
-    /// Serves until `shutdown` resolves, then drains: `/ready` turns 503, in-flight requests
-    /// finish, every queued append is committed, and the pool is closed — within the
-    /// configured deadline.
+    /// Serves until `shutdown` resolves, then drains (DESIGN §8): `/ready` turns 503, (after
+    /// the optional `server.drain_delay_secs`, still serving) the listener stops accepting,
+    /// [`Engine::draining`] watchers are told, live tails close (WebSocket close 1001; SSE responses end), in-flight requests finish, every queued append is
+    /// committed and answered, and the pool is closed. `server.shutdown_timeout_secs`, counted
+    /// from the signal, bounds all of it; past it the remaining connections are dropped and
+    /// `run` fails (the process exits non-zero). Whatever happens, nothing acknowledged is lost:
+    /// a receipt is only ever sent after its commit.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -139,6 +180,7 @@ impl Server {
             listener,
             router,
             state,
+            live,
             engine,
             store,
             config,
@@ -146,23 +188,70 @@ impl Server {
         } = self;
         state.set_ready(true);
         let draining = state.clone();
+        let draining_engine = engine.clone();
+        let grace = config.shutdown_timeout;
+        let delay = config.drain_delay;
+        let (deadline_tx, mut deadline_rx) = watch::channel(None::<Instant>);
+        let tails = engine.clone();
         let app = router.into_make_service_with_connect_info::<SocketAddr>();
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.await;
             draining.set_ready(false);
-            tracing::info!("shutting down: draining requests and pending appends");
+            let _ = deadline_tx.send(Some(Instant::now() + grace));
+            if !delay.is_zero() {
+                // Keep serving while load balancers notice `/ready` is 503.
+                tracing::info!(
+                    delay_secs = delay.as_secs(),
+                    "shutdown signal: /ready is 503; still serving during the drain delay"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            draining_engine.start_draining();
+            // Tails are endless responses: they must end for the drain to finish.
+            tails.close_live();
+            tracing::info!(
+                timeout_secs = grace.as_secs(),
+                "shutting down: draining requests and pending appends"
+            );
         });
-        serve.await.context("serving HTTP")?;
+        let deadline_passed = async {
+            let deadline = loop {
+                if let Some(d) = *deadline_rx.borrow_and_update() {
+                    break d;
+                }
+                if deadline_rx.changed().await.is_err() {
+                    // The server stopped without a signal; `serve` below finishes.
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::time::sleep_until(deadline).await;
+        };
+        let http_drained = tokio::select! {
+            served = serve.into_future() => {
+                served.context("serving HTTP")?;
+                true
+            }
+            () = deadline_passed => false,
+        };
+        let deadline = (*deadline_rx.borrow()).unwrap_or_else(|| Instant::now() + grace);
         let drain = async {
             engine.shutdown().await;
+            live.wait_closed().await;
             store.close().await;
         };
-        if tokio::time::timeout(config.shutdown_timeout, drain)
-            .await
-            .is_err()
-        {
-            tracing::warn!("shutdown deadline passed before every append was flushed");
+        let flushed = tokio::time::timeout_at(deadline, drain).await.is_ok();
+        if !http_drained || !flushed {
+            bail!(
+                "the shutdown deadline ({}s) passed before {}",
+                grace.as_secs(),
+                if http_drained {
+                    "every queued append was flushed"
+                } else {
+                    "every in-flight request finished"
+                }
+            );
         }
+        tracing::info!("shutdown complete");
         Ok(())
     }
 }

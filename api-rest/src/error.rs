@@ -44,6 +44,8 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         InvalidProvider | InvalidCallback | InvalidState => StatusCode::BAD_REQUEST,
         OauthError => StatusCode::UNAUTHORIZED,
         RateLimitExceeded => StatusCode::TOO_MANY_REQUESTS,
+        ForkDetected => StatusCode::CONFLICT,
+        TooSlow => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -61,6 +63,14 @@ impl IntoResponse for ApiError {
             body["details"] = d.clone();
         }
         let mut resp = (status_of(kind), Json(json!({ "error": body }))).into_response();
+        if kind == ErrorKind::ContentTooLarge {
+            // The rest of the body was not read: tell the client this connection ends here,
+            // or it may reuse it for its next request and see it closed (RFC 9110 §15.5.14).
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
         if kind == ErrorKind::Unavailable {
             resp.headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));

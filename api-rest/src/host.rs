@@ -112,7 +112,7 @@ fn rate_limited(e: webpods_engine::Error) -> Response {
 }
 
 /// Paths the main domain keeps for itself even when a root pod is configured (SPEC §2).
-fn is_system_route(path: &str) -> bool {
+pub(crate) fn is_system_route(path: &str) -> bool {
     const EXACT: [&str; 8] = [
         "/health",
         "/live",

@@ -21,7 +21,7 @@ use axum::Router;
 use webpods_engine::Engine;
 
 pub use error::ApiError;
-pub use host::{HostKind, MainHost, token_of};
+pub use host::{HostKind, MainHost, PodHost, token_of};
 pub use request_id::request_id_layer;
 
 /// Settings of the REST frontend, read once from configuration.
@@ -65,9 +65,49 @@ impl AppState {
 /// The whole HTTP surface: `main` serves the main domain (REST routes of this crate merged with
 /// whatever the caller adds, e.g. GraphQL), pod hosts get the pod routes.
 pub fn app(state: AppState, extra_main_routes: Router) -> Router {
+    app_with_live(state, extra_main_routes, None)
+}
+
+/// [`app`], with the pod-host GETs that ask for a live tail ([`is_live_request`]) sent to
+/// `pod_live` (the WebSocket/SSE frontend) instead of the pod routes.
+pub fn app_with_live(
+    state: AppState,
+    extra_main_routes: Router,
+    pod_live: Option<Router>,
+) -> Router {
     let main = main_routes::router(state.clone())
         .merge(auth_routes::router(state.clone()))
         .merge(extra_main_routes);
-    let pods = pod_routes::router(state.clone());
+    let mut pods = pod_routes::router(state.clone());
+    if let Some(live) = pod_live {
+        let reads = pods;
+        pods = Router::new().fallback(move |req: axum::extract::Request| {
+            let target =
+                if req.method() == axum::http::Method::GET && is_live_request(req.headers()) {
+                    live.clone()
+                } else {
+                    reads.clone()
+                };
+            async move {
+                match tower::ServiceExt::oneshot(target, req).await {
+                    Ok(resp) => resp,
+                    Err(never) => match never {},
+                }
+            }
+        });
+    }
     host::dispatch(state, main, pods)
+}
+
+/// Whether a request asks for a live tail (SPEC §4.4): a WebSocket upgrade, or SSE.
+pub fn is_live_request(headers: &axum::http::HeaderMap) -> bool {
+    use axum::http::header::{ACCEPT, UPGRADE};
+    let has = |name, needle: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.to_ascii_lowercase().contains(needle))
+    };
+    has(UPGRADE, "websocket") || has(ACCEPT, "text/event-stream")
 }

@@ -1,6 +1,7 @@
-//! Routes of the main domain: pods (`/api/pods`) and the operational probes.
+//! Routes of the main domain: pods (`/api/pods`), the operational probes and `/metrics`.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -22,6 +23,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/live", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such route") })
         .with_state(state)
@@ -51,8 +53,32 @@ async fn list_pods(State(st): State<AppState>, Auth(caller): Auth) -> Result<Res
     Ok(Json(st.engine.list_pods(&caller).await?).into_response())
 }
 
+/// How long a probe waits for the database: probes must answer quickly even when the pool
+/// cannot get a connection (a probe that hangs is as bad as one that lies).
+const PROBE_DB_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `true` when the database answers `SELECT 1` within [`PROBE_DB_TIMEOUT`].
+async fn database_answers(st: &AppState) -> bool {
+    matches!(
+        tokio::time::timeout(PROBE_DB_TIMEOUT, st.engine.store().ping()).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Every metric in the Prometheus text format (SPEC §10).
+async fn metrics(State(st): State<AppState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.engine.render_metrics(),
+    )
+        .into_response()
+}
+
 async fn health(State(st): State<AppState>) -> Response {
-    let db_ok = st.engine.store().ping().await.is_ok();
+    let db_ok = database_answers(&st).await;
     let body = json!({
         "status": if db_ok { "ok" } else { "degraded" },
         "version": env!("CARGO_PKG_VERSION"),
@@ -79,7 +105,7 @@ async fn openapi() -> Response {
 }
 
 async fn ready(State(st): State<AppState>) -> Response {
-    let ready = st.ready.load(Ordering::SeqCst) && st.engine.store().ping().await.is_ok();
+    let ready = st.ready.load(Ordering::SeqCst) && database_answers(&st).await;
     if ready {
         (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
     } else {

@@ -21,6 +21,8 @@ use webpods_storage::{Head, RecordRow, Store};
 use crate::batch::{self, Entry, EntryOutcome, StreamCtx};
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
+use crate::live::LiveHub;
+use crate::metrics::Metrics;
 
 /// The records an entry ended up with, and whether they were replayed from an idempotency key.
 #[derive(Debug)]
@@ -61,6 +63,8 @@ pub(crate) struct StreamArgs {
     pub store: Store,
     pub limits: ActorLimits,
     pub registry: Arc<Registry>,
+    /// Where committed batches are published for live tails.
+    pub live: Arc<LiveHub>,
 }
 
 pub(crate) struct StreamState {
@@ -183,9 +187,11 @@ fn start_commit(myself: &ActorRef<StreamMsg>, state: &mut StreamState) {
     state.committing = true;
     let store = state.args.store.clone();
     let ctx = state.args.ctx.clone();
+    let live = state.args.live.clone();
     let me = myself.clone();
+    let metrics = state.args.registry.metrics.clone();
     tokio::spawn(async move {
-        let head = commit(&store, &ctx, batch).await;
+        let head = commit(&store, &ctx, &live, batch, &metrics).await;
         // If the actor is gone the next one reloads the head from storage anyway.
         let _ = me.send_message(StreamMsg::CommitDone(head));
     });
@@ -195,8 +201,11 @@ fn start_commit(myself: &ActorRef<StreamMsg>, state: &mut StreamState) {
 async fn commit(
     store: &Store,
     ctx: &StreamCtx,
+    live: &LiveHub,
     batch: Vec<(Entry, oneshot::Sender<AppendReply>)>,
+    metrics: &Metrics,
 ) -> Option<Head> {
+    let started = Instant::now();
     let (entries, replies): (Vec<Entry>, Vec<_>) = batch.into_iter().unzip();
     let probe = batch::probe(&entries);
     let result = store
@@ -206,6 +215,9 @@ async fn commit(
         .await;
     match result {
         Ok((plan, outcomes)) => {
+            // Committed: live tails may see it (before the next batch of this stream commits).
+            live.publish(store, ctx.stream_id, &plan.records);
+            metrics.observe_commit(plan.records.len(), started.elapsed());
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let done = outcome.map(|o| match o {
                     EntryOutcome::Appended(range) => Committed {
@@ -227,6 +239,7 @@ async fn commit(
         }
         Err(e) => {
             tracing::warn!(stream_id = ctx.stream_id, error = %e, "batch commit failed");
+            metrics.observe_failed_commit();
             let err = Error::from(e);
             for reply in replies {
                 let _ = reply.send(AppendReply::Done(Err(err.clone())));
@@ -236,10 +249,11 @@ async fn commit(
     }
 }
 
-/// The live stream actors of this instance, by stream id.
+/// The live stream actors of this instance, by stream id, and the metrics every actor feeds.
 #[derive(Default)]
 pub(crate) struct Registry {
     actors: Mutex<HashMap<i64, ActorRef<StreamMsg>>>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Registry {
@@ -282,6 +296,7 @@ pub(crate) async fn actor_for(
     registry: &Arc<Registry>,
     ctx: &Arc<StreamCtx>,
     store: &Store,
+    live: &Arc<LiveHub>,
     limits: ActorLimits,
 ) -> Result<ActorRef<StreamMsg>> {
     if let Some(a) = registry.get(ctx.stream_id) {
@@ -292,6 +307,7 @@ pub(crate) async fn actor_for(
         store: store.clone(),
         limits,
         registry: registry.clone(),
+        live: live.clone(),
     };
     let (actor, _join) = Actor::spawn(None, StreamActor, args)
         .await
@@ -309,11 +325,12 @@ pub(crate) async fn submit(
     registry: &Arc<Registry>,
     ctx: &Arc<StreamCtx>,
     store: &Store,
+    live: &Arc<LiveHub>,
     limits: ActorLimits,
     mut entry: Entry,
 ) -> Result<Committed> {
     loop {
-        let actor = actor_for(registry, ctx, store, limits).await?;
+        let actor = actor_for(registry, ctx, store, live, limits).await?;
         let (tx, rx) = oneshot::channel();
         match actor.send_message(StreamMsg::Append(entry, tx)) {
             Ok(()) => {}

@@ -38,6 +38,10 @@ pub enum ErrorKind {
     InvalidState,
     OauthError,
     RateLimitExceeded,
+    /// A live tail's `afterHash` does not match the stored record (SPEC §6.1).
+    ForkDetected,
+    /// A live subscriber fell too far behind to catch up (WebSocket close 4008).
+    TooSlow,
 }
 
 impl ErrorKind {
@@ -77,6 +81,8 @@ impl ErrorKind {
             InvalidState => "INVALID_STATE",
             OauthError => "OAUTH_ERROR",
             RateLimitExceeded => "RATE_LIMIT_EXCEEDED",
+            ForkDetected => "FORK_DETECTED",
+            TooSlow => "TOO_SLOW",
         }
     }
 }

@@ -1,17 +1,14 @@
 //! Keeping caches right across instances. Every change that can alter a cached answer (a
 //! permission record, an ownership transfer, routing, domains, deleted streams or pods)
-//! invalidates the local cache at once and is published on the invalidation bus (PostgreSQL
-//! `NOTIFY` after commit); each instance listens and drops the same entries. If the listener
+//! invalidates the local cache at once and is published as a [`Notice::Cache`] on the
+//! instances' notice channel (PostgreSQL `NOTIFY` after commit, see `webpods_storage::notify`);
+//! each instance's listener drops the same entries. If the listener
 //! reconnects, messages may have been lost, so everything is dropped. The caches' TTL is only
 //! a safety net. SQLite runs a single instance: there is nothing to publish.
 
-use std::sync::{Arc, Weak};
-
-use webpods_storage::BusEvent;
+use webpods_storage::Notice;
 
 use crate::{Engine, Inner};
-
-const CHANNEL: &str = "webpods_invalidate";
 
 /// What changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +61,8 @@ impl Inner {
         }
     }
 
-    fn clear_all(&self) {
+    /// After a listener reconnect: notices may have been missed.
+    pub(crate) fn clear_all(&self) {
         self.pods.invalidate_all();
         self.streams.invalidate_all();
         self.routes.invalidate_all();
@@ -77,34 +75,21 @@ impl Engine {
     /// Applies a change here and tells the other instances.
     pub(crate) async fn changed(&self, change: Change) {
         self.inner.apply(&change).await;
-        if let Err(e) = self.inner.store.notify(CHANNEL, &change.encode()).await {
+        let notice = Notice::Cache {
+            origin: self.inner.live.origin,
+            change: change.encode(),
+        };
+        if let Err(e) = self.inner.store.notify(&notice).await {
             // The TTL bounds how long other instances may serve the old answer.
             tracing::warn!(error = %e, "could not publish a cache invalidation");
         }
     }
+}
 
-    /// Starts listening for other instances' changes (PostgreSQL only).
-    pub async fn listen_for_changes(&self) -> crate::Result<()> {
-        let Some(mut rx) = self.inner.store.listen(CHANNEL).await? else {
-            return Ok(());
-        };
-        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
-        tokio::spawn(async move {
-            while let Some(event) = rx.recv().await {
-                let Some(inner) = weak.upgrade() else {
-                    return;
-                };
-                match event {
-                    BusEvent::Message(m) => {
-                        if let Some(change) = Change::decode(&m) {
-                            inner.apply(&change).await;
-                        }
-                    }
-                    BusEvent::Reconnected => inner.clear_all(),
-                }
-            }
-        });
-        Ok(())
+/// Applies another instance's change (from the notice listener in [`crate::live`]).
+pub(crate) async fn on_cache_notice(inner: &Inner, change: &str) {
+    if let Some(change) = Change::decode(change) {
+        inner.apply(&change).await;
     }
 }
 

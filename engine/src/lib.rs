@@ -19,7 +19,9 @@ mod error;
 mod graph;
 pub mod hash;
 mod invalidation;
+mod live;
 mod manage;
+pub mod metrics;
 mod model;
 pub mod names;
 mod permissions;
@@ -40,6 +42,7 @@ pub use actor::ActorLimits;
 pub use auth::{AuthSettings, Login, Provider, ProviderConfig, SessionInfo, WhoAmI, provider_list};
 pub use error::{Error, ErrorKind, Result};
 pub use graph::{PodInfo, UserInfo};
+pub use live::{LiveEnd, LiveEvent, LiveLimits, LiveRequest, LiveShutdown, Subscription};
 pub use manage::{StreamListQuery, StreamListing, StreamSummary};
 pub use model::*;
 pub use pod_config::Routes;
@@ -50,6 +53,7 @@ pub use verify::Verification;
 use crate::actor::Registry;
 use crate::batch::{Entry, StreamCtx};
 use crate::clock::{iso8601, now_ms};
+use crate::metrics::CacheKind;
 use crate::names::{check_record_name, check_stream_path, is_system_path, is_valid_pod_name};
 
 /// The stream holding the pod owner, and the name of its records.
@@ -75,6 +79,8 @@ pub struct EngineConfig {
     /// Login providers and session settings (no providers = local mode).
     pub auth: AuthSettings,
     pub rate_limits: RateLimits,
+    /// Live tails (SPEC §6).
+    pub live: LiveLimits,
 }
 
 impl Default for EngineConfig {
@@ -91,6 +97,7 @@ impl Default for EngineConfig {
             cache_ttl: Duration::from_secs(5),
             auth: AuthSettings::default(),
             rate_limits: RateLimits::default(),
+            live: LiveLimits::default(),
         }
     }
 }
@@ -118,6 +125,8 @@ struct Inner {
     config: EngineConfig,
     keys: TokenKeys,
     registry: Arc<Registry>,
+    /// `true` once a graceful shutdown began (see [`Engine::draining`]).
+    draining: tokio::sync::watch::Sender<bool>,
     pods: Cache<String, PodRow>,
     streams: Cache<(i64, String), StreamRow>,
     /// Routing maps by pod name.
@@ -128,6 +137,8 @@ struct Inner {
     perms: Cache<i64, Arc<permissions::PermTable>>,
     /// `None` when rate limiting is off.
     rate: Option<Arc<ratelimit::RateLimiter>>,
+    /// Feeds of committed records for live tails.
+    live: Arc<live::LiveHub>,
 }
 
 impl Engine {
@@ -145,12 +156,14 @@ impl Engine {
             .max_capacity(100_000)
             .time_to_live(config.cache_ttl)
             .build();
+        let live = Arc::new(live::LiveHub::new(config.live));
         Engine {
             inner: Arc::new(Inner {
                 store,
                 config,
                 keys,
                 registry: Arc::new(Registry::default()),
+                draining: tokio::sync::watch::Sender::new(false),
                 pods,
                 streams,
                 routes: Cache::builder()
@@ -166,6 +179,7 @@ impl Engine {
                     .time_to_live(ttl)
                     .build(),
                 rate,
+                live,
             }),
         }
     }
@@ -182,6 +196,33 @@ impl Engine {
     /// Stream actors alive in this instance.
     pub fn active_actors(&self) -> usize {
         self.inner.registry.len()
+    }
+
+    /// This instance's metric registry (frontends count requests and live subscriptions in it).
+    pub fn metrics(&self) -> &Arc<metrics::Metrics> {
+        &self.inner.registry.metrics
+    }
+
+    /// Every metric in the Prometheus text format, with gauges sampled now.
+    pub fn render_metrics(&self) -> String {
+        let pool = self.inner.store.pool_stats();
+        self.metrics().render(&metrics::Snapshot {
+            active_actors: self.active_actors(),
+            pool_connections: pool.connections,
+            pool_idle: pool.idle,
+            pool_max: pool.max,
+        })
+    }
+
+    /// Marks the start of a graceful shutdown: [`Engine::draining`] watchers wake up.
+    pub fn start_draining(&self) {
+        self.inner.draining.send_replace(true);
+    }
+
+    /// Turns `true` when a graceful shutdown begins: long-lived work (live tails) should then
+    /// end (WebSocket close code 1001) so the drain can finish before its deadline.
+    pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.draining.subscribe()
     }
 
     /// Commits everything queued in every stream actor and stops them (graceful shutdown).
@@ -592,7 +633,7 @@ impl Engine {
             path: stream.path.clone(),
         });
         let i = &self.inner;
-        actor::submit(&i.registry, &ctx, &i.store, i.config.actors, entry).await
+        actor::submit(&i.registry, &ctx, &i.store, &i.live, i.config.actors, entry).await
     }
 
     // ----- reads ----------------------------------------------------------------------------
@@ -785,7 +826,10 @@ impl Engine {
         if !is_valid_pod_name(name) {
             return Err(not_found());
         }
-        if let Some(p) = self.inner.pods.get(name).await {
+        let cached = self.inner.pods.get(name).await;
+        self.metrics()
+            .observe_cache(CacheKind::Pods, cached.is_some());
+        if let Some(p) = cached {
             return Ok(p);
         }
         let pod = self
@@ -800,7 +844,10 @@ impl Engine {
 
     async fn stream(&self, pod: &PodRow, path: &str) -> Result<Option<StreamRow>> {
         let key = (pod.id, path.to_string());
-        if let Some(s) = self.inner.streams.get(&key).await {
+        let cached = self.inner.streams.get(&key).await;
+        self.metrics()
+            .observe_cache(CacheKind::Streams, cached.is_some());
+        if let Some(s) = cached {
             return Ok(Some(s));
         }
         let found = self.inner.store.get_stream(pod.id, path).await?;

@@ -10,6 +10,7 @@ use webpods_storage::DomainsOutcome;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::invalidation::Change;
+use crate::metrics::CacheKind;
 use crate::model::Caller;
 use crate::names::check_stream_path;
 use crate::{Engine, require_owner};
@@ -60,7 +61,10 @@ impl Engine {
 
     /// The target a GET of `path` (with leading slash) is routed to, if any.
     pub async fn route(&self, pod: &str, path: &str) -> Result<Option<String>> {
-        let routes = match self.inner.routes.get(pod).await {
+        let cached = self.inner.routes.get(pod).await;
+        self.metrics()
+            .observe_cache(CacheKind::Routes, cached.is_some());
+        let routes = match cached {
             Some(r) => r,
             None => {
                 let pod_row = self.pod(pod).await?;
@@ -132,7 +136,10 @@ impl Engine {
 
     /// The pod a custom domain serves.
     pub async fn pod_for_domain(&self, host: &str) -> Result<Option<String>> {
-        if let Some(hit) = self.inner.domains.get(host).await {
+        let cached = self.inner.domains.get(host).await;
+        self.metrics()
+            .observe_cache(CacheKind::Domains, cached.is_some());
+        if let Some(hit) = cached {
             return Ok(hit);
         }
         let pod = self.inner.store.pod_for_domain(host).await?.map(|p| p.name);

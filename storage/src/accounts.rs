@@ -1,10 +1,7 @@
-//! Accounts and cross-instance coordination: identities, login sessions, single-use OAuth
-//! states, permission records, rate-limit counters, and the invalidation bus (PostgreSQL
-//! `LISTEN`/`NOTIFY`; a no-op on single-instance SQLite).
+//! Accounts: identities, login sessions, single-use OAuth states, permission records and
+//! rate-limit counters.
 
 use sqlx::Row;
-use sqlx::postgres::{PgListener, PgPoolOptions};
-use tokio::sync::mpsc;
 
 use crate::{PgStore, RECORD_COLUMNS, RecordRow, Result, SqliteStore, Store};
 
@@ -42,14 +39,6 @@ pub struct RateDelta {
     pub action: String,
     pub slice: i64,
     pub count: i64,
-}
-
-/// What arrives from the invalidation bus.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BusEvent {
-    Message(String),
-    /// The listener lost its connection and reconnected: messages may have been missed.
-    Reconnected,
 }
 
 macro_rules! dispatch {
@@ -108,63 +97,6 @@ impl Store {
         since: i64,
     ) -> Result<Vec<(String, String, i64)>> {
         dispatch!(self, s => s.add_rate_counts(deltas, keys, since).await)
-    }
-
-    /// Publishes a message on the invalidation bus (after the change committed).
-    pub async fn notify(&self, channel: &str, payload: &str) -> Result<()> {
-        match self {
-            Store::Postgres(s) => {
-                sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(channel)
-                    .bind(payload)
-                    .execute(&s.pool)
-                    .await?;
-                Ok(())
-            }
-            Store::Sqlite(_) => Ok(()),
-        }
-    }
-
-    /// Listens on a channel. `None` on SQLite, where there is only one instance.
-    pub async fn listen(&self, channel: &str) -> Result<Option<mpsc::Receiver<BusEvent>>> {
-        let Store::Postgres(s) = self else {
-            return Ok(None);
-        };
-        // A connection of its own (not one of the pool's), so closing the pool never waits
-        // for the listener; the one-connection pool only serves reconnection.
-        let own = PgPoolOptions::new()
-            .max_connections(1)
-            .max_lifetime(None)
-            .idle_timeout(None)
-            .connect_with((*s.pool.connect_options()).clone())
-            .await?;
-        let mut listener = PgListener::connect_with(&own).await?;
-        listener.listen(channel).await?;
-        let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(async move {
-            loop {
-                let received = tokio::select! {
-                    r = listener.try_recv() => r,
-                    // Nobody listens any more (the engine was dropped).
-                    () = tx.closed() => break,
-                };
-                let event = match received {
-                    Ok(Some(n)) => BusEvent::Message(n.payload().to_string()),
-                    // The connection dropped; the next call reconnects and re-listens.
-                    Ok(None) => BusEvent::Reconnected,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "invalidation listener failed; retrying");
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                        BusEvent::Reconnected
-                    }
-                };
-                if tx.send(event).await.is_err() {
-                    break;
-                }
-            }
-            own.close().await;
-        });
-        Ok(Some(rx))
     }
 }
 

@@ -16,6 +16,7 @@
 //!   stream creation both check the other side while holding the parent stream's row lock.
 
 mod accounts;
+mod notify;
 mod postgres;
 mod sqlite;
 
@@ -28,7 +29,8 @@ const STREAM_COLUMNS: &str = "id, pod_id, parent_id, path, name, access, creator
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-pub use accounts::{BusEvent, IdentityRow, OAuthStateRow, RateDelta, SessionRow};
+pub use accounts::{IdentityRow, OAuthStateRow, RateDelta, SessionRow};
+pub use notify::{CHANNEL, Notice};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -79,10 +81,12 @@ impl From<sqlx::Error> for Error {
         let unavailable = match &e {
             E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => true,
             E::Protocol(_) => true,
-            // SQLSTATE class 08 = connection exception; 57P0x = server shutting down.
+            // SQLSTATE class 08 = connection exception; 57P0x = server shutting down;
+            // 57014 = statement cancelled (statement_timeout): the database is too slow or a
+            // lock is held too long right now — retryable, not our bug.
             E::Database(db) => db
                 .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P0")),
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P0") || c == "57014"),
             _ => false,
         };
         if unavailable {
@@ -102,6 +106,9 @@ pub struct StoreOptions {
     pub max_connections: u32,
     /// How long to wait for a pooled connection before failing with [`Error::Unavailable`].
     pub acquire_timeout: Duration,
+    /// PostgreSQL `statement_timeout` (and `idle_in_transaction_session_timeout`) of every
+    /// connection (`None`: the server's settings).
+    pub statement_timeout: Option<Duration>,
 }
 
 impl Default for StoreOptions {
@@ -109,8 +116,19 @@ impl Default for StoreOptions {
         Self {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Some(Duration::from_secs(30)),
         }
     }
+}
+
+/// Connection-pool usage at one instant (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Open connections, in use or idle.
+    pub connections: u64,
+    pub idle: u64,
+    /// Most connections the pool(s) may open.
+    pub max: u64,
 }
 
 /// A user account.
@@ -327,6 +345,11 @@ impl Store {
         dispatch!(self, s => s.ping().await)
     }
 
+    /// Connection-pool usage now (SQLite: the writer and the readers together).
+    pub fn pool_stats(&self) -> PoolStats {
+        dispatch!(self, s => s.pool_stats())
+    }
+
     /// Closes every pooled connection.
     pub async fn close(&self) {
         dispatch!(self, s => s.close().await)
@@ -455,6 +478,40 @@ impl Store {
     /// The pod a custom domain serves.
     pub async fn pod_for_domain(&self, domain: &str) -> Result<Option<PodRow>> {
         dispatch!(self, s => s.pod_for_domain(domain).await)
+    }
+
+    /// Tells every instance about a change (PostgreSQL `NOTIFY`, sent outside any transaction;
+    /// a no-op on SQLite, which serves one instance).
+    pub async fn notify(&self, notice: &Notice) -> Result<()> {
+        match self {
+            Store::Postgres(s) => s.notify(notice).await,
+            Store::Sqlite(_) => Ok(()),
+        }
+    }
+
+    /// Notices from every instance, from a listener task that reconnects by itself; `None` on
+    /// SQLite (one instance: nothing to hear).
+    pub fn notices(&self) -> Option<tokio::sync::mpsc::Receiver<Notice>> {
+        match self {
+            Store::Postgres(s) => Some(s.listen()),
+            Store::Sqlite(_) => None,
+        }
+    }
+
+    /// `(stream id, head index)` of each existing stream among `ids`.
+    pub async fn stream_heads(&self, ids: &[i64]) -> Result<Vec<(i64, i64)>> {
+        match self {
+            Store::Postgres(s) => s.stream_heads(ids).await,
+            Store::Sqlite(s) => {
+                let mut out = Vec::with_capacity(ids.len());
+                for &id in ids {
+                    if let Some(h) = s.stream_head(id).await? {
+                        out.push((id, h.index));
+                    }
+                }
+                Ok(out)
+            }
+        }
     }
 }
 

@@ -2,14 +2,15 @@
 //! stream row locked with `FOR UPDATE` so that instances sharing the database serialize on it.
 
 use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{FromRow, Postgres, Row, Transaction};
 
 use crate::{
     BatchContext, BatchPlan, BatchProbe, CreateStream, DomainsOutcome, Error, Head, NewStream,
-    PodRow, RECORD_COLUMNS, RecordRange, RecordRow, Result, STREAM_COLUMNS, StoreOptions,
-    StreamRow, UserRow, unique_clause,
+    PodRow, PoolStats, RECORD_COLUMNS, RecordRange, RecordRow, Result, STREAM_COLUMNS,
+    StoreOptions, StreamRow, UserRow, unique_clause,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -23,10 +24,24 @@ pub struct PgStore {
 
 impl PgStore {
     pub(crate) async fn connect(url: &str, options: &StoreOptions) -> Result<Self> {
+        let mut connect = PgConnectOptions::from_str(url).map_err(|e| match e {
+            sqlx::Error::Configuration(c) => Error::InvalidUrl(c.to_string()),
+            other => Error::from(other),
+        })?;
+        if let Some(t) = options.statement_timeout {
+            // A runaway statement, or a wait for a stream's row lock, is cancelled by the server
+            // instead of holding a connection forever; a transaction left open by a client
+            // that vanished (it never idles in one otherwise) releases its locks too.
+            let ms = format!("{}ms", t.as_millis());
+            connect = connect.options([
+                ("statement_timeout", ms.as_str()),
+                ("idle_in_transaction_session_timeout", ms.as_str()),
+            ]);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(2))
             .acquire_timeout(options.acquire_timeout)
-            .connect(url)
+            .connect_with(connect)
             .await?;
         Ok(Self {
             pool,
@@ -34,13 +49,31 @@ impl PgStore {
         })
     }
 
+    pub(crate) fn pool_stats(&self) -> PoolStats {
+        PoolStats {
+            connections: u64::from(self.pool.size()),
+            idle: self.pool.num_idle() as u64,
+            max: u64::from(self.pool.options().get_max_connections()),
+        }
+    }
+
     /// The pool, for tests and benchmarks that inspect the database directly.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
+    /// Migrations run on a connection of their own, taken out of the pool, without the
+    /// statement timeouts: a migration on a large database may rightly take longer.
     pub(crate) async fn migrate(&self) -> Result<()> {
-        MIGRATOR.run(&self.pool).await?;
+        let mut conn = self.pool.acquire().await?.detach();
+        sqlx::Executor::execute(
+            &mut conn,
+            "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0",
+        )
+        .await?;
+        let result = MIGRATOR.run_direct(None, &mut conn, false).await;
+        let _ = sqlx::Connection::close(conn).await;
+        result?;
         Ok(())
     }
 

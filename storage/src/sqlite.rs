@@ -14,8 +14,8 @@ use sqlx::{FromRow, QueryBuilder, Row, Sqlite, Transaction};
 
 use crate::{
     BatchContext, BatchPlan, BatchProbe, CreateStream, DomainsOutcome, Error, Head, NewStream,
-    PodRow, RECORD_COLUMNS, RecordRange, RecordRow, Result, STREAM_COLUMNS, StoreOptions,
-    StreamRow, UserRow, unique_clause,
+    PodRow, PoolStats, RECORD_COLUMNS, RecordRange, RecordRow, Result, STREAM_COLUMNS,
+    StoreOptions, StreamRow, UserRow, unique_clause,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -54,6 +54,18 @@ impl SqliteStore {
             readers,
             queries: Default::default(),
         })
+    }
+
+    pub(crate) fn pool_stats(&self) -> PoolStats {
+        let pools = [&self.writer, &self.readers];
+        PoolStats {
+            connections: pools.iter().map(|p| u64::from(p.size())).sum(),
+            idle: pools.iter().map(|p| p.num_idle() as u64).sum(),
+            max: pools
+                .iter()
+                .map(|p| u64::from(p.options().get_max_connections()))
+                .sum(),
+        }
     }
 
     pub(crate) async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {

@@ -54,6 +54,7 @@ async fn the_document_matches_the_routes() {
         ("GET", "/health"),
         ("GET", "/live"),
         ("GET", "/ready"),
+        ("GET", "/metrics"),
         ("GET", "/openapi.json"),
         ("GET", "/api/pods"),
         ("POST", "/api/pods"),

@@ -1,0 +1,275 @@
+//! `GET /ws` on the main domain (SPEC §6.2): many subscriptions on one socket.
+//!
+//! Client → server: `{"type":"auth","token":…}`, `{"type":"subscribe","id","pod","stream",
+//! "after"?,"afterHash"?}`, `{"type":"unsubscribe","id"}`. Server → client: `subscribed`,
+//! `record`, `caughtUp` and `error`, tagged with the subscription's `id` (an `error` without `id`
+//! is about the connection or a message that could not be read).
+//!
+//! Each subscription runs in its own task and hands frames to this connection's writer through
+//! one bounded channel; frames of a subscription that was unsubscribed meanwhile are dropped
+//! (subscriptions are told apart by a generation number, so reusing an id is safe).
+
+use std::collections::HashMap;
+
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use webpods_api_rest::token_of;
+use webpods_engine::{Caller, Engine, Error, ErrorKind, LiveRequest};
+
+use crate::{
+    LiveState, Out, SocketGuard, authenticate, close, close_code, close_too_slow, error_frame,
+    pump, send_timed, subscribed_frame,
+};
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+enum ClientMsg {
+    Auth {
+        token: String,
+    },
+    Subscribe {
+        id: String,
+        pod: String,
+        #[serde(default)]
+        stream: String,
+        #[serde(default)]
+        after: Option<i64>,
+        #[serde(default, rename = "afterHash")]
+        after_hash: Option<String>,
+        #[serde(default)]
+        recursive: bool,
+    },
+    Unsubscribe {
+        id: String,
+    },
+}
+
+pub(crate) async fn handle(
+    State(st): State<LiveState>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let auth = authenticate(&st.engine, token_of(&headers, false).as_deref());
+    st.upgrade(ws)
+        .on_upgrade(move |socket| run(st, socket, auth))
+}
+
+/// One connection's state, owned by its writer loop.
+struct Conn {
+    engine: Engine,
+    caller: Caller,
+    expiry: Option<i64>,
+    max_subscriptions: usize,
+    /// Subscription id → (generation, task).
+    subs: HashMap<String, (u64, JoinHandle<()>)>,
+    generation: u64,
+    tx: mpsc::Sender<Out>,
+}
+
+async fn run(st: LiveState, socket: WebSocket, auth: Result<(Caller, Option<i64>), Error>) {
+    let _guard = SocketGuard::new(&st.sockets);
+    let cfg = st.config.clone();
+    let (mut sink, mut stream) = socket.split();
+    let (caller, expiry) = match auth {
+        Ok(a) => a,
+        Err(e) => {
+            let frame = Message::Text(error_frame(None, &e).into());
+            if send_timed(&mut sink, frame, &cfg).await {
+                close(&mut sink, close_code(&e), e.kind().code()).await;
+            }
+            return;
+        }
+    };
+    let (tx, mut rx) = mpsc::channel::<Out>(64);
+    let mut conn = Conn {
+        engine: st.engine.clone(),
+        caller,
+        expiry,
+        max_subscriptions: cfg.max_subscriptions_per_connection,
+        subs: HashMap::new(),
+        generation: 0,
+        tx,
+    };
+    let mut shutdown = st.engine.live_shutdown();
+    let mut ping = tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
+    let mut last_seen = Instant::now();
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.wait() => {
+                close(&mut sink, 1001, "server shutting down").await;
+                break;
+            }
+            out = rx.recv() => match out {
+                Some(Out::Text(tag, text)) => {
+                    let current = tag.as_ref().is_none_or(|(id, g)| {
+                        conn.subs.get(id).is_some_and(|(cur, _)| cur == g)
+                    });
+                    if current && !send_timed(&mut sink, Message::Text(text.into()), &cfg).await {
+                        close_too_slow(&mut sink, &cfg).await;
+                        break;
+                    }
+                }
+                Some(Out::Close(code, reason)) => {
+                    close(&mut sink, code, reason).await;
+                    break;
+                }
+                Some(Out::Ended(id, g)) => {
+                    if conn.subs.get(&id).is_some_and(|(cur, _)| *cur == g) {
+                        conn.subs.remove(&id);
+                    }
+                }
+                None => break,
+            },
+            msg = stream.next() => {
+                last_seen = Instant::now();
+                match msg {
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                    Some(Ok(Message::Text(text))) => {
+                        if let Some(reply) = conn.on_message(text.as_str())
+                            && !send_timed(&mut sink, Message::Text(reply.into()), &cfg).await
+                        {
+                            close_too_slow(&mut sink, &cfg).await;
+                            break;
+                        }
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        let e = Error::new(ErrorKind::InvalidInput, "send JSON text frames");
+                        let reply = Message::Text(error_frame(None, &e).into());
+                        if !send_timed(&mut sink, reply, &cfg).await {
+                            break;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                }
+            }
+            _ = ping.tick() => {
+                if last_seen.elapsed() >= cfg.idle_timeout {
+                    close(&mut sink, 1000, "idle timeout").await;
+                    break;
+                }
+                if !send_timed(&mut sink, Message::Ping(Default::default()), &cfg).await {
+                    close_too_slow(&mut sink, &cfg).await;
+                    break;
+                }
+            }
+        }
+    }
+    for (_, (_, task)) in conn.subs.drain() {
+        task.abort();
+    }
+}
+
+impl Conn {
+    /// Handles one client message; returns an immediate answer (an error) if there is one.
+    fn on_message(&mut self, text: &str) -> Option<String> {
+        let msg: ClientMsg = match serde_json::from_str(text) {
+            Ok(m) => m,
+            Err(e) => {
+                // Tag the error with the message's id when it has a readable one.
+                let id = serde_json::from_str::<serde_json::Value>(text)
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string));
+                let err = Error::new(ErrorKind::InvalidInput, format!("bad message: {e}"));
+                return Some(error_frame(id.as_deref(), &err));
+            }
+        };
+        match msg {
+            ClientMsg::Auth { token } => match authenticate(&self.engine, Some(&token)) {
+                Ok((caller, expiry)) => {
+                    self.caller = caller;
+                    self.expiry = expiry;
+                    None
+                }
+                Err(e) => Some(error_frame(None, &e)),
+            },
+            ClientMsg::Unsubscribe { id } => match self.subs.remove(&id) {
+                Some((_, task)) => {
+                    task.abort();
+                    None
+                }
+                None => Some(error_frame(
+                    Some(&id),
+                    &Error::new(ErrorKind::NotFound, "no subscription with this id"),
+                )),
+            },
+            ClientMsg::Subscribe {
+                id,
+                pod,
+                stream,
+                after,
+                after_hash,
+                recursive,
+            } => {
+                let refuse = |msg: String| {
+                    Some(error_frame(
+                        Some(&id),
+                        &Error::new(ErrorKind::InvalidInput, msg),
+                    ))
+                };
+                if recursive {
+                    return refuse("recursive live subscriptions are not supported".into());
+                }
+                if self.subs.contains_key(&id) {
+                    return refuse(format!("subscription id {id:?} is in use"));
+                }
+                if self.subs.len() >= self.max_subscriptions {
+                    return refuse(format!(
+                        "at most {} subscriptions per connection",
+                        self.max_subscriptions
+                    ));
+                }
+                self.generation += 1;
+                let tag = (id.clone(), self.generation);
+                let req = LiveRequest {
+                    after,
+                    after_hash,
+                    token_expires_at: self.expiry,
+                };
+                let task = tokio::spawn(subscription(
+                    self.engine.clone(),
+                    self.caller.clone(),
+                    pod,
+                    stream.trim_matches('/').to_string(),
+                    req,
+                    tag.clone(),
+                    self.tx.clone(),
+                ));
+                self.subs.insert(id, (tag.1, task));
+                None
+            }
+        }
+    }
+}
+
+/// Opens one subscription and pumps it.
+async fn subscription(
+    engine: Engine,
+    caller: Caller,
+    pod: String,
+    stream: String,
+    req: LiveRequest,
+    tag: (String, u64),
+    tx: mpsc::Sender<Out>,
+) {
+    match engine.subscribe(&caller, &pod, &stream, req).await {
+        Ok(sub) => {
+            let frame = subscribed_frame(&tag.0, sub.head_index());
+            if tx.send(Out::Text(Some(tag.clone()), frame)).await.is_ok() {
+                pump(sub, Some(tag), tx, false).await;
+            }
+        }
+        Err(e) => {
+            let frame = error_frame(Some(&tag.0), &e);
+            let _ = tx.send(Out::Text(Some(tag.clone()), frame)).await;
+            let _ = tx.send(Out::Ended(tag.0, tag.1)).await;
+        }
+    }
+}

@@ -1,0 +1,895 @@
+//! Live tails (SPEC §6) over real WebSockets and real SSE: no gap and no duplicate across the
+//! catch-up/live boundary and reconnects, slow subscribers, revocation, forks, several
+//! instances, `/ws` multiplexing, shutdown.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, Stream, StreamExt};
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use webpods_engine::{AppendRequest, LiveEvent, LiveRequest, NewRecord, Scope};
+
+use crate::both_backends;
+use crate::support::{Backend, TestApp, fresh_database};
+
+both_backends!(
+    thousand_records_twenty_subscribers,
+    slow_subscriber_does_not_slow_writers,
+    lagging_subscription_reads_from_storage,
+    revoked_reader_gets_forbidden,
+    expired_token_ends_the_tail,
+    after_hash_detects_forks,
+    sse_resumes_from_last_event_id,
+    multiplexed_ws,
+    shutdown_closes_tails_with_1001,
+);
+
+// ----- clients ----------------------------------------------------------------------------------
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+const FRAME_WAIT: Duration = Duration::from_secs(30);
+
+async fn ws_connect(app: &TestApp, host: &str, path: &str, token: Option<&str>) -> Ws {
+    let mut req = format!("ws://{}{}", app.addr, path)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert("host", host.parse().unwrap());
+    if let Some(t) = token {
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true)
+        .await
+        .expect("websocket handshake");
+    ws
+}
+
+/// A single-stream tail on a pod host.
+async fn tail(app: &TestApp, pod: &str, path_and_query: &str) -> Ws {
+    ws_connect(
+        app,
+        &format!("{pod}.localhost"),
+        path_and_query,
+        Some(&app.token),
+    )
+    .await
+}
+
+#[derive(Debug)]
+enum Frame {
+    Json(Value),
+    Closed(Option<u16>),
+}
+
+async fn next_frame(ws: &mut Ws) -> Frame {
+    loop {
+        let msg = tokio::time::timeout(FRAME_WAIT, ws.next())
+            .await
+            .expect("a frame in time");
+        match msg {
+            Some(Ok(Message::Text(t))) => return Frame::Json(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Close(c))) => return Frame::Closed(c.map(|c| u16::from(c.code))),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return Frame::Closed(None),
+        }
+    }
+}
+
+async fn next_json(ws: &mut Ws) -> Value {
+    match next_frame(ws).await {
+        Frame::Json(v) => v,
+        other => panic!("expected a frame, got {other:?}"),
+    }
+}
+
+/// Reads records until `until` (inclusive), checking they continue exactly from `next`, with at
+/// most one `caughtUp` on the way. Returns the next expected index.
+async fn read_records(ws: &mut Ws, mut next: i64, until: i64) -> i64 {
+    while next <= until {
+        let f = next_json(ws).await;
+        match f["type"].as_str() {
+            Some("record") => {
+                assert_eq!(f["record"]["index"].as_i64(), Some(next), "{f}");
+                next += 1;
+            }
+            Some("caughtUp") => assert!(f["nextIndex"].as_i64().unwrap() <= next + 1, "{f}"),
+            _ => panic!("unexpected frame {f}"),
+        }
+    }
+    next
+}
+
+/// A Server-Sent Events reader over a streaming reqwest response.
+struct SseReader {
+    body: Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buf: String,
+}
+
+#[derive(Debug, Default)]
+struct SseEvent {
+    id: Option<String>,
+    event: String,
+    data: String,
+}
+
+impl SseReader {
+    async fn open(app: &TestApp, pod: &str, path: &str, last_event_id: Option<i64>) -> SseReader {
+        let mut req = app
+            .pod(Method::GET, pod, path)
+            .bearer_auth(&app.token)
+            .header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id.to_string());
+        }
+        let r = req.send().await.expect("sse request");
+        assert_eq!(r.status(), 200);
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        SseReader {
+            body: Box::pin(r.bytes_stream()),
+            buf: String::new(),
+        }
+    }
+
+    /// The next event (comments skipped); `None` when the response ended.
+    async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut ev = SseEvent::default();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        ev.id = Some(v.trim().to_string());
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        ev.event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        ev.data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                    }
+                }
+                if ev.event.is_empty() && ev.data.is_empty() {
+                    continue; // heartbeat comment
+                }
+                return Some(ev);
+            }
+            let chunk = tokio::time::timeout(FRAME_WAIT, self.body.next())
+                .await
+                .expect("an SSE chunk in time")?
+                .ok()?;
+            self.buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+
+    async fn read_records(&mut self, mut next: i64, until: i64) -> i64 {
+        while next <= until {
+            let ev = self.next().await.expect("sse event");
+            match ev.event.as_str() {
+                "record" => {
+                    let r: Value = serde_json::from_str(&ev.data).unwrap();
+                    assert_eq!(r["index"].as_i64(), Some(next), "{r}");
+                    assert_eq!(ev.id, Some(next.to_string()));
+                    next += 1;
+                }
+                "caughtUp" => {}
+                other => panic!("unexpected event {other}: {}", ev.data),
+            }
+        }
+        next
+    }
+}
+
+/// Appends `total` records to `pod/stream` through `writers` concurrent HTTP writers, counting
+/// them in `done`.
+fn spawn_writers(
+    app: &TestApp,
+    pod: &str,
+    stream: &str,
+    total: i64,
+    writers: i64,
+    done: Arc<AtomicI64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..writers)
+        .map(|w| {
+            let (http, addr, token) = (app.http.clone(), app.addr, app.token.clone());
+            let (pod, stream, done) = (pod.to_string(), stream.to_string(), done.clone());
+            tokio::spawn(async move {
+                for i in 0..total / writers {
+                    let r = http
+                        .post(format!("http://{addr}/{stream}/w{w}-{i}"))
+                        .header("host", format!("{pod}.localhost"))
+                        .bearer_auth(&token)
+                        .header("content-type", "text/plain")
+                        .body(format!("writer {w} record {i}"))
+                        .send()
+                        .await
+                        .expect("append");
+                    assert_eq!(r.status(), 201);
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect()
+}
+
+async fn wait_until(done: &AtomicI64, n: i64) {
+    while done.load(Ordering::SeqCst) < n {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ----- tests ------------------------------------------------------------------------------------
+
+/// 1,000 records from 8 writers; 20 subscribers (WebSocket and SSE), some from the start, some
+/// joining mid-way, some reconnecting with `after` / `Last-Event-ID`: each sees exactly 0..999.
+async fn thousand_records_twenty_subscribers(backend: Backend) {
+    const TOTAL: i64 = 1000;
+    let app = Arc::new(TestApp::spawn(backend).await);
+    app.create_pod("live").await;
+    app.append("live", "/feed/seed", "first").await; // index 0 exists before anyone joins
+    let done = Arc::new(AtomicI64::new(1));
+    let mut subs = Vec::new();
+    // 6 WebSocket + 2 SSE subscribers from the start.
+    for k in 0..8 {
+        let app = app.clone();
+        let ws = if k < 6 {
+            Some(tail(&app, "live", "/feed").await)
+        } else {
+            None
+        };
+        let sse = if k >= 6 {
+            Some(SseReader::open(&app, "live", "/feed", None).await)
+        } else {
+            None
+        };
+        subs.push(tokio::spawn(async move {
+            match (ws, sse) {
+                (Some(mut ws), _) => assert_eq!(read_records(&mut ws, 0, TOTAL - 1).await, TOTAL),
+                (_, Some(mut s)) => assert_eq!(s.read_records(0, TOTAL - 1).await, TOTAL),
+                _ => unreachable!(),
+            }
+        }));
+    }
+    // 5 WebSocket + 1 SSE subscribers that drop the connection at some index and resume.
+    for k in 0..6i64 {
+        let app = app.clone();
+        let cut = 100 + k * 120;
+        if k < 5 {
+            let mut ws = tail(&app, "live", "/feed").await;
+            subs.push(tokio::spawn(async move {
+                let next = read_records(&mut ws, 0, cut).await;
+                drop(ws);
+                let mut ws = tail(&app, "live", &format!("/feed?after={}", next - 1)).await;
+                assert_eq!(read_records(&mut ws, next, TOTAL - 1).await, TOTAL);
+            }));
+        } else {
+            let mut s = SseReader::open(&app, "live", "/feed", None).await;
+            subs.push(tokio::spawn(async move {
+                let next = s.read_records(0, cut).await;
+                drop(s);
+                let mut s = SseReader::open(&app, "live", "/feed", Some(next - 1)).await;
+                assert_eq!(s.read_records(next, TOTAL - 1).await, TOTAL);
+            }));
+        }
+    }
+    let writers = spawn_writers(&app, "live", "feed", TOTAL - 1, 9, done.clone());
+    // 5 WebSocket + 1 SSE subscribers joining mid-way.
+    for k in 0..6i64 {
+        let (app, done) = (app.clone(), done.clone());
+        subs.push(tokio::spawn(async move {
+            wait_until(&done, 200 + k * 100).await;
+            if k < 5 {
+                let mut ws = tail(&app, "live", "/feed").await;
+                assert_eq!(read_records(&mut ws, 0, TOTAL - 1).await, TOTAL);
+            } else {
+                let mut s = SseReader::open(&app, "live", "/feed", None).await;
+                assert_eq!(s.read_records(0, TOTAL - 1).await, TOTAL);
+            }
+        }));
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    assert_eq!(done.load(Ordering::SeqCst), TOTAL);
+    assert_eq!(subs.len(), 20);
+    for s in subs {
+        s.await.expect("subscriber");
+    }
+    assert!(app.engine.live_subscriptions() <= 20);
+}
+
+/// A subscriber that stops reading does not hold the writers back, and later either catches up
+/// without loss or is told it was too slow (close 4008) — never a silent gap.
+async fn slow_subscriber_does_not_slow_writers(backend: Backend) {
+    let url = fresh_database(backend).await;
+    let app = TestApp::spawn_on(&url, &[("WEBPODS_LIVE_MAX_BEHIND", "100")]).await;
+    app.create_pod("slow").await;
+    app.append("slow", "/big/r", "x").await;
+    // A client with a tiny receive buffer, so that the server's writes stall early.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(app.addr).await.unwrap();
+    let mut req = format!("ws://{}/big", app.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("host", "slow.localhost".parse().unwrap());
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", app.token).parse().unwrap(),
+    );
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+    assert_eq!(read_records(&mut ws, 0, 0).await, 1);
+    assert_eq!(next_json(&mut ws).await["type"], "caughtUp");
+    // Baseline: the same writes to another stream nobody tails.
+    let payload = "y".repeat(16 * 1024);
+    let baseline = write_big(&app, "slow", "other", &payload).await;
+    // Now stop reading while 3 MB of records are written to the tailed stream.
+    let writing = write_big(&app, "slow", "big", &payload).await;
+    // Resume reading: a gap-free continuation, ending at 200 or with 4008.
+    let mut next = 1;
+    loop {
+        match next_frame(&mut ws).await {
+            Frame::Json(f) if f["type"] == "record" => {
+                assert_eq!(
+                    f["record"]["index"].as_i64(),
+                    Some(next),
+                    "no gap, no duplicate"
+                );
+                next += 1;
+                if next == 201 {
+                    break;
+                }
+            }
+            Frame::Json(f) if f["type"] == "error" => {
+                assert_eq!(f["error"]["code"], "TOO_SLOW", "{f}");
+            }
+            Frame::Json(f) => panic!("unexpected {f}"),
+            Frame::Closed(code) => {
+                assert_eq!(code, Some(4008), "closed after {next} records");
+                break;
+            }
+        }
+    }
+    eprintln!(
+        "slow subscriber: writes took {writing:?} (baseline {baseline:?}); it got {next} records"
+    );
+    assert!(
+        writing < baseline * 3 + Duration::from_secs(3),
+        "{writing:?} vs {baseline:?}"
+    );
+    app.stop().await;
+}
+
+/// 200 appends of `payload` by 4 concurrent writers; returns how long they took.
+async fn write_big(app: &TestApp, pod: &str, stream: &str, payload: &str) -> Duration {
+    let started = Instant::now();
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (http, addr, token) = (app.http.clone(), app.addr, app.token.clone());
+        let (payload, pod, stream) = (payload.to_string(), pod.to_string(), stream.to_string());
+        writers.push(tokio::spawn(async move {
+            for i in 0..50 {
+                let r = http
+                    .post(format!("http://{addr}/{stream}/w{w}-{i}"))
+                    .header("host", format!("{pod}.localhost"))
+                    .bearer_auth(&token)
+                    .header("content-type", "text/plain")
+                    .body(payload.clone())
+                    .send()
+                    .await
+                    .expect("append");
+                assert_eq!(r.status(), 201);
+            }
+        }));
+    }
+    for w in writers {
+        // The writers finish while the subscriber still reads nothing.
+        tokio::time::timeout(Duration::from_secs(60), w)
+            .await
+            .expect("writers are not held back by a slow subscriber")
+            .expect("writer");
+    }
+    started.elapsed()
+}
+
+/// Engine subscriptions nobody polls lag behind their feed: once polled they read the missed
+/// records from storage, in order, with nothing lost — or, too far behind, end with TOO_SLOW.
+async fn lagging_subscription_reads_from_storage(backend: Backend) {
+    let url = fresh_database(backend).await;
+    let app = TestApp::spawn_on(&url, &[("WEBPODS_LIVE_MAX_BEHIND", "400")]).await;
+    app.create_pod("lag").await;
+    app.append("lag", "/s/first", "0").await;
+    let caller = app.engine.authenticate(Some(&app.token)).unwrap();
+    let subscribe = || {
+        app.engine
+            .subscribe(&caller, "lag", "s", LiveRequest::default())
+    };
+    let (mut polled, mut idle) = (subscribe().await.unwrap(), subscribe().await.unwrap());
+    // `idle` reads its history (record 0), then stops polling while live.
+    assert!(matches!(idle.next().await, Ok(LiveEvent::Record(_))));
+    assert!(matches!(
+        idle.next().await,
+        Ok(LiveEvent::CaughtUp { next_index: 1 })
+    ));
+    let append = |i: i64| {
+        let req = AppendRequest {
+            records: vec![NewRecord {
+                name: format!("r{i}"),
+                content: bytes::Bytes::from(format!("{i}")),
+                content_type: "text/plain".into(),
+                headers: Default::default(),
+                deleted: false,
+            }],
+            precondition: None,
+            idempotency_key: None,
+            access: None,
+        };
+        let (engine, caller) = (app.engine.clone(), caller.clone());
+        async move { engine.append(&caller, "lag", "s", req).await.unwrap() }
+    };
+    async fn drain(sub: &mut webpods_engine::Subscription, mut next: i64, until: i64) -> i64 {
+        while next <= until {
+            match tokio::time::timeout(FRAME_WAIT, sub.next()).await.unwrap() {
+                Ok(LiveEvent::Record(r)) => {
+                    assert_eq!(r.row.index, next);
+                    next += 1;
+                }
+                Ok(LiveEvent::CaughtUp { .. }) => {}
+                Err(e) => panic!("ended: {e:?}"),
+            }
+        }
+        next
+    }
+    // 300 single-record commits overflow the feed (256 batches) of both subscriptions.
+    for i in 1..=300 {
+        append(i).await;
+    }
+    let next = drain(&mut polled, 0, 300).await;
+    for i in 301..=600 {
+        append(i).await;
+    }
+    assert_eq!(drain(&mut polled, next, 600).await, 601);
+    // The other one read nothing live: 600 behind > 400 allowed.
+    match idle.next().await {
+        Err(webpods_engine::LiveEnd::Error(e)) => assert_eq!(e.kind().code(), "TOO_SLOW"),
+        other => panic!("expected TOO_SLOW, got {other:?}"),
+    }
+    assert_eq!(app.engine.live_subscriptions(), 2);
+    drop((polled, idle));
+    assert_eq!(app.engine.live_subscriptions(), 0);
+}
+
+/// Ownership moves away from a reader of a private stream: its tail gets FORBIDDEN and ends.
+async fn revoked_reader_gets_forbidden(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("rev").await;
+    let r = app
+        .pod(Method::POST, "rev", "/secret/a?access=private")
+        .bearer_auth(&app.token)
+        .header("content-type", "text/plain")
+        .body("hidden")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let (bob, bob_token) = app.user("bob").await;
+    // bob cannot tail it…
+    let mut ws = ws_connect(&app, "rev.localhost", "/secret", Some(&bob_token)).await;
+    let f = next_json(&mut ws).await;
+    assert_eq!(f["type"], "error");
+    assert_eq!(f["error"]["code"], "FORBIDDEN");
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        Frame::Closed(Some(4403))
+    ));
+    // …until he owns the pod.
+    let r = app
+        .pod(Method::POST, "rev", "/.config/owner")
+        .bearer_auth(&app.token)
+        .json(&json!({ "userId": bob }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let mut ws = ws_connect(&app, "rev.localhost", "/secret", Some(&bob_token)).await;
+    assert_eq!(next_json(&mut ws).await["record"]["index"], 0);
+    assert_eq!(next_json(&mut ws).await["type"], "caughtUp");
+    // Also over /ws.
+    let mut mux = ws_connect(&app, "localhost", "/ws", Some(&bob_token)).await;
+    send(
+        &mut mux,
+        json!({"type":"subscribe","id":"s","pod":"rev","stream":"secret","after":0}),
+    )
+    .await;
+    assert_eq!(next_json(&mut mux).await["type"], "subscribed");
+    assert_eq!(next_json(&mut mux).await["type"], "caughtUp");
+    // bob gives the pod back: he is neither owner nor creator of the private stream now.
+    let r = app
+        .pod(Method::POST, "rev", "/.config/owner")
+        .bearer_auth(&bob_token)
+        .json(&json!({ "userId": app.engine.authenticate(Some(&app.token)).unwrap().user_id().unwrap() }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let f = next_json(&mut ws).await;
+    assert_eq!(f["error"]["code"], "FORBIDDEN", "{f}");
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        Frame::Closed(Some(4403))
+    ));
+    let f = next_json(&mut mux).await;
+    assert_eq!(
+        (f["type"].as_str(), f["id"].as_str()),
+        (Some("error"), Some("s"))
+    );
+    assert_eq!(f["error"]["code"], "FORBIDDEN");
+    // The connection itself stays usable.
+    send(
+        &mut mux,
+        json!({"type":"subscribe","id":"s","pod":"rev","stream":""}),
+    )
+    .await;
+    assert_eq!(next_json(&mut mux).await["type"], "subscribed");
+}
+
+/// A tail opened with a short-lived token ends with TOKEN_EXPIRED.
+async fn expired_token_ends_the_tail(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("exp").await;
+    app.append("exp", "/s/a", "x").await;
+    let user = app
+        .engine
+        .authenticate(Some(&app.token))
+        .unwrap()
+        .user_id()
+        .unwrap()
+        .to_string();
+    let short = app
+        .engine
+        .issue_token(&user, None, Scope::ALL, Some(2))
+        .unwrap();
+    let mut ws = ws_connect(&app, "exp.localhost", "/s", Some(&short)).await;
+    assert_eq!(next_json(&mut ws).await["type"], "record");
+    assert_eq!(next_json(&mut ws).await["type"], "caughtUp");
+    let f = next_json(&mut ws).await;
+    assert_eq!(f["error"]["code"], "TOKEN_EXPIRED", "{f}");
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        Frame::Closed(Some(4401))
+    ));
+}
+
+/// `afterHash` must match the stored record at `after`.
+async fn after_hash_detects_forks(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("fork").await;
+    let mut receipts = Vec::new();
+    for i in 0..3 {
+        receipts.push(app.append("fork", &format!("/c/r{i}"), "v").await);
+    }
+    let bad = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    let mut ws = tail(&app, "fork", &format!("/c?after=1&afterHash={bad}")).await;
+    let f = next_json(&mut ws).await;
+    assert_eq!(f["type"], "error");
+    assert_eq!(f["error"]["code"], "FORK_DETECTED", "{f}");
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        Frame::Closed(Some(4409))
+    ));
+    let good = receipts[1]["hash"].as_str().unwrap();
+    let mut ws = tail(&app, "fork", &format!("/c?after=1&afterHash={good}")).await;
+    let f = next_json(&mut ws).await;
+    assert_eq!(f["record"]["index"], 2);
+    assert_eq!(f["record"]["previousHash"].as_str(), Some(good));
+    let f = next_json(&mut ws).await;
+    assert_eq!(
+        (f["type"].as_str(), f["nextIndex"].as_i64()),
+        (Some("caughtUp"), Some(3))
+    );
+    // SSE refuses with the HTTP error envelope.
+    let r = app
+        .pod(Method::GET, "fork", &format!("/c?after=1&afterHash={bad}"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+}
+
+/// SSE: `Last-Event-ID` resumes after that index; records carry `id:`; caughtUp; live records.
+async fn sse_resumes_from_last_event_id(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("sse").await;
+    for i in 0..5 {
+        app.append("sse", &format!("/news/n{i}"), &format!("news {i}"))
+            .await;
+    }
+    let mut s = SseReader::open(&app, "sse", "/news", Some(2)).await;
+    let ev = s.next().await.unwrap();
+    assert_eq!((ev.event.as_str(), ev.id.as_deref()), ("record", Some("3")));
+    let rec: Value = serde_json::from_str(&ev.data).unwrap();
+    assert_eq!(rec["content"], "news 3");
+    assert_eq!(rec["path"], "news/n3");
+    assert_eq!(s.next().await.unwrap().id.as_deref(), Some("4"));
+    let ev = s.next().await.unwrap();
+    assert_eq!(ev.event, "caughtUp");
+    let v: Value = serde_json::from_str(&ev.data).unwrap();
+    assert_eq!(v["nextIndex"], 5);
+    app.append("sse", "/news/n5", "news 5").await;
+    let ev = s.next().await.unwrap();
+    assert_eq!((ev.event.as_str(), ev.id.as_deref()), ("record", Some("5")));
+    // A plain GET on the same URL is still the JSON list.
+    let r = app.pod(Method::GET, "sse", "/news").send().await.unwrap();
+    let page: Value = r.json().await.unwrap();
+    assert_eq!(page["total"], 6);
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+/// `/ws`: auth by message, subscribe/unsubscribe, answers tagged with `id`, limits.
+async fn multiplexed_ws(backend: Backend) {
+    let url = fresh_database(backend).await;
+    let app = TestApp::spawn_on(&url, &[("WEBPODS_MAX_SUBSCRIPTIONS_PER_CONNECTION", "2")]).await;
+    app.create_pod("mux").await;
+    app.append("mux", "/a/a0", "a0").await;
+    let r = app
+        .pod(Method::POST, "mux", "/p/p0?access=private")
+        .bearer_auth(&app.token)
+        .header("content-type", "text/plain")
+        .body("p0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let mut ws = ws_connect(&app, "localhost", "/ws", None).await;
+    // Anonymous: the private stream is refused, tagged with the id.
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"p","pod":"mux","stream":"p"}),
+    )
+    .await;
+    let f = next_json(&mut ws).await;
+    assert_eq!(
+        (f["type"].as_str(), f["id"].as_str()),
+        (Some("error"), Some("p"))
+    );
+    assert_eq!(f["error"]["code"], "UNAUTHORIZED");
+    // Authenticate by message, then it works.
+    send(&mut ws, json!({"type":"auth","token":"not-a-token"})).await;
+    assert_eq!(next_json(&mut ws).await["error"]["code"], "INVALID_TOKEN");
+    send(&mut ws, json!({"type":"auth","token": app.token})).await;
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"p","pod":"mux","stream":"p"}),
+    )
+    .await;
+    let f = next_json(&mut ws).await;
+    assert_eq!(f, json!({"type":"subscribed","id":"p","headIndex":0}));
+    let f = next_json(&mut ws).await;
+    assert_eq!(
+        (f["type"].as_str(), f["id"].as_str()),
+        (Some("record"), Some("p"))
+    );
+    assert_eq!(f["record"]["content"], "p0");
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type":"caughtUp","id":"p","nextIndex":1})
+    );
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"a","pod":"mux","stream":"/a","after":0}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type":"subscribed","id":"a","headIndex":0})
+    );
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type":"caughtUp","id":"a","nextIndex":1})
+    );
+    // Limits and bad messages.
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"a","pod":"mux","stream":"a"}),
+    )
+    .await;
+    let f = next_json(&mut ws).await;
+    assert_eq!(
+        (f["id"].as_str(), f["error"]["code"].as_str()),
+        (Some("a"), Some("INVALID_INPUT"))
+    );
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"c","pod":"mux","stream":"a"}),
+    )
+    .await;
+    let f = next_json(&mut ws).await;
+    assert_eq!(f["id"], "c");
+    assert!(
+        f["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 2"),
+        "{f}"
+    );
+    send(&mut ws, json!({"type":"dance"})).await;
+    assert_eq!(next_json(&mut ws).await["error"]["code"], "INVALID_INPUT");
+    // Unsubscribe p; records of p no longer arrive, records of a do.
+    send(&mut ws, json!({"type":"unsubscribe","id":"p"})).await;
+    let r = app
+        .pod(Method::POST, "mux", "/p/p1")
+        .bearer_auth(&app.token)
+        .header("content-type", "text/plain")
+        .body("p1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    app.append("mux", "/a/a1", "a1").await;
+    let f = next_json(&mut ws).await;
+    assert_eq!(
+        (f["id"].as_str(), f["record"]["index"].as_i64()),
+        (Some("a"), Some(1)),
+        "{f}"
+    );
+    // A subscription slot was freed: a new id fits.
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"c","pod":"mux","stream":"a","after":-1}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+    let f = next_json(&mut ws).await;
+    assert_eq!(
+        (f["id"].as_str(), f["record"]["index"].as_i64()),
+        (Some("c"), Some(1)),
+        "{f}"
+    );
+    // /ws does not exist on pod hosts as a multiplexer (it is the stream "ws" there).
+    let r = app.pod(Method::GET, "mux", "/ws").send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+/// Graceful shutdown closes WebSocket tails with 1001 and ends SSE responses.
+async fn shutdown_closes_tails_with_1001(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("bye").await;
+    app.append("bye", "/s/a", "x").await;
+    let mut ws = tail(&app, "bye", "/s").await;
+    let mut mux = ws_connect(&app, "localhost", "/ws", Some(&app.token)).await;
+    let mut sse = SseReader::open(&app, "bye", "/s", None).await;
+    assert_eq!(read_records(&mut ws, 0, 0).await, 1);
+    assert_eq!(next_json(&mut ws).await["type"], "caughtUp");
+    assert_eq!(sse.read_records(0, 0).await, 1);
+    let stopping = tokio::spawn(app.stop());
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        Frame::Closed(Some(1001))
+    ));
+    assert!(matches!(
+        next_frame(&mut mux).await,
+        Frame::Closed(Some(1001))
+    ));
+    let ev = sse.next().await;
+    assert!(ev.as_ref().is_none_or(|e| e.event == "caughtUp"), "{ev:?}");
+    tokio::time::timeout(Duration::from_secs(20), stopping)
+        .await
+        .expect("shutdown finishes")
+        .unwrap();
+}
+
+/// A record appended through one instance reaches a tail on another instance of the same
+/// PostgreSQL database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn across_instances_on_postgres() {
+    let url = fresh_database(Backend::Postgres).await;
+    let a = TestApp::spawn_on(&url, &[]).await;
+    let b = TestApp::spawn_on(&url, &[]).await;
+    a.create_pod("multi").await;
+    a.append("multi", "/x/first", "0").await;
+    let mut on_b = tail(&b, "multi", "/x").await;
+    assert_eq!(read_records(&mut on_b, 0, 0).await, 1);
+    assert_eq!(next_json(&mut on_b).await["type"], "caughtUp");
+    let mut on_a = tail(&a, "multi", "/x?after=0").await;
+    assert_eq!(next_json(&mut on_a).await["type"], "caughtUp");
+    // Alternate instances; both tails see every record once, in order.
+    let started = Instant::now();
+    for i in 1..=40 {
+        let app = if i % 2 == 0 { &a } else { &b };
+        let r = app
+            .pod(Method::POST, "multi", &format!("/x/r{i}"))
+            .bearer_auth(&a.token)
+            .header("content-type", "text/plain")
+            .body(format!("{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    assert_eq!(read_records(&mut on_b, 1, 40).await, 41);
+    assert_eq!(read_records(&mut on_a, 1, 40).await, 41);
+    // Concurrent writers on both instances; tails on both see 41..240 exactly once, in order.
+    let done = Arc::new(AtomicI64::new(0));
+    let mut tails = Vec::new();
+    for app in [&a, &b, &a, &b] {
+        let mut ws = tail(app, "multi", "/x?after=40").await;
+        tails.push(tokio::spawn(async move {
+            assert_eq!(read_records(&mut ws, 41, 240).await, 241);
+            ws
+        }));
+    }
+    let mut writers = spawn_writers(&a, "multi", "x", 100, 4, done.clone());
+    writers.extend(spawn_writers(&b, "multi", "x", 100, 4, done.clone()));
+    for w in writers {
+        w.await.unwrap();
+    }
+    for t in tails {
+        t.await.unwrap();
+    }
+    assert_eq!(read_records(&mut on_b, 41, 240).await, 241);
+    // One record written on A, timed at B: NOTIFY, not the periodic re-check, brings it.
+    let t = Instant::now();
+    a.append("multi", "/x/last", "241").await;
+    assert_eq!(read_records(&mut on_b, 241, 241).await, 242);
+    let hop = t.elapsed();
+    eprintln!(
+        "across instances: 40 records in {:?}; one hop {hop:?}",
+        started.elapsed()
+    );
+    assert!(hop < Duration::from_millis(1500), "{hop:?}");
+    // Revocation on A reaches B: bob owns the pod and tails a private stream on B, then hands
+    // the pod back on A.
+    let r = a
+        .pod(Method::POST, "multi", "/vault/v0?access=private")
+        .bearer_auth(&a.token)
+        .header("content-type", "text/plain")
+        .body("v0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let (bob, bob_token) = a.user("bob").await;
+    let owner = |to: &str, token: &str| {
+        a.pod(Method::POST, "multi", "/.config/owner")
+            .bearer_auth(token)
+            .json(&json!({ "userId": to }))
+    };
+    assert_eq!(owner(&bob, &a.token).send().await.unwrap().status(), 201);
+    // B may have the old owner cached for a moment; the notice invalidates it.
+    let mut bobs = loop {
+        let mut ws = ws_connect(&b, "multi.localhost", "/vault", Some(&bob_token)).await;
+        let f = next_json(&mut ws).await;
+        if f["type"] == "record" {
+            break ws;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(next_json(&mut bobs).await["type"], "caughtUp");
+    let local = a.engine.authenticate(Some(&a.token)).unwrap();
+    let local = local.user_id().unwrap().to_string();
+    assert_eq!(
+        owner(&local, &bob_token).send().await.unwrap().status(),
+        201
+    );
+    let f = next_json(&mut bobs).await;
+    assert_eq!(f["error"]["code"], "FORBIDDEN", "{f}");
+    a.stop().await;
+    b.stop().await;
+}
