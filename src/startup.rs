@@ -127,10 +127,13 @@ impl Server {
         engine.start_live();
         let graphql = webpods_api_graphql::router(
             engine.clone(),
-            webpods_api_graphql::GraphqlConfig::new(
-                MainHost(config.main_host()),
-                config.engine.max_record_bytes,
-            ),
+            webpods_api_graphql::GraphqlConfig {
+                max_subscriptions_per_connection: config.live.max_subscriptions_per_connection,
+                ..webpods_api_graphql::GraphqlConfig::new(
+                    MainHost(config.main_host()),
+                    config.engine.max_record_bytes,
+                )
+            },
         );
         let router = webpods_api_rest::app_with_live(
             state.clone(),

@@ -10,8 +10,6 @@ use webpods_engine::{Error, ErrorKind};
 pub(crate) const QUERY_TOO_DEEP: &str = "QUERY_TOO_DEEP";
 pub(crate) const QUERY_TOO_COMPLEX: &str = "QUERY_TOO_COMPLEX";
 pub(crate) const VALIDATION_FAILED: &str = "GRAPHQL_VALIDATION_FAILED";
-pub(crate) const FORK_DETECTED: &str = "FORK_DETECTED";
-pub(crate) const TOO_MANY_SUBSCRIPTIONS: &str = "TOO_MANY_SUBSCRIPTIONS";
 
 /// Converts an engine error (the only way engine errors reach a client).
 pub(crate) fn gql(e: Error) -> async_graphql::Error {

@@ -26,10 +26,10 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use webpods_api_rest::{ApiError, HostKind, token_of};
-use webpods_engine::{Caller, Engine, ErrorKind};
+use webpods_engine::{Engine, ErrorKind};
 
 use crate::error::{add_codes, gql};
-use crate::loaders::RequestCtx;
+use crate::loaders::{Authenticated, RequestCtx};
 use crate::{GraphqlConfig, WebPodsSchema};
 
 #[derive(Clone)]
@@ -141,11 +141,11 @@ async fn post_graphql(
             );
         }
     };
-    let caller = match st.engine.authenticate(token_of(&headers, false).as_deref()) {
-        Ok(c) => c,
+    let auth = match Authenticated::new(&st.engine, token_of(&headers, false).as_deref()) {
+        Ok(a) => a,
         Err(e) => return error_response(StatusCode::UNAUTHORIZED, gql(e)),
     };
-    let request = request.data(RequestCtx::new(&st.engine, caller, ip));
+    let request = request.data(RequestCtx::new(&st.engine, auth, ip));
     let resp = st.executor.execute(request).await;
     let mut out = Json(resp).into_response();
     out.headers_mut()
@@ -180,12 +180,12 @@ async fn websocket(
     } else {
         bearer_only(&headers)
     };
-    let caller = match st.engine.authenticate(token.as_deref()) {
-        Ok(c) => c,
+    let auth = match Authenticated::new(&st.engine, token.as_deref()) {
+        Ok(a) => a,
         Err(e) => return ApiError(e).into_response(),
     };
     let mut data = Data::default();
-    data.insert(RequestCtx::new(&st.engine, caller, ip));
+    data.insert(RequestCtx::new(&st.engine, auth, ip));
     let engine = st.engine.clone();
     let executor = st.executor.clone();
     upgrade
@@ -237,10 +237,8 @@ fn connection_init(
         ))
     })?;
     h.insert(header::AUTHORIZATION, value);
-    let caller: Caller = match token_of(&h, false) {
-        Some(t) => engine.authenticate(Some(&t)).map_err(gql)?,
-        None => Caller::Anonymous,
-    };
-    data.insert(RequestCtx::new(engine, caller, ip));
+    let token = token_of(&h, false);
+    let auth = Authenticated::new(engine, token.as_deref()).map_err(gql)?;
+    data.insert(RequestCtx::new(engine, auth, ip));
     Ok(data)
 }

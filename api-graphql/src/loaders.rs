@@ -77,11 +77,29 @@ impl Loader<String> for UserLoader {
     }
 }
 
+/// A caller and when their token expires.
+pub(crate) struct Authenticated {
+    pub caller: Caller,
+    pub token_expires_at: Option<i64>,
+}
+
+impl Authenticated {
+    /// Authenticates a token (none = anonymous) as REST does.
+    pub fn new(engine: &Engine, token: Option<&str>) -> Result<Authenticated, Error> {
+        Ok(Authenticated {
+            caller: engine.authenticate(token)?,
+            token_expires_at: token.and_then(|t| engine.token_expiry(t)),
+        })
+    }
+}
+
 /// What every resolver of one request (or one WebSocket connection) shares.
 pub(crate) struct RequestCtx {
     pub caller: Caller,
     /// Who rate limits count against: the user id, else `ip:<address>` (as REST).
     pub rate_key: String,
+    /// Expiry of the caller's token (epoch seconds): live subscriptions end then.
+    pub token_expires_at: Option<i64>,
     pub heads: DataLoader<HeadLoader>,
     pub users: DataLoader<UserLoader>,
     pub streams: DataLoader<StreamListLoader>,
@@ -111,7 +129,11 @@ impl Drop for SubscriptionSlot {
 }
 
 impl RequestCtx {
-    pub fn new(engine: &Engine, caller: Caller, client_ip: Option<IpAddr>) -> RequestCtx {
+    pub fn new(engine: &Engine, auth: Authenticated, client_ip: Option<IpAddr>) -> RequestCtx {
+        let Authenticated {
+            caller,
+            token_expires_at,
+        } = auth;
         let rate_key = match (caller.user_id(), client_ip) {
             (Some(u), _) => u.to_string(),
             (None, Some(ip)) => format!("ip:{ip}"),
@@ -119,6 +141,7 @@ impl RequestCtx {
         };
         RequestCtx {
             rate_key,
+            token_expires_at,
             heads: DataLoader::new(
                 HeadLoader {
                     engine: engine.clone(),
