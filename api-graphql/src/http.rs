@@ -12,19 +12,21 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphQLPlaygroundConfig, playground_source};
 use async_graphql::{Data, Executor, Request, Response};
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::body::{Body, Bytes};
+use axum::extract::ws::{CloseFrame, Message};
 use axum::extract::{ConnectInfo, FromRequestParts, State, WebSocketUpgrade};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::{Json, Router};
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{SinkExt, StreamExt};
 use webpods_api_rest::{ApiError, HostKind, token_of};
 use webpods_engine::{Engine, ErrorKind};
 
@@ -191,13 +193,39 @@ async fn websocket(
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| async move {
-            GraphQLWebSocket::new(socket, executor, protocol)
+            // The socket's input ends when the server starts shutting down; the protocol then
+            // stops, and the writer closes the socket with 1001 (SPEC §10).
+            let (mut sink, input) = socket.split();
+            let closing = Arc::new(AtomicBool::new(false));
+            let mut shutdown = engine.live_shutdown();
+            let flag = closing.clone();
+            let input = input.take_until(async move {
+                shutdown.wait().await;
+                flag.store(true, Ordering::SeqCst);
+            });
+            let (tx, mut rx) = futures::channel::mpsc::channel::<Message>(16);
+            let writer = async move {
+                while let Some(m) = rx.next().await {
+                    if sink.send(m).await.is_err() {
+                        return;
+                    }
+                }
+                if closing.load(Ordering::SeqCst) {
+                    let frame = CloseFrame {
+                        code: 1001,
+                        reason: "server shutting down".into(),
+                    };
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                }
+                let _ = sink.close().await;
+            };
+            let protocol_side = GraphQLWebSocket::new_with_pair(tx, input, executor, protocol)
                 .with_data(data)
                 .on_connection_init(
                     move |payload| async move { connection_init(&engine, &payload, ip) },
                 )
-                .serve()
-                .await
+                .serve();
+            futures::join!(protocol_side, writer);
         })
 }
 

@@ -1487,7 +1487,24 @@ async fn graphql_websocket_authentication(backend: Backend) {
         json!([{ "name": "wsauth" }]),
         "{m}"
     );
-    app.stop().await;
+    assert_eq!(
+        ws_next(&mut ws).await,
+        json!({ "type": "complete", "id": "q" })
+    );
+    // Shutdown closes GraphQL sockets with 1001, as live tails.
+    subscribe(&mut ws, "s", args).await;
+    let m = ws_next(&mut ws).await;
+    assert_eq!(m["payload"]["data"]["records"]["index"], 0, "{m}");
+    let stopping = tokio::spawn(app.stop());
+    loop {
+        let m = ws_next(&mut ws).await;
+        if m["type"] == "closed" {
+            assert!(m["frame"].as_str().unwrap().contains("Away"), "{m}");
+            break;
+        }
+        assert_eq!(m["type"], "complete", "{m}");
+    }
+    stopping.await.unwrap();
 }
 
 // ----- the committed schema --------------------------------------------------------------------
