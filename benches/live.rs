@@ -12,6 +12,12 @@
 //!   fan-out cost alone (the commit is published once, before the receipt is sent);
 //! - and the append (commit) latency itself, as the writer sees it.
 //!
+//! Measured on the 2-core development machine while two other engineers were compiling (load
+//! average 4–6), release build, 1,000 records at 200/s, 1,000,000 deliveries:
+//! append-to-delivery p50 11.0 ms / p99 33.6 ms / max 69.9 ms; publish-to-delivery p50 1.8 ms /
+//! p99 7.0 ms / max 12.6 ms; append (commit) p50 10.9 ms / p99 34.4 ms; criterion "append, then
+//! all 1,000 subscribers have it": 3.9 ms [3.3, 4.5] per record, one writer at a time.
+//!
 //! `cargo bench --bench live` runs 1,000 records at 200/s and the criterion benchmark
 //! "append one record and wait until all 1,000 subscribers have it";
 //! `cargo test --benches` runs a 50-record smoke version once.

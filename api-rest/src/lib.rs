@@ -111,3 +111,22 @@ pub fn is_live_request(headers: &axum::http::HeaderMap) -> bool {
     };
     has(UPGRADE, "websocket") || has(ACCEPT, "text/event-stream")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::is_live_request;
+    use axum::http::HeaderMap;
+
+    #[test]
+    fn live_requests_are_websocket_upgrades_or_sse() {
+        let mut h = HeaderMap::new();
+        assert!(!is_live_request(&h));
+        h.insert("accept", "application/json".parse().unwrap());
+        assert!(!is_live_request(&h));
+        h.insert("accept", "text/event-stream".parse().unwrap());
+        assert!(is_live_request(&h));
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", "WebSocket".parse().unwrap());
+        assert!(is_live_request(&h));
+    }
+}

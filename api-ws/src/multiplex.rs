@@ -24,8 +24,8 @@ use webpods_api_rest::token_of;
 use webpods_engine::{Caller, Engine, Error, ErrorKind, LiveRequest};
 
 use crate::{
-    LiveState, Out, SocketGuard, authenticate, close, close_code, close_too_slow, error_frame,
-    pump, send_timed, subscribed_frame,
+    LiveState, Out, SocketGuard, authenticate, close, close_too_slow, error_frame, pump,
+    send_timed, subscribed_frame,
 };
 
 #[derive(Deserialize)]
@@ -77,14 +77,16 @@ async fn run(st: LiveState, socket: WebSocket, auth: Result<(Caller, Option<i64>
     let _guard = SocketGuard::new(&st.sockets);
     let cfg = st.config.clone();
     let (mut sink, mut stream) = socket.split();
+    // A bad token at upgrade (say, an expired cookie) is reported, and the connection stays
+    // open as anonymous so that the client can still send an `auth` message.
     let (caller, expiry) = match auth {
         Ok(a) => a,
         Err(e) => {
             let frame = Message::Text(error_frame(None, &e).into());
-            if send_timed(&mut sink, frame, &cfg).await {
-                close(&mut sink, close_code(&e), e.kind().code()).await;
+            if !send_timed(&mut sink, frame, &cfg).await {
+                return;
             }
-            return;
+            (Caller::Anonymous, None)
         }
     };
     let (tx, mut rx) = mpsc::channel::<Out>(64);

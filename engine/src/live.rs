@@ -15,7 +15,9 @@
 //! 2. read history from storage in pages after `after` up to the known head, send it;
 //! 3. send `caughtUp`, then forward live records, skipping indices already sent; a batch that
 //!    starts beyond the next index (another instance wrote in between) or a lag sends us back to
-//!    step 2 from the last index sent. Too far behind after a lag → [`ErrorKind::TooSlow`].
+//!    step 2 from the last index sent. Once past catch-up, every storage page first measures the
+//!    distance to the stored head: more than `max_behind` records → [`ErrorKind::TooSlow`]
+//!    (a subscriber that can never catch up should reconnect later, not read storage forever).
 //!
 //! Memory per subscriber is one storage page or one published batch.
 //!

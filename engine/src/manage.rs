@@ -200,6 +200,8 @@ impl Engine {
         self.existing_stream(&pod, path).await?;
         self.inner.store.delete_stream_tree(pod.id, path).await?;
         self.changed(Change::Streams).await;
+        // Live subscriptions of the deleted streams re-check (and end).
+        self.permissions_changed(&pod.name);
         Ok(())
     }
 
@@ -211,6 +213,7 @@ impl Engine {
         self.changed(Change::Pod(pod.name.clone())).await;
         self.changed(Change::Streams).await;
         self.changed(Change::Domains).await;
+        self.permissions_changed(&pod.name);
         Ok(())
     }
 }

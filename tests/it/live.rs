@@ -657,7 +657,11 @@ async fn multiplexed_ws(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    let mut ws = ws_connect(&app, "localhost", "/ws", None).await;
+    // A bad token at upgrade is reported; the connection stays, anonymous.
+    let mut ws = ws_connect(&app, "localhost", "/ws", Some("garbage")).await;
+    let f = next_json(&mut ws).await;
+    assert_eq!((f["type"].as_str(), f.get("id")), (Some("error"), None));
+    assert_eq!(f["error"]["code"], "INVALID_TOKEN");
     // Anonymous: the private stream is refused, tagged with the id.
     send(
         &mut ws,
@@ -890,6 +894,53 @@ async fn across_instances_on_postgres() {
     );
     let f = next_json(&mut bobs).await;
     assert_eq!(f["error"]["code"], "FORBIDDEN", "{f}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The notice listener's connection is killed: it reconnects, and records committed meanwhile
+/// (whose notices are lost) still reach tails through the re-check after the reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_notices_are_recovered_on_postgres() {
+    let url = fresh_database(Backend::Postgres).await;
+    let a = TestApp::spawn_on(&url, &[]).await;
+    let b = TestApp::spawn_on(&url, &[]).await;
+    a.create_pod("lost").await;
+    a.append("lost", "/x/first", "0").await;
+    let mut on_b = tail(&b, "lost", "/x").await;
+    assert_eq!(read_records(&mut on_b, 0, 0).await, 1);
+    assert_eq!(next_json(&mut on_b).await["type"], "caughtUp");
+    let db = url::Url::parse(&url)
+        .unwrap()
+        .path()
+        .trim_start_matches('/')
+        .to_string();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND query LIKE 'LISTEN%'",
+    )
+    .bind(&db)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(!killed.is_empty(), "no listener connection found");
+    for i in 1..=5 {
+        a.append("lost", &format!("/x/r{i}"), "v").await;
+    }
+    assert_eq!(read_records(&mut on_b, 1, 5).await, 6);
+    // After the reconnect, notices flow again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    a.append("lost", "/x/r6", "v").await;
+    assert_eq!(read_records(&mut on_b, 6, 6).await, 7);
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
     a.stop().await;
     b.stop().await;
 }
