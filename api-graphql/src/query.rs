@@ -164,8 +164,6 @@ impl MutationRoot {
         charge(ctx, Action::Write).await?;
         let (engine, rc) = parts(ctx)?;
         engine.delete_pod(&rc.caller, &name).await.gql()?;
-        // Live subscriptions re-check at once (the engine does not signal this itself yet).
-        engine.permissions_changed(&name);
         Ok(true)
     }
     /// Makes `userId` the pod's owner (owner only; `USER_NOT_FOUND`). The previous owner
@@ -182,7 +180,8 @@ impl MutationRoot {
             .transfer_owner(&rc.caller, &pod, &user_id)
             .await
             .gql()?;
-        // The previous owner's live subscriptions must re-check at once (SPEC §8).
+        // The previous owner's live subscriptions must re-check at once (SPEC §8); the
+        // engine signals deletions itself but not transfers yet.
         engine.permissions_changed(&pod);
         Ok(PodObj(engine.pod_info(&rc.caller, &pod).await.gql()?))
     }
@@ -217,8 +216,6 @@ impl MutationRoot {
             .delete_stream(&rc.caller, &pod, path.trim_matches('/'))
             .await
             .gql()?;
-        // Followers of the removed streams end now rather than at the periodic re-check.
-        engine.permissions_changed(&pod);
         Ok(true)
     }
     /// Appends one record (creating the stream when missing, with `access`). Give exactly one
