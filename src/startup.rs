@@ -126,9 +126,19 @@ impl Server {
         );
         let live = LiveState::new(engine.clone(), config.live.clone());
         engine.start_live();
+        let graphql = webpods_api_graphql::router(
+            engine.clone(),
+            webpods_api_graphql::GraphqlConfig {
+                max_subscriptions_per_connection: config.live.max_subscriptions_per_connection,
+                ..webpods_api_graphql::GraphqlConfig::new(
+                    MainHost(config.main_host()),
+                    config.engine.max_record_bytes,
+                )
+            },
+        );
         let router = webpods_api_rest::app_with_live(
             state.clone(),
-            Router::new().merge(webpods_api_ws::main_router(live.clone())),
+            graphql.merge(webpods_api_ws::main_router(live.clone())),
             Some(webpods_api_ws::pod_router(live.clone())),
         )
         .layer(axum::middleware::from_fn_with_state(

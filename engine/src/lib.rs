@@ -16,6 +16,7 @@ mod auth;
 mod batch;
 pub mod clock;
 mod error;
+mod graph;
 pub mod hash;
 mod invalidation;
 mod live;
@@ -40,6 +41,7 @@ use webpods_storage::{CreateStream, NewStream, PodRow, RecordRange, RecordRow, S
 pub use actor::ActorLimits;
 pub use auth::{AuthSettings, Login, Provider, ProviderConfig, SessionInfo, WhoAmI, provider_list};
 pub use error::{Error, ErrorKind, Result};
+pub use graph::{PodInfo, UserInfo};
 pub use live::{LiveEnd, LiveEvent, LiveLimits, LiveRequest, LiveShutdown, Subscription};
 pub use manage::{StreamListQuery, StreamListing, StreamSummary};
 pub use model::*;

@@ -304,12 +304,13 @@ pub enum Store {
 }
 
 macro_rules! dispatch {
-    ($self:ident, $s:ident => $e:expr) => {
+    ($self:ident, $s:ident => $e:expr) => {{
+        $self.count_query();
         match $self {
             Store::Postgres($s) => $e,
             Store::Sqlite($s) => $e,
         }
-    };
+    }};
 }
 
 impl Store {
@@ -511,5 +512,66 @@ impl Store {
                 Ok(out)
             }
         }
+    }
+}
+
+// ----- query counting and batch loads for the GraphQL frontend ---------------------------------
+
+/// Counts storage calls of one [`Store`] (shared by its clones).
+pub(crate) type QueryCounter = std::sync::Arc<std::sync::atomic::AtomicU64>;
+
+/// A user with the email and name of their first identity.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct UserBrief {
+    pub id: String,
+    pub email: Option<String>,
+    pub name: Option<String>,
+}
+
+/// A record with the id of its stream (batch loads over many streams).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StreamRecordRow {
+    pub stream_id: i64,
+    #[sqlx(flatten)]
+    pub record: RecordRow,
+}
+
+impl Store {
+    fn count_query(&self) {
+        let c = match self {
+            Store::Postgres(s) => &s.queries,
+            Store::Sqlite(s) => &s.queries,
+        };
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Storage calls made so far through this store and its clones — each is one statement or
+    /// one transaction. Tests use it to prove nested reads are batched (no N+1).
+    pub fn query_count(&self) -> u64 {
+        let c = match self {
+            Store::Postgres(s) => &s.queries,
+            Store::Sqlite(s) => &s.queries,
+        };
+        c.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Users by id, with the email and name of their first identity; unknown ids are skipped.
+    pub async fn users_by_ids(&self, ids: &[String]) -> Result<Vec<UserBrief>> {
+        dispatch!(self, s => s.users_by_ids(ids).await)
+    }
+
+    /// Pods by name; unknown names are skipped.
+    pub async fn pods_by_names(&self, names: &[String]) -> Result<Vec<PodRow>> {
+        dispatch!(self, s => s.pods_by_names(names).await)
+    }
+
+    /// Every stream of these pods, ordered by pod id then path.
+    pub async fn streams_of_pods(&self, pod_ids: &[i64]) -> Result<Vec<StreamRow>> {
+        dispatch!(self, s => s.streams_of_pods(pod_ids).await)
+    }
+
+    /// The head record (highest index) of each of these streams; empty streams are skipped.
+    pub async fn head_records(&self, stream_ids: &[i64]) -> Result<Vec<StreamRecordRow>> {
+        dispatch!(self, s => s.head_records(stream_ids).await)
     }
 }

@@ -18,6 +18,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pub(crate) pool: PgPool,
+    /// Storage calls made through [`crate::Store`] (see [`crate::Store::query_count`]).
+    pub(crate) queries: crate::QueryCounter,
 }
 
 impl PgStore {
@@ -41,7 +43,10 @@ impl PgStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            queries: Default::default(),
+        })
     }
 
     pub(crate) fn pool_stats(&self) -> PoolStats {
@@ -645,4 +650,58 @@ async fn set_head(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+// ----- batch loads for the GraphQL frontend ---------------------------------------------------
+// Kept apart from the core methods above: they exist so nested GraphQL queries load the heads of
+// many streams, or many users, with one statement instead of one per item.
+
+impl PgStore {
+    pub(crate) async fn pods_by_names(&self, names: &[String]) -> Result<Vec<PodRow>> {
+        let rows =
+            sqlx::query_as("SELECT id, name, owner_id, created_at FROM pods WHERE name = ANY($1)")
+                .bind(names)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows)
+    }
+
+    pub(crate) async fn streams_of_pods(&self, pod_ids: &[i64]) -> Result<Vec<StreamRow>> {
+        let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {STREAM_COLUMNS} FROM streams WHERE pod_id = ANY($1) ORDER BY pod_id, path"
+        )))
+        .bind(pod_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    pub(crate) async fn users_by_ids(&self, ids: &[String]) -> Result<Vec<crate::UserBrief>> {
+        let rows = sqlx::query_as(
+            "SELECT u.id, \
+                    (SELECT i.email FROM identities i WHERE i.user_id = u.id \
+                     ORDER BY i.created_at, i.provider LIMIT 1) AS email, \
+                    (SELECT i.name FROM identities i WHERE i.user_id = u.id \
+                     ORDER BY i.created_at, i.provider LIMIT 1) AS name \
+             FROM users u WHERE u.id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    pub(crate) async fn head_records(
+        &self,
+        stream_ids: &[i64],
+    ) -> Result<Vec<crate::StreamRecordRow>> {
+        let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT stream_id, {RECORD_COLUMNS} FROM records \
+             WHERE (stream_id, idx) IN (SELECT id, head_index FROM streams WHERE id = ANY($1))"
+        )))
+        .bind(stream_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
 }

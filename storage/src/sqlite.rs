@@ -27,6 +27,8 @@ const INSERT_CHUNK: usize = 2000;
 pub struct SqliteStore {
     pub(crate) writer: SqlitePool,
     pub(crate) readers: SqlitePool,
+    /// Storage calls made through [`crate::Store`] (see [`crate::Store::query_count`]).
+    pub(crate) queries: crate::QueryCounter,
 }
 
 impl SqliteStore {
@@ -47,7 +49,11 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(base.read_only(true))
             .await?;
-        Ok(Self { writer, readers })
+        Ok(Self {
+            writer,
+            readers,
+            queries: Default::default(),
+        })
     }
 
     pub(crate) fn pool_stats(&self) -> PoolStats {
@@ -615,4 +621,67 @@ async fn set_head(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+// ----- batch loads for the GraphQL frontend ---------------------------------------------------
+// Kept apart from the core methods above: they exist so nested GraphQL queries load the heads of
+// many streams, or many users, with one statement instead of one per item.
+
+impl SqliteStore {
+    pub(crate) async fn pods_by_names(&self, names: &[String]) -> Result<Vec<PodRow>> {
+        let rows = sqlx::query_as("SELECT id, name, owner_id, created_at FROM pods WHERE name IN (SELECT value FROM json_each(?))")
+            .bind(json_of(names)?)
+            .fetch_all(&self.readers)
+            .await?;
+        Ok(rows)
+    }
+
+    pub(crate) async fn streams_of_pods(&self, pod_ids: &[i64]) -> Result<Vec<StreamRow>> {
+        let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {STREAM_COLUMNS} FROM streams WHERE pod_id IN (SELECT value FROM json_each(?)) ORDER BY pod_id, path"
+        )))
+        .bind(json_of(pod_ids)?)
+        .fetch_all(&self.readers)
+        .await?;
+        Ok(rows)
+    }
+
+    pub(crate) async fn users_by_ids(&self, ids: &[String]) -> Result<Vec<crate::UserBrief>> {
+        let ids_json =
+            serde_json::to_string(ids).map_err(|e| Error::Corrupt(format!("encoding ids: {e}")))?;
+        let rows = sqlx::query_as(
+            "SELECT u.id, \
+                    (SELECT i.email FROM identities i WHERE i.user_id = u.id \
+                     ORDER BY i.created_at, i.provider LIMIT 1) AS email, \
+                    (SELECT i.name FROM identities i WHERE i.user_id = u.id \
+                     ORDER BY i.created_at, i.provider LIMIT 1) AS name \
+             FROM users u WHERE u.id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(ids_json)
+        .fetch_all(&self.readers)
+        .await?;
+        Ok(rows)
+    }
+
+    pub(crate) async fn head_records(
+        &self,
+        stream_ids: &[i64],
+    ) -> Result<Vec<crate::StreamRecordRow>> {
+        let ids_json = serde_json::to_string(stream_ids)
+            .map_err(|e| Error::Corrupt(format!("encoding ids: {e}")))?;
+        let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT stream_id, {RECORD_COLUMNS} FROM records \
+             WHERE (stream_id, idx) IN (SELECT id, head_index FROM streams \
+                                       WHERE id IN (SELECT value FROM json_each(?)))"
+        )))
+        .bind(ids_json)
+        .fetch_all(&self.readers)
+        .await?;
+        Ok(rows)
+    }
+}
+
+/// A JSON array for `json_each(?)`.
+fn json_of<T: serde::Serialize>(items: &[T]) -> Result<String> {
+    serde_json::to_string(items).map_err(|e| Error::Corrupt(format!("encoding a list: {e}")))
 }

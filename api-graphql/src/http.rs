@@ -1,0 +1,272 @@
+//! HTTP and WebSocket transport of the schema.
+//!
+//! - `POST /graphql`: a JSON GraphQL request (`Content-Type: application/json` is required, so
+//!   a cross-site form or `text/plain` fetch cannot run mutations with the `token` cookie).
+//!   The body is read with a size limit. The token comes from the `token` cookie or the
+//!   `Authorization` header, as in REST; a bad token fails the request with its code.
+//! - `GET /graphql`: the GraphQL playground.
+//! - `GET /graphql/ws`: `graphql-transport-ws` (and the legacy `graphql-ws`). The token comes
+//!   from the upgrade's `Authorization` header or `token` cookie (the cookie only when the
+//!   page's `Origin` is the main domain), or from the `connection_init` payload
+//!   `{"Authorization": "Bearer <token>"}`, which wins.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphQLPlaygroundConfig, playground_source};
+use async_graphql::{Data, Executor, Request, Response};
+use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{CloseFrame, Message};
+use axum::extract::{ConnectInfo, FromRequestParts, State, WebSocketUpgrade};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::stream::BoxStream;
+use futures::{SinkExt, StreamExt};
+use webpods_api_rest::{ApiError, HostKind, token_of};
+use webpods_engine::{Engine, ErrorKind};
+
+use crate::error::{add_codes, gql};
+use crate::loaders::{Authenticated, RequestCtx};
+use crate::{GraphqlConfig, WebPodsSchema};
+
+#[derive(Clone)]
+struct GqlState {
+    executor: Coded,
+    engine: Engine,
+    config: Arc<GraphqlConfig>,
+}
+
+/// The schema, with codes added to every error it reports (also on subscriptions).
+#[derive(Clone)]
+struct Coded(WebPodsSchema);
+
+impl Executor for Coded {
+    async fn execute(&self, request: Request) -> Response {
+        add_codes(self.0.execute(request).await)
+    }
+
+    fn execute_stream(
+        &self,
+        request: Request,
+        session_data: Option<Arc<Data>>,
+    ) -> BoxStream<'static, Response> {
+        self.0
+            .execute_stream_with_session_data(request, session_data.unwrap_or_default())
+            .map(add_codes)
+            .boxed()
+    }
+}
+
+pub(crate) fn router(schema: WebPodsSchema, engine: Engine, config: GraphqlConfig) -> Router {
+    let state = GqlState {
+        executor: Coded(schema),
+        engine,
+        config: Arc::new(config),
+    };
+    Router::new()
+        .route("/graphql", get(playground).post(post_graphql))
+        .route("/graphql/ws", get(websocket))
+        .with_state(state)
+}
+
+async fn playground() -> impl IntoResponse {
+    Html(playground_source(
+        GraphQLPlaygroundConfig::new("/graphql").subscription_endpoint("/graphql/ws"),
+    ))
+}
+
+/// A response carrying only request-level errors (`data: null`).
+fn error_response(status: StatusCode, err: async_graphql::Error) -> axum::response::Response {
+    let resp = Response::from_errors(vec![err.into_server_error(Default::default())]);
+    (status, Json(resp)).into_response()
+}
+
+/// The client's address, when the server records it (`ConnectInfo`).
+struct ClientIp(Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(a)| a.ip()),
+        ))
+    }
+}
+
+async fn post_graphql(
+    State(st): State<GqlState>,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    body: Body,
+) -> axum::response::Response {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return error_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            crate::error::invalid("send the GraphQL request as Content-Type: application/json"),
+        );
+    }
+    let limit = st.config.max_body_bytes;
+    let bytes: Bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                crate::error::coded(
+                    ErrorKind::ContentTooLarge.code(),
+                    format!("the request exceeds {limit} bytes"),
+                ),
+            );
+        }
+    };
+    let request: Request = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(_) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                crate::error::invalid(
+                    "expected a JSON GraphQL request {\"query\", \"variables\"?, \"operationName\"?}",
+                ),
+            );
+        }
+    };
+    let auth = match Authenticated::new(&st.engine, token_of(&headers, false).as_deref()) {
+        Ok(a) => a,
+        Err(e) => return error_response(StatusCode::UNAUTHORIZED, gql(e)),
+    };
+    let request = request.data(RequestCtx::new(&st.engine, auth, ip));
+    let resp = st.executor.execute(request).await;
+    let mut out = Json(resp).into_response();
+    out.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    out
+}
+
+/// Whether the upgrade's `Origin` (if any) is a page of the main domain.
+fn same_origin(headers: &HeaderMap, config: &GraphqlConfig) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true; // not a browser page
+    };
+    let host = origin
+        .split_once("://")
+        .map_or(origin, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or("");
+    config.main_host.classify(Some(host)) == HostKind::Main
+}
+
+async fn websocket(
+    State(st): State<GqlState>,
+    ClientIp(ip): ClientIp,
+    protocol: GraphQLProtocol,
+    upgrade: WebSocketUpgrade,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    // A pod's pages are same-site with the main domain: never let them ride the cookie.
+    let token = if same_origin(&headers, &st.config) {
+        token_of(&headers, false)
+    } else {
+        bearer_only(&headers)
+    };
+    let auth = match Authenticated::new(&st.engine, token.as_deref()) {
+        Ok(a) => a,
+        Err(e) => return ApiError(e).into_response(),
+    };
+    let mut data = Data::default();
+    data.insert(RequestCtx::new(&st.engine, auth, ip));
+    let engine = st.engine.clone();
+    let executor = st.executor.clone();
+    upgrade
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |socket| async move {
+            // The socket's input ends when the server starts shutting down; the protocol then
+            // stops, and the writer closes the socket with 1001 (SPEC §10).
+            let (mut sink, input) = socket.split();
+            let closing = Arc::new(AtomicBool::new(false));
+            let mut shutdown = engine.live_shutdown();
+            let flag = closing.clone();
+            let input = input.take_until(async move {
+                shutdown.wait().await;
+                flag.store(true, Ordering::SeqCst);
+            });
+            let (tx, mut rx) = futures::channel::mpsc::channel::<Message>(16);
+            let writer = async move {
+                while let Some(m) = rx.next().await {
+                    if sink.send(m).await.is_err() {
+                        return;
+                    }
+                }
+                if closing.load(Ordering::SeqCst) {
+                    let frame = CloseFrame {
+                        code: 1001,
+                        reason: "server shutting down".into(),
+                    };
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                }
+                let _ = sink.close().await;
+            };
+            let protocol_side = GraphQLWebSocket::new_with_pair(tx, input, executor, protocol)
+                .with_data(data)
+                .on_connection_init(
+                    move |payload| async move { connection_init(&engine, &payload, ip) },
+                )
+                .serve();
+            futures::join!(protocol_side, writer);
+        })
+}
+
+/// The `Authorization` header only (no cookie).
+fn bearer_only(headers: &HeaderMap) -> Option<String> {
+    let mut only = HeaderMap::new();
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        only.insert(header::AUTHORIZATION, v.clone());
+    }
+    token_of(&only, false)
+}
+
+/// `connection_init` with `{"Authorization": "Bearer <token>"}` replaces the caller of the
+/// upgrade; without it the upgrade's caller stays. A bad token closes the connection (4403).
+fn connection_init(
+    engine: &Engine,
+    payload: &serde_json::Value,
+    ip: Option<IpAddr>,
+) -> async_graphql::Result<Data> {
+    let auth = payload
+        .as_object()
+        .and_then(|o| {
+            o.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+                .map(|(_, v)| v)
+        })
+        .and_then(|v| v.as_str());
+    let mut data = Data::default();
+    let Some(auth) = auth else {
+        return Ok(data);
+    };
+    let mut h = HeaderMap::new();
+    let value = HeaderValue::from_str(auth).map_err(|_| {
+        gql(webpods_engine::Error::new(
+            ErrorKind::InvalidToken,
+            "the Authorization value is not a header value",
+        ))
+    })?;
+    h.insert(header::AUTHORIZATION, value);
+    let token = token_of(&h, false);
+    let auth = Authenticated::new(engine, token.as_deref()).map_err(gql)?;
+    data.insert(RequestCtx::new(engine, auth, ip));
+    Ok(data)
+}
