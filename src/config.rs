@@ -106,44 +106,8 @@ pub struct RateLimits {
     pub stream_create: u64,
 }
 
-/// One OAuth 2.0 provider (SPEC §3.2). Presets (`github`, `google`, `gitlab`) may leave the
-/// URLs and fields unset; the login code fills them in.
-#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProviderConfig {
-    pub id: String,
-    pub name: Option<String>,
-    pub client_id: String,
-    /// The secret itself, or resolved from `client_secret_env` at load time.
-    pub client_secret: Option<String>,
-    pub client_secret_env: Option<String>,
-    pub auth_url: Option<String>,
-    pub token_url: Option<String>,
-    pub userinfo_url: Option<String>,
-    /// Unset: the preset's scopes, else `openid email profile`.
-    pub scopes: Option<Vec<String>>,
-    pub id_field: Option<String>,
-    pub email_field: Option<String>,
-    pub name_field: Option<String>,
-    /// `client_secret_basic` (default) or `client_secret_post`.
-    pub token_auth: Option<String>,
-}
-
-impl fmt::Debug for ProviderConfig {
-    /// Like the derived one, without the secret.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ProviderConfig")
-            .field("id", &self.id)
-            .field("name", &self.name)
-            .field("client_id", &self.client_id)
-            .field("client_secret", &self.client_secret.as_ref().map(|_| "***"))
-            .field("auth_url", &self.auth_url)
-            .field("token_url", &self.token_url)
-            .field("userinfo_url", &self.userinfo_url)
-            .field("scopes", &self.scopes)
-            .finish_non_exhaustive()
-    }
-}
+/// One OAuth 2.0 provider as the file writes it (`[[auth.providers]]`); the engine's type.
+pub use webpods_engine::ProviderConfig;
 
 /// Providers whose URLs and fields are built in.
 pub const PROVIDER_PRESETS: [&str; 3] = ["github", "google", "gitlab"];
@@ -576,24 +540,10 @@ impl Config {
         let login_providers: Vec<webpods_engine::Provider> = checked
             .iter()
             .filter_map(|p| {
-                webpods_engine::ProviderConfig {
-                    id: p.id.clone(),
-                    name: p.name.clone(),
-                    client_id: p.client_id.clone(),
-                    client_secret: p.client_secret.clone(),
-                    client_secret_env: None,
-                    auth_url: p.auth_url.clone(),
-                    token_url: p.token_url.clone(),
-                    userinfo_url: p.userinfo_url.clone(),
-                    scopes: p.scopes.clone(),
-                    id_field: p.id_field.clone(),
-                    email_field: p.email_field.clone(),
-                    name_field: p.name_field.clone(),
-                    token_auth: p.token_auth.clone(),
-                }
-                .resolve(|_| None)
-                .map_err(|e| errors.push(format!("{file_name}: {e}")))
-                .ok()
+                p.clone()
+                    .resolve(|_| None)
+                    .map_err(|e| errors.push(format!("{file_name}: {e}")))
+                    .ok()
             })
             .collect();
         let jwt_secret = var("WEBPODS_JWT_SECRET");

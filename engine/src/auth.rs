@@ -31,7 +31,7 @@ const STATE_TTL_MS: i64 = 10 * 60 * 1000;
 
 /// A provider as written in the configuration file (`[[auth.providers]]`). `github`, `google`
 /// and `gitlab` need only `id`, `client_id` and the secret; others give every URL.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
     pub id: String,
@@ -51,8 +51,25 @@ pub struct ProviderConfig {
     pub token_auth: Option<String>,
 }
 
+impl std::fmt::Debug for ProviderConfig {
+    /// Like a derived one, without the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderConfig")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret.as_ref().map(|_| "***"))
+            .field("client_secret_env", &self.client_secret_env)
+            .field("auth_url", &self.auth_url)
+            .field("token_url", &self.token_url)
+            .field("userinfo_url", &self.userinfo_url)
+            .field("scopes", &self.scopes)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A provider ready to use (presets applied, secret resolved).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Provider {
     pub id: String,
     pub name: String,
@@ -148,6 +165,22 @@ impl ProviderConfig {
             secret_in_body,
             id,
         })
+    }
+}
+
+impl std::fmt::Debug for Provider {
+    /// Everything but the secret (configuration is logged at debug level).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"***")
+            .field("auth_url", &self.auth_url.as_str())
+            .field("token_url", &self.token_url.as_str())
+            .field("userinfo_url", &self.userinfo_url.as_str())
+            .field("scopes", &self.scopes)
+            .finish_non_exhaustive()
     }
 }
 
@@ -563,4 +596,22 @@ pub fn provider_list(engine: &Engine) -> Vec<BTreeMap<&'static str, String>> {
             ])
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProviderConfig;
+
+    #[test]
+    fn debug_output_never_shows_the_client_secret() {
+        let config = ProviderConfig {
+            id: "github".into(),
+            client_id: "id".into(),
+            client_secret: Some("very-secret-value".into()),
+            ..Default::default()
+        };
+        assert!(!format!("{config:?}").contains("very-secret-value"));
+        let provider = config.resolve(|_| None).expect("preset");
+        assert!(!format!("{provider:?}").contains("very-secret-value"));
+    }
 }
