@@ -1,11 +1,20 @@
 //! One ractor actor per active stream: it serializes that stream's appends with group commit.
 //!
 //! - `Append` queues the entry; if no commit is in flight, one starts at once.
-//! - A commit takes everything queued (up to the record/byte caps), runs one storage transaction
-//!   in a spawned task and answers every entry from that task **after** the commit. The actor
-//!   learns the outcome through `CommitDone` and starts the next commit if more queued meanwhile:
-//!   batches grow with load, with no timer.
+//! - A commit takes everything queued (up to the record/byte caps), commits it in a spawned task
+//!   and answers every entry from that task **after** the commit. The actor learns the outcome
+//!   through `CommitDone` and starts the next commit if more queued meanwhile: batches grow
+//!   with load, with no timer.
+//! - Two ways to commit. **Fast**: the actor knows the chain head (from its last commit), so
+//!   the task chains the batch onto it and hands it to the [`Writer`], which commits it together
+//!   with other streams' batches in one compare-and-swap statement. **Locking**: when the head
+//!   is unknown (a fresh actor), the swap failed (another instance appended, a child stream
+//!   appeared), or the batch needs more than the head (idempotency keys, purges, an owner
+//!   change, a precondition that fails on the cached head), one transaction locks the stream
+//!   row and builds the batch on the head as stored (`Store::append_batch`).
 //! - A failed commit answers every entry of its batch with the error; nothing of it is stored.
+//!   A failure that may have been applied (the connection broke mid-statement) is never retried
+//!   by the locking path: that could store the batch twice.
 //! - An idle actor leaves the registry and drains. An `Append` that reaches an actor that is
 //!   stopping is handed back ([`AppendReply::Retry`] or the send error) and the engine resends it
 //!   to a fresh actor: such an entry was never part of a transaction, so the retry is safe.
@@ -16,13 +25,14 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
-use webpods_storage::{Head, RecordRow, Store};
+use webpods_storage::{BatchContext, BatchPlan, ChainedBatch, Head, RecordRow, Store};
 
 use crate::batch::{self, Entry, EntryOutcome, StreamCtx};
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::live::LiveHub;
 use crate::metrics::Metrics;
+use crate::writer::{Outcome, Writer};
 
 /// The records an entry ended up with, and whether they were replayed from an idempotency key.
 #[derive(Debug)]
@@ -41,8 +51,9 @@ pub(crate) enum AppendReply {
 
 pub(crate) enum StreamMsg {
     Append(Entry, oneshot::Sender<AppendReply>),
-    /// The in-flight commit finished; `Some(head)` when it wrote records.
-    CommitDone(Option<Head>),
+    /// The in-flight commit finished: the chain as it stands after it, `None` when unknown
+    /// (the next commit then takes the locking path).
+    CommitDone(Option<Chain>),
     IdleCheck,
     /// Answer once nothing is queued or in flight.
     Flush(oneshot::Sender<()>),
@@ -56,23 +67,37 @@ pub struct ActorLimits {
     pub idle_timeout: Duration,
 }
 
+/// The committed end of a stream's chain as an actor last saw it, with the stream's child
+/// version (see [`ChainedBatch`]). Another instance may have moved it since: the fast path's
+/// compare-and-swap finds out.
+#[derive(Debug, Clone)]
+pub(crate) struct Chain {
+    head: Head,
+    child_version: i64,
+}
+
+/// What every stream actor of an engine shares.
+pub(crate) struct ActorEnv {
+    pub store: Store,
+    /// Where committed batches are published for live tails.
+    pub live: Arc<LiveHub>,
+    pub writer: Writer,
+    pub limits: ActorLimits,
+    pub registry: Registry,
+}
+
 pub(crate) struct StreamActor;
 
 pub(crate) struct StreamArgs {
     pub ctx: Arc<StreamCtx>,
-    pub store: Store,
-    pub limits: ActorLimits,
-    pub registry: Arc<Registry>,
-    /// Where committed batches are published for live tails.
-    pub live: Arc<LiveHub>,
+    pub env: Arc<ActorEnv>,
 }
 
 pub(crate) struct StreamState {
     args: StreamArgs,
     pending: VecDeque<(Entry, oneshot::Sender<AppendReply>)>,
     committing: bool,
-    /// The head after our last commit (another instance may have moved it since).
-    head: Option<Head>,
+    chain: Option<Chain>,
     last_active: Instant,
     flushers: Vec<oneshot::Sender<()>>,
 }
@@ -87,13 +112,13 @@ impl Actor for StreamActor {
         myself: ActorRef<StreamMsg>,
         args: StreamArgs,
     ) -> Result<StreamState, ActorProcessingErr> {
-        let period = (args.limits.idle_timeout / 2).max(Duration::from_millis(50));
+        let period = (args.env.limits.idle_timeout / 2).max(Duration::from_millis(50));
         myself.send_interval(period, || StreamMsg::IdleCheck);
         Ok(StreamState {
             args,
             pending: VecDeque::new(),
             committing: false,
-            head: None,
+            chain: None,
             last_active: Instant::now(),
             flushers: Vec::new(),
         })
@@ -111,19 +136,18 @@ impl Actor for StreamActor {
                 state.pending.push_back((entry, reply));
                 start_commit(&myself, state);
             }
-            StreamMsg::CommitDone(head) => {
+            StreamMsg::CommitDone(chain) => {
                 state.committing = false;
                 state.last_active = Instant::now();
-                if head.is_some() {
-                    state.head = head;
-                }
+                state.chain = chain;
                 start_commit(&myself, state);
             }
             StreamMsg::IdleCheck => {
-                let idle = state.last_active.elapsed() >= state.args.limits.idle_timeout;
+                let idle = state.last_active.elapsed() >= state.args.env.limits.idle_timeout;
                 if idle && !state.committing && state.pending.is_empty() {
                     state
                         .args
+                        .env
                         .registry
                         .remove(state.args.ctx.stream_id, &myself);
                     // Anything already in the mailbox is still handled; later sends bounce.
@@ -145,6 +169,7 @@ impl Actor for StreamActor {
     ) -> Result<(), ActorProcessingErr> {
         state
             .args
+            .env
             .registry
             .remove(state.args.ctx.stream_id, &myself);
         for (entry, reply) in state.pending.drain(..) {
@@ -168,7 +193,7 @@ fn start_commit(myself: &ActorRef<StreamMsg>, state: &mut StreamState) {
         answer_flushers(state);
         return;
     }
-    let limits = state.args.limits;
+    let limits = state.args.env.limits;
     let (mut records, mut bytes) = (0usize, 0usize);
     let mut batch = Vec::new();
     while let Some((entry, _)) = state.pending.front() {
@@ -185,67 +210,167 @@ fn start_commit(myself: &ActorRef<StreamMsg>, state: &mut StreamState) {
         }
     }
     state.committing = true;
-    let store = state.args.store.clone();
+    let env = state.args.env.clone();
     let ctx = state.args.ctx.clone();
-    let live = state.args.live.clone();
+    let chain = state.chain.take();
     let me = myself.clone();
-    let metrics = state.args.registry.metrics.clone();
     tokio::spawn(async move {
-        let head = commit(&store, &ctx, &live, batch, &metrics).await;
+        let chain = commit(&env, &ctx, chain, batch).await;
         // If the actor is gone the next one reloads the head from storage anyway.
-        let _ = me.send_message(StreamMsg::CommitDone(head));
+        let _ = me.send_message(StreamMsg::CommitDone(chain));
     });
 }
 
-/// Runs one transaction for the batch and answers each entry. Returns the new head.
+type Replies = Vec<oneshot::Sender<AppendReply>>;
+type Outcomes = Vec<Result<EntryOutcome, Error>>;
+
+/// Commits the batch (fast path if it can, else the locking path), answers each entry, and
+/// returns the chain as it stands afterwards.
 async fn commit(
-    store: &Store,
+    env: &ActorEnv,
     ctx: &StreamCtx,
-    live: &LiveHub,
+    chain: Option<Chain>,
     batch: Vec<(Entry, oneshot::Sender<AppendReply>)>,
-    metrics: &Metrics,
-) -> Option<Head> {
+) -> Option<Chain> {
     let started = Instant::now();
-    let (entries, replies): (Vec<Entry>, Vec<_>) = batch.into_iter().unzip();
+    let (entries, replies): (Vec<Entry>, Replies) = batch.into_iter().unzip();
+    if let Some(chain) = chain {
+        match commit_chained(env, ctx, &chain, &entries).await {
+            Fast::Written(plan, outcomes) => {
+                let chain = Chain {
+                    head: head_after(&plan, chain.head),
+                    child_version: chain.child_version,
+                };
+                finish(env, ctx, plan, outcomes, replies, started);
+                return Some(chain);
+            }
+            Fast::NotTaken => {}
+            Fast::Failed(err) => {
+                fail(env, ctx, replies, err);
+                return None;
+            }
+        }
+    }
     let probe = batch::probe(&entries);
-    let result = store
+    let result = env
+        .store
         .append_batch(ctx.stream_id, &probe, |bctx| {
-            batch::build(bctx, ctx, &entries, now_ms())
+            let (head, child_version) = (bctx.head.clone(), bctx.child_version);
+            let (plan, outcomes) = batch::build(bctx, ctx, &entries, now_ms());
+            (plan, (outcomes, head, child_version))
         })
         .await;
     match result {
-        Ok((plan, outcomes)) => {
-            // Committed: live tails may see it (before the next batch of this stream commits).
-            live.publish(store, ctx.stream_id, &plan.records);
-            metrics.observe_commit(plan.records.len(), started.elapsed());
-            for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                let done = outcome.map(|o| match o {
-                    EntryOutcome::Appended(range) => Committed {
-                        rows: plan.records[range].to_vec(),
-                        replayed: false,
-                    },
-                    EntryOutcome::Replayed(rows) => Committed {
-                        rows,
-                        replayed: true,
-                    },
-                });
-                let _ = reply.send(AppendReply::Done(done));
-            }
-            plan.records.last().map(|r| Head {
-                index: r.index,
-                hash: Some(r.hash.clone()),
-                timestamp: r.timestamp,
-            })
+        Ok((plan, (outcomes, head, child_version))) => {
+            let chain = Chain {
+                head: head_after(&plan, head),
+                child_version,
+            };
+            finish(env, ctx, plan, outcomes, replies, started);
+            Some(chain)
         }
         Err(e) => {
-            tracing::warn!(stream_id = ctx.stream_id, error = %e, "batch commit failed");
-            metrics.observe_failed_commit();
-            let err = Error::from(e);
-            for reply in replies {
-                let _ = reply.send(AppendReply::Done(Err(err.clone())));
-            }
+            fail(env, ctx, replies, Error::from(e));
             None
         }
+    }
+}
+
+enum Fast {
+    Written(BatchPlan, Outcomes),
+    /// Not committed, nothing written: take the locking path.
+    NotTaken,
+    /// Failed in a way that may have written the batch: answer with the error.
+    Failed(Error),
+}
+
+/// The fast path: chain the batch onto the cached head and let the [`Writer`] swap it in.
+async fn commit_chained(env: &ActorEnv, ctx: &StreamCtx, chain: &Chain, entries: &[Entry]) -> Fast {
+    if entries
+        .iter()
+        .any(|e| e.purge || e.idempotency_key.is_some())
+    {
+        return Fast::NotTaken;
+    }
+    let bctx = BatchContext {
+        head: chain.head.clone(),
+        // Checked by the swap itself: a name taken by a child stream makes it fail.
+        conflicting_names: Default::default(),
+        existing_keys: Default::default(),
+        child_version: chain.child_version,
+    };
+    let (plan, outcomes) = batch::build(bctx, ctx, entries, now_ms());
+    let simple =
+        plan.idempotency_keys.is_empty() && plan.purges.is_empty() && plan.pod_owner.is_none();
+    // A refusal (a failed precondition) is only exact on the stored head: let the lock decide.
+    if !simple || plan.records.is_empty() || outcomes.iter().any(|o| o.is_err()) {
+        return Fast::NotTaken;
+    }
+    let batch = ChainedBatch {
+        stream_id: ctx.stream_id,
+        expected: chain.head.clone(),
+        child_version: chain.child_version,
+        records: plan.records,
+    };
+    match env.writer.commit(batch).await {
+        Outcome::Written(records) => Fast::Written(
+            BatchPlan {
+                records,
+                ..BatchPlan::default()
+            },
+            outcomes,
+        ),
+        Outcome::Stale => Fast::NotTaken,
+        Outcome::Failed {
+            retry_safe: true, ..
+        } => Fast::NotTaken,
+        Outcome::Failed { error, .. } => Fast::Failed(error),
+    }
+}
+
+/// The head after `plan`: its last record, or `before` when it wrote none.
+fn head_after(plan: &BatchPlan, before: Head) -> Head {
+    plan.records.last().map_or(before, |r| Head {
+        index: r.index,
+        hash: Some(r.hash.clone()),
+        timestamp: r.timestamp,
+    })
+}
+
+/// After a commit: publish to live tails, count, answer each entry.
+fn finish(
+    env: &ActorEnv,
+    ctx: &StreamCtx,
+    plan: BatchPlan,
+    outcomes: Outcomes,
+    replies: Replies,
+    started: Instant,
+) {
+    // Committed: live tails may see it (before the next batch of this stream commits).
+    env.live.publish(&env.store, ctx.stream_id, &plan.records);
+    env.registry
+        .metrics
+        .observe_commit(plan.records.len(), started.elapsed());
+    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+        let done = outcome.map(|o| match o {
+            EntryOutcome::Appended(range) => Committed {
+                rows: plan.records[range].to_vec(),
+                replayed: false,
+            },
+            EntryOutcome::Replayed(rows) => Committed {
+                rows,
+                replayed: true,
+            },
+        });
+        let _ = reply.send(AppendReply::Done(done));
+    }
+}
+
+fn fail(env: &ActorEnv, ctx: &StreamCtx, replies: Replies, err: Error) {
+    tracing::warn!(stream_id = ctx.stream_id, error = %err, "batch commit failed");
+    env.registry.metrics.observe_failed_commit();
+    for reply in replies {
+        let _ = reply.send(AppendReply::Done(Err(err.clone())));
     }
 }
 
@@ -293,21 +418,16 @@ impl Registry {
 
 /// Spawns (or finds) the actor of a stream.
 pub(crate) async fn actor_for(
-    registry: &Arc<Registry>,
+    env: &Arc<ActorEnv>,
     ctx: &Arc<StreamCtx>,
-    store: &Store,
-    live: &Arc<LiveHub>,
-    limits: ActorLimits,
 ) -> Result<ActorRef<StreamMsg>> {
+    let registry = &env.registry;
     if let Some(a) = registry.get(ctx.stream_id) {
         return Ok(a);
     }
     let args = StreamArgs {
         ctx: ctx.clone(),
-        store: store.clone(),
-        limits,
-        registry: registry.clone(),
-        live: live.clone(),
+        env: env.clone(),
     };
     let (actor, _join) = Actor::spawn(None, StreamActor, args)
         .await
@@ -322,20 +442,17 @@ pub(crate) async fn actor_for(
 /// Sends an entry to its stream's actor and waits for the committed outcome, resending it to a
 /// fresh actor when the first one was stopping.
 pub(crate) async fn submit(
-    registry: &Arc<Registry>,
+    env: &Arc<ActorEnv>,
     ctx: &Arc<StreamCtx>,
-    store: &Store,
-    live: &Arc<LiveHub>,
-    limits: ActorLimits,
     mut entry: Entry,
 ) -> Result<Committed> {
     loop {
-        let actor = actor_for(registry, ctx, store, live, limits).await?;
+        let actor = actor_for(env, ctx).await?;
         let (tx, rx) = oneshot::channel();
         match actor.send_message(StreamMsg::Append(entry, tx)) {
             Ok(()) => {}
             Err(ractor::MessagingErr::SendErr(StreamMsg::Append(back, _))) => {
-                registry.remove(ctx.stream_id, &actor);
+                env.registry.remove(ctx.stream_id, &actor);
                 entry = back;
                 continue;
             }

@@ -260,6 +260,7 @@ mod tests {
             head,
             conflicting_names: HashSet::new(),
             existing_keys: Default::default(),
+            child_version: 0,
         }
     }
 

@@ -4,8 +4,10 @@
 //! engine; they never see storage or actor types. The engine owns:
 //! - **appends**: one ractor actor per active stream ([`actor`]) serializes appends with group
 //!   commit; a receipt exists only after its batch committed; idle actors stop;
-//! - **the hash chain** ([`hash`]) exactly as SPEC §5.1, computed inside the commit transaction
-//!   against the locked head, so several instances on one database never fork a chain;
+//! - **the hash chain** ([`hash`]) exactly as SPEC §5.1, computed against the head the actor
+//!   holds and committed only if the stored head is still that one (compare-and-swap, several
+//!   streams per statement), else recomputed inside a transaction against the locked head — so
+//!   several instances on one database never fork a chain;
 //! - **permissions** (SPEC §8), decided here for every frontend alike;
 //! - **reads**, which go straight to storage (never through the actors).
 //!
@@ -29,6 +31,7 @@ mod pod_config;
 mod ratelimit;
 pub mod token;
 mod verify;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -50,7 +53,7 @@ pub use ratelimit::{Action, RateLimits, RateStatus};
 pub use token::{Claims, Scope, TokenKeys};
 pub use verify::Verification;
 
-use crate::actor::Registry;
+use crate::actor::{ActorEnv, Registry};
 use crate::batch::{Entry, StreamCtx};
 use crate::clock::{iso8601, now_ms};
 use crate::metrics::CacheKind;
@@ -124,7 +127,8 @@ struct Inner {
     store: Store,
     config: EngineConfig,
     keys: TokenKeys,
-    registry: Arc<Registry>,
+    /// The stream actors and what they share.
+    actors: Arc<ActorEnv>,
     /// `true` once a graceful shutdown began (see [`Engine::draining`]).
     draining: tokio::sync::watch::Sender<bool>,
     pods: Cache<String, PodRow>,
@@ -157,12 +161,19 @@ impl Engine {
             .time_to_live(config.cache_ttl)
             .build();
         let live = Arc::new(live::LiveHub::new(config.live));
+        let actors = Arc::new(ActorEnv {
+            store: store.clone(),
+            live: live.clone(),
+            writer: writer::Writer::start(store.clone()),
+            limits: config.actors,
+            registry: Registry::default(),
+        });
         Engine {
             inner: Arc::new(Inner {
                 store,
                 config,
                 keys,
-                registry: Arc::new(Registry::default()),
+                actors,
                 draining: tokio::sync::watch::Sender::new(false),
                 pods,
                 streams,
@@ -195,12 +206,12 @@ impl Engine {
 
     /// Stream actors alive in this instance.
     pub fn active_actors(&self) -> usize {
-        self.inner.registry.len()
+        self.inner.actors.registry.len()
     }
 
     /// This instance's metric registry (frontends count requests and live subscriptions in it).
     pub fn metrics(&self) -> &Arc<metrics::Metrics> {
-        &self.inner.registry.metrics
+        &self.inner.actors.registry.metrics
     }
 
     /// Every metric in the Prometheus text format, with gauges sampled now.
@@ -227,7 +238,7 @@ impl Engine {
 
     /// Commits everything queued in every stream actor and stops them (graceful shutdown).
     pub async fn shutdown(&self) {
-        actor::flush_all(&self.inner.registry).await;
+        actor::flush_all(&self.inner.actors.registry).await;
     }
 
     // ----- identity -------------------------------------------------------------------------
@@ -632,8 +643,7 @@ impl Engine {
             pod: pod.name.clone(),
             path: stream.path.clone(),
         });
-        let i = &self.inner;
-        actor::submit(&i.registry, &ctx, &i.store, &i.live, i.config.actors, entry).await
+        actor::submit(&self.inner.actors, &ctx, entry).await
     }
 
     // ----- reads ----------------------------------------------------------------------------

@@ -97,6 +97,23 @@ impl From<sqlx::Error> for Error {
     }
 }
 
+impl Error {
+    /// True when the database certainly did not apply the failed statement: it answered with an
+    /// error (an autocommit statement that fails rolls back), or the statement never left the
+    /// pool. False when the outcome is unknown (the connection broke mid-statement), where a
+    /// retry could write the same records twice.
+    pub fn certainly_not_applied(&self) -> bool {
+        use sqlx::Error as E;
+        match self {
+            Error::Unavailable(e) | Error::Database(e) => {
+                matches!(e, E::Database(_) | E::PoolTimedOut | E::PoolClosed)
+            }
+            Error::StreamNotFound(_) | Error::InvalidUrl(_) => true,
+            Error::Migrate(_) | Error::Corrupt(_) => false,
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Pool and durability settings, read once from configuration.
@@ -243,6 +260,24 @@ pub struct BatchContext {
     pub conflicting_names: HashSet<String>,
     /// Keys from the probe already used, with the records they appended.
     pub existing_keys: HashMap<String, Vec<RecordRow>>,
+    /// The stream's child version (bumped by each child stream creation); a later
+    /// [`ChainedBatch`] built on this head must carry it.
+    pub child_version: i64,
+}
+
+/// Records the engine already chained onto a head it holds in memory. [`Store::append_chained`]
+/// commits them only if the stream still has exactly that head and child version and no child
+/// stream is named like one of the records — a compare-and-swap, so a stale head (another
+/// instance appended, a child stream appeared) commits nothing and the engine falls back to
+/// [`Store::append_batch`], which locks and re-reads.
+#[derive(Debug, Clone)]
+pub struct ChainedBatch {
+    pub stream_id: i64,
+    /// The head the first record extends.
+    pub expected: Head,
+    pub child_version: i64,
+    /// Consecutive records from `expected.index + 1`; never empty.
+    pub records: Vec<RecordRow>,
 }
 
 /// An idempotency key to remember with the batch: `count` records from `first_index`.
@@ -425,6 +460,16 @@ impl Store {
         T: Send,
     {
         dispatch!(self, s => s.append_batch(stream_id, probe, build).await)
+    }
+
+    /// Commits several streams' [`ChainedBatch`]es in one statement (PostgreSQL) or one
+    /// transaction (SQLite): group commit across streams. Answers, per batch, whether it was
+    /// written; a batch whose stream moved on is skipped and the others still commit.
+    pub async fn append_chained(&self, batches: &[ChainedBatch]) -> Result<Vec<bool>> {
+        if batches.is_empty() {
+            return Ok(Vec::new());
+        }
+        dispatch!(self, s => s.append_chained(batches).await)
     }
 
     pub async fn get_record(&self, stream_id: i64, index: i64) -> Result<Option<RecordRow>> {

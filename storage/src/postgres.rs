@@ -8,8 +8,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{FromRow, Postgres, Row, Transaction};
 
 use crate::{
-    BatchContext, BatchPlan, BatchProbe, CreateStream, DomainsOutcome, Error, Head, NewStream,
-    PodRow, PoolStats, RECORD_COLUMNS, RecordRange, RecordRow, Result, STREAM_COLUMNS,
+    BatchContext, BatchPlan, BatchProbe, ChainedBatch, CreateStream, DomainsOutcome, Error, Head,
+    NewStream, PodRow, PoolStats, RECORD_COLUMNS, RecordRange, RecordRow, Result, STREAM_COLUMNS,
     StoreOptions, StreamRow, UserRow, unique_clause,
 };
 
@@ -252,19 +252,28 @@ impl PgStore {
     pub(crate) async fn create_stream(&self, s: &NewStream) -> Result<CreateStream> {
         let mut tx = self.pool.begin().await?;
         if let Some(parent) = s.parent_id {
-            // The parent's row lock orders this against appends of a same-named record.
-            let conflict: Option<bool> = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM records WHERE stream_id = $1 AND name = $2) \
-                 FROM streams WHERE id = $1 FOR UPDATE",
+            // Lock the parent's row (ordering this against its appends) and bump its child
+            // version, which makes any append chained on the old version fail its
+            // compare-and-swap. The record check runs after the lock, in a statement of its own,
+            // so its snapshot includes every append committed before we got the lock.
+            let locked: Option<i64> = sqlx::query_scalar(
+                "UPDATE streams SET child_version = child_version + 1 WHERE id = $1 RETURNING id",
+            )
+            .bind(parent)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if locked.is_none() {
+                return Err(Error::StreamNotFound(parent));
+            }
+            let conflict: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM records WHERE stream_id = $1 AND name = $2)",
             )
             .bind(parent)
             .bind(&s.name)
-            .fetch_optional(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
-            match conflict {
-                None => return Err(Error::StreamNotFound(parent)),
-                Some(true) => return Ok(CreateStream::NameConflict),
-                Some(false) => {}
+            if conflict {
+                return Ok(CreateStream::NameConflict);
             }
         }
         let row: Option<StreamRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -310,8 +319,12 @@ impl PgStore {
     {
         let mut tx = self.pool.begin().await?;
         // One round trip: lock the head and find record names that collide with child streams.
+        // The name lookup runs on the statement's snapshot, which predates a wait for the lock;
+        // the child version read on that same snapshot (`seen_version`) tells whether a child
+        // stream was created meanwhile, and only then is the lookup repeated.
         let row = sqlx::query(
-            "SELECT s.head_index, s.head_hash, s.head_timestamp, \
+            "SELECT s.head_index, s.head_hash, s.head_timestamp, s.child_version, \
+                    (SELECT o.child_version FROM streams o WHERE o.id = s.id), \
                     ARRAY(SELECT c.name FROM streams c WHERE c.parent_id = s.id AND c.name = ANY($2)) \
              FROM streams s WHERE s.id = $1 FOR UPDATE",
         )
@@ -327,7 +340,19 @@ impl PgStore {
             hash: row.get(1),
             timestamp: row.get(2),
         };
-        let conflicting_names: HashSet<String> = row.get::<Vec<String>, _>(3).into_iter().collect();
+        let child_version: i64 = row.get(3);
+        let seen_version: Option<i64> = row.get(4);
+        let mut conflicting: Vec<String> = row.get(5);
+        if seen_version != Some(child_version) {
+            conflicting = sqlx::query_scalar(
+                "SELECT name FROM streams WHERE parent_id = $1 AND name = ANY($2)",
+            )
+            .bind(stream_id)
+            .bind(&probe.names)
+            .fetch_all(&mut *tx)
+            .await?;
+        }
+        let conflicting_names: HashSet<String> = conflicting.into_iter().collect();
         let mut existing_keys = HashMap::new();
         if !probe.idempotency_keys.is_empty() {
             let keys = sqlx::query(
@@ -357,6 +382,7 @@ impl PgStore {
             head,
             conflicting_names,
             existing_keys,
+            child_version,
         });
         if let Some(last) = plan.records.last() {
             insert_records(&mut tx, stream_id, &plan.records).await?;
@@ -592,44 +618,206 @@ async fn delete_streams(tx: &mut Transaction<'static, Postgres>, ids: &[i64]) ->
 }
 
 /// Inserts a batch with one statement, whatever its size.
+impl PgStore {
+    /// One autocommit statement for every batch: a compare-and-swap `UPDATE` of the heads whose
+    /// `RETURNING` feeds the `INSERT` of the records, so only batches whose stream still has
+    /// the expected head and child version (and no child named like one of the records) are
+    /// written.
+    ///
+    /// The stream rows are locked with `SKIP LOCKED`: a row another transaction holds (another
+    /// instance's locking append, a child stream being created) is simply not swapped, and
+    /// that batch takes the locking path. So this statement never waits for a lock — an
+    /// autocommit statement left waiting would still commit after its client gave up — and a
+    /// row committed after the statement's snapshot is re-checked as committed, so a concurrent
+    /// append or child creation makes the swap fail instead of forking the chain.
+    pub(crate) async fn append_chained(&self, batches: &[ChainedBatch]) -> Result<Vec<bool>> {
+        let mut order: Vec<usize> = (0..batches.len()).collect();
+        // Same lock order in every statement of every instance: fewer deadlocks between them.
+        order.sort_by_key(|&i| batches[i].stream_id);
+        let n: usize = batches.iter().map(|b| b.records.len()).sum();
+        let mut heads = HeadColumns::default();
+        let mut cols = RecordColumns::with_capacity(n);
+        for &i in &order {
+            let b = &batches[i];
+            let Some(last) = b.records.last() else {
+                continue;
+            };
+            heads.push(b, last);
+            for r in &b.records {
+                cols.push(b.stream_id, r);
+            }
+        }
+        let moved: Vec<i64> = sqlx::query_scalar(
+            "WITH v AS ( \
+                 SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], \
+                                      $5::bigint[], $6::text[], $7::bigint[]) \
+                     AS v(id, old_index, old_hash, old_version, new_index, new_hash, new_ts) \
+             ), r AS ( \
+                 SELECT * FROM UNNEST($8::bigint[], $9::bigint[], $10::text[], $11::bytea[], \
+                                      $12::text[], $13::text[], $14::bigint[], $15::text[], \
+                                      $16::bigint[], $17::text[], $18::text[], $19::text[], \
+                                      $20::bool[]) \
+                     AS r(stream_id, idx, name, content, content_type, headers, size, author, \
+                          ts, content_hash, hash, previous_hash, deleted) \
+             ), locked AS ( \
+                 SELECT s.id FROM streams s JOIN v ON v.id = s.id \
+                  WHERE s.head_index = v.old_index \
+                    AND s.head_hash IS NOT DISTINCT FROM v.old_hash \
+                    AND s.child_version = v.old_version \
+                    AND NOT EXISTS (SELECT 1 FROM r JOIN streams c \
+                                        ON c.parent_id = r.stream_id AND c.name = r.name \
+                                     WHERE r.stream_id = s.id) \
+                 FOR UPDATE OF s SKIP LOCKED \
+             ), moved AS ( \
+                 UPDATE streams s \
+                    SET head_index = v.new_index, head_hash = v.new_hash, head_timestamp = v.new_ts \
+                   FROM v \
+                  WHERE s.id = v.id AND s.id IN (SELECT id FROM locked) \
+                    AND s.head_index = v.old_index AND s.child_version = v.old_version \
+                 RETURNING s.id \
+             ), ins AS ( \
+                 INSERT INTO records (stream_id, idx, name, content, content_type, headers, size, \
+                                      author, ts, content_hash, hash, previous_hash, deleted) \
+                 SELECT r.* FROM r WHERE r.stream_id IN (SELECT id FROM moved) \
+             ) \
+             SELECT id FROM moved",
+        )
+        .bind(&heads.id)
+        .bind(&heads.old_index)
+        .bind(&heads.old_hash)
+        .bind(&heads.old_version)
+        .bind(&heads.new_index)
+        .bind(&heads.new_hash)
+        .bind(&heads.new_ts)
+        .bind(&cols.stream_id)
+        .bind(&cols.idx)
+        .bind(&cols.name)
+        .bind(&cols.content)
+        .bind(&cols.content_type)
+        .bind(&cols.headers)
+        .bind(&cols.size)
+        .bind(&cols.author)
+        .bind(&cols.ts)
+        .bind(&cols.content_hash)
+        .bind(&cols.hash)
+        .bind(&cols.previous_hash)
+        .bind(&cols.deleted)
+        .fetch_all(&self.pool)
+        .await?;
+        let moved: HashSet<i64> = moved.into_iter().collect();
+        Ok(batches
+            .iter()
+            .map(|b| moved.contains(&b.stream_id))
+            .collect())
+    }
+}
+
+/// The head columns of [`PgStore::append_chained`], one entry per batch.
+#[derive(Default)]
+struct HeadColumns<'a> {
+    id: Vec<i64>,
+    old_index: Vec<i64>,
+    old_hash: Vec<Option<&'a str>>,
+    old_version: Vec<i64>,
+    new_index: Vec<i64>,
+    new_hash: Vec<&'a str>,
+    new_ts: Vec<i64>,
+}
+
+impl<'a> HeadColumns<'a> {
+    fn push(&mut self, b: &'a ChainedBatch, last: &'a RecordRow) {
+        self.id.push(b.stream_id);
+        self.old_index.push(b.expected.index);
+        self.old_hash.push(b.expected.hash.as_deref());
+        self.old_version.push(b.child_version);
+        self.new_index.push(last.index);
+        self.new_hash.push(&last.hash);
+        self.new_ts.push(last.timestamp);
+    }
+}
+
+/// Records as column arrays, for `UNNEST` inserts.
+struct RecordColumns<'a> {
+    stream_id: Vec<i64>,
+    idx: Vec<i64>,
+    name: Vec<&'a str>,
+    content: Vec<&'a [u8]>,
+    content_type: Vec<&'a str>,
+    headers: Vec<&'a str>,
+    size: Vec<i64>,
+    author: Vec<&'a str>,
+    ts: Vec<i64>,
+    content_hash: Vec<&'a str>,
+    hash: Vec<&'a str>,
+    previous_hash: Vec<Option<&'a str>>,
+    deleted: Vec<bool>,
+}
+
+impl<'a> RecordColumns<'a> {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            stream_id: Vec::with_capacity(n),
+            idx: Vec::with_capacity(n),
+            name: Vec::with_capacity(n),
+            content: Vec::with_capacity(n),
+            content_type: Vec::with_capacity(n),
+            headers: Vec::with_capacity(n),
+            size: Vec::with_capacity(n),
+            author: Vec::with_capacity(n),
+            ts: Vec::with_capacity(n),
+            content_hash: Vec::with_capacity(n),
+            hash: Vec::with_capacity(n),
+            previous_hash: Vec::with_capacity(n),
+            deleted: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, stream_id: i64, r: &'a RecordRow) {
+        self.stream_id.push(stream_id);
+        self.idx.push(r.index);
+        self.name.push(&r.name);
+        self.content.push(&r.content);
+        self.content_type.push(&r.content_type);
+        self.headers.push(&r.headers);
+        self.size.push(r.size);
+        self.author.push(&r.author);
+        self.ts.push(r.timestamp);
+        self.content_hash.push(&r.content_hash);
+        self.hash.push(&r.hash);
+        self.previous_hash.push(r.previous_hash.as_deref());
+        self.deleted.push(r.deleted);
+    }
+}
+
 async fn insert_records(
     tx: &mut Transaction<'static, Postgres>,
     stream_id: i64,
     records: &[RecordRow],
 ) -> Result<()> {
-    let idx: Vec<i64> = records.iter().map(|r| r.index).collect();
-    let name: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
-    let content: Vec<&[u8]> = records.iter().map(|r| r.content.as_slice()).collect();
-    let content_type: Vec<&str> = records.iter().map(|r| r.content_type.as_str()).collect();
-    let headers: Vec<&str> = records.iter().map(|r| r.headers.as_str()).collect();
-    let size: Vec<i64> = records.iter().map(|r| r.size).collect();
-    let author: Vec<&str> = records.iter().map(|r| r.author.as_str()).collect();
-    let ts: Vec<i64> = records.iter().map(|r| r.timestamp).collect();
-    let content_hash: Vec<&str> = records.iter().map(|r| r.content_hash.as_str()).collect();
-    let hash: Vec<&str> = records.iter().map(|r| r.hash.as_str()).collect();
-    let previous_hash: Vec<Option<&str>> =
-        records.iter().map(|r| r.previous_hash.as_deref()).collect();
-    let deleted: Vec<bool> = records.iter().map(|r| r.deleted).collect();
+    let mut c = RecordColumns::with_capacity(records.len());
+    for r in records {
+        c.push(stream_id, r);
+    }
     sqlx::query(
         "INSERT INTO records (stream_id, idx, name, content, content_type, headers, size, author, \
                               ts, content_hash, hash, previous_hash, deleted) \
-         SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::bytea[], $5::text[], $6::text[], \
-                                  $7::bigint[], $8::text[], $9::bigint[], $10::text[], $11::text[], \
-                                  $12::text[], $13::bool[])",
+         SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bytea[], $5::text[], \
+                              $6::text[], $7::bigint[], $8::text[], $9::bigint[], $10::text[], \
+                              $11::text[], $12::text[], $13::bool[])",
     )
-    .bind(stream_id)
-    .bind(&idx)
-    .bind(&name)
-    .bind(&content)
-    .bind(&content_type)
-    .bind(&headers)
-    .bind(&size)
-    .bind(&author)
-    .bind(&ts)
-    .bind(&content_hash)
-    .bind(&hash)
-    .bind(&previous_hash)
-    .bind(&deleted)
+    .bind(&c.stream_id)
+    .bind(&c.idx)
+    .bind(&c.name)
+    .bind(&c.content)
+    .bind(&c.content_type)
+    .bind(&c.headers)
+    .bind(&c.size)
+    .bind(&c.author)
+    .bind(&c.ts)
+    .bind(&c.content_hash)
+    .bind(&c.hash)
+    .bind(&c.previous_hash)
+    .bind(&c.deleted)
     .execute(&mut **tx)
     .await?;
     Ok(())

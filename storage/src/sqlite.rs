@@ -13,8 +13,8 @@ use sqlx::sqlite::{
 use sqlx::{FromRow, QueryBuilder, Row, Sqlite, Transaction};
 
 use crate::{
-    BatchContext, BatchPlan, BatchProbe, CreateStream, DomainsOutcome, Error, Head, NewStream,
-    PodRow, PoolStats, RECORD_COLUMNS, RecordRange, RecordRow, Result, STREAM_COLUMNS,
+    BatchContext, BatchPlan, BatchProbe, ChainedBatch, CreateStream, DomainsOutcome, Error, Head,
+    NewStream, PodRow, PoolStats, RECORD_COLUMNS, RecordRange, RecordRow, Result, STREAM_COLUMNS,
     StoreOptions, StreamRow, UserRow, unique_clause,
 };
 
@@ -249,9 +249,11 @@ impl SqliteStore {
     pub(crate) async fn create_stream(&self, s: &NewStream) -> Result<CreateStream> {
         let mut tx = self.begin().await?;
         if let Some(parent) = s.parent_id {
+            // Bump the parent's child version: appends chained on the old one fail their
+            // compare-and-swap (see `append_chained`).
             let conflict: Option<bool> = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM records WHERE stream_id = ?1 AND name = ?2) \
-                 FROM streams WHERE id = ?1",
+                "UPDATE streams SET child_version = child_version + 1 WHERE id = ?1 \
+                 RETURNING EXISTS (SELECT 1 FROM records WHERE stream_id = ?1 AND name = ?2)",
             )
             .bind(parent)
             .bind(&s.name)
@@ -294,6 +296,47 @@ impl SqliteStore {
         Ok(result)
     }
 
+    /// One write transaction (one fsync) for every batch; a batch is written only if its
+    /// stream still has the expected head and child version and no child stream is named like
+    /// one of its records. SQLite has a single writer, so the checks and writes cannot race.
+    pub(crate) async fn append_chained(&self, batches: &[ChainedBatch]) -> Result<Vec<bool>> {
+        let mut tx = self.begin().await?;
+        let mut written = Vec::with_capacity(batches.len());
+        for b in batches {
+            let Some(last) = b.records.last() else {
+                written.push(false);
+                continue;
+            };
+            let names: Vec<&str> = b.records.iter().map(|r| r.name.as_str()).collect();
+            let names_json = serde_json::to_string(&names)
+                .map_err(|e| Error::Corrupt(format!("encoding names: {e}")))?;
+            let moved = sqlx::query(
+                "UPDATE streams SET head_index = ?, head_hash = ?, head_timestamp = ? \
+                 WHERE id = ? AND head_index = ? AND head_hash IS ? AND child_version = ? \
+                   AND NOT EXISTS (SELECT 1 FROM streams c WHERE c.parent_id = streams.id \
+                                     AND c.name IN (SELECT value FROM json_each(?)))",
+            )
+            .bind(last.index)
+            .bind(&last.hash)
+            .bind(last.timestamp)
+            .bind(b.stream_id)
+            .bind(b.expected.index)
+            .bind(b.expected.hash.as_deref())
+            .bind(b.child_version)
+            .bind(names_json)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if moved {
+                insert_records(&mut tx, b.stream_id, &b.records).await?;
+            }
+            written.push(moved);
+        }
+        tx.commit().await?;
+        Ok(written)
+    }
+
     pub(crate) async fn append_batch<T, F>(
         &self,
         stream_id: i64,
@@ -305,15 +348,21 @@ impl SqliteStore {
         T: Send,
     {
         let mut tx = self.begin().await?;
-        let head: Option<Head> = sqlx::query_as(
-            "SELECT head_index, head_hash, head_timestamp FROM streams WHERE id = ?",
+        let row = sqlx::query(
+            "SELECT head_index, head_hash, head_timestamp, child_version FROM streams WHERE id = ?",
         )
         .bind(stream_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(head) = head else {
+        let Some(row) = row else {
             return Err(Error::StreamNotFound(stream_id));
         };
+        let head = Head {
+            index: row.get(0),
+            hash: row.get(1),
+            timestamp: row.get(2),
+        };
+        let child_version: i64 = row.get(3);
         let names_json = serde_json::to_string(&probe.names)
             .map_err(|e| Error::Corrupt(format!("encoding names: {e}")))?;
         let conflicting_names: HashSet<String> = sqlx::query_scalar(
@@ -354,6 +403,7 @@ impl SqliteStore {
             head,
             conflicting_names,
             existing_keys,
+            child_version,
         });
         if let Some(last) = plan.records.last() {
             insert_records(&mut tx, stream_id, &plan.records).await?;

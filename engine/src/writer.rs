@@ -1,0 +1,130 @@
+//! Group commit across streams. Each stream actor chains its batch onto the head it holds
+//! (indices, hashes) and hands the result here as a [`ChainedBatch`]; this writer puts
+//! everything that is waiting into one compare-and-swap statement
+//! ([`Store::append_chained`]), so a thousand streams with one record each cost one commit, not
+//! a thousand.
+//!
+//! - At most [`IN_FLIGHT`] statements run at once. While they do, new batches queue, and the
+//!   next statement takes everything queued (up to [`MAX_STATEMENT_RECORDS`]): statements grow
+//!   with load, with no timer. An idle writer sends a lone batch at once.
+//! - A stream actor has at most one batch here at a time, so two statements in flight never
+//!   touch the same stream of this instance; other instances are kept apart by the swap itself.
+//! - The writer only reports: [`Outcome::Written`] (committed), [`Outcome::Stale`] (the
+//!   stream's head or children moved; nothing of it was written) or [`Outcome::Failed`]. The
+//!   actor decides what follows (the locking path, or an error to its callers).
+
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use webpods_storage::{ChainedBatch, RecordRow, Store};
+
+use crate::error::Error;
+
+/// Statements in flight at once.
+pub(crate) const IN_FLIGHT: usize = 4;
+/// Records per statement; a batch is never split, so one may go over.
+pub(crate) const MAX_STATEMENT_RECORDS: usize = 8192;
+
+/// What became of one [`ChainedBatch`].
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Committed: the batch's records, as written.
+    Written(Vec<RecordRow>),
+    /// Not written: the stream no longer has the head (or child version) the batch expected.
+    Stale,
+    /// The statement failed. `retry_safe`: it certainly wrote nothing
+    /// ([`webpods_storage::Error::certainly_not_applied`]), so the batch may be tried again.
+    Failed { error: Error, retry_safe: bool },
+}
+
+struct Job {
+    batch: ChainedBatch,
+    done: oneshot::Sender<Outcome>,
+}
+
+/// The handle; the writer task ends when the last handle is dropped.
+#[derive(Clone)]
+pub(crate) struct Writer {
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl Writer {
+    /// Starts the writer task (needs a Tokio runtime).
+    pub fn start(store: Store) -> Writer {
+        let (jobs, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(store, rx));
+        Writer { jobs }
+    }
+
+    /// Commits `batch` with whatever else is waiting, and tells what became of it.
+    pub async fn commit(&self, batch: ChainedBatch) -> Outcome {
+        let (done, answer) = oneshot::channel();
+        if self.jobs.send(Job { batch, done }).is_err() {
+            // Never handed over: nothing was written.
+            return Outcome::Failed {
+                error: Error::Internal("the writer task has stopped".into()),
+                retry_safe: true,
+            };
+        }
+        answer.await.unwrap_or_else(|_| {
+            // The statement's task ended without answering (it panicked): outcome unknown.
+            Outcome::Failed {
+                error: Error::Internal("the commit task ended without an answer".into()),
+                retry_safe: false,
+            }
+        })
+    }
+}
+
+async fn run(store: Store, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let permits = Arc::new(Semaphore::new(IN_FLIGHT));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        let mut records = first.batch.records.len();
+        let mut jobs = vec![first];
+        while records < MAX_STATEMENT_RECORDS {
+            match rx.try_recv() {
+                Ok(job) => {
+                    records += job.batch.records.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let store = store.clone();
+        tokio::spawn(async move {
+            let (batches, replies): (Vec<ChainedBatch>, Vec<_>) =
+                jobs.into_iter().map(|j| (j.batch, j.done)).unzip();
+            let result = store.append_chained(&batches).await;
+            drop(permit);
+            match result {
+                Ok(written) => {
+                    for ((batch, reply), ok) in batches.into_iter().zip(replies).zip(written) {
+                        let outcome = if ok {
+                            Outcome::Written(batch.records)
+                        } else {
+                            Outcome::Stale
+                        };
+                        let _ = reply.send(outcome);
+                    }
+                }
+                Err(e) => {
+                    let retry_safe = e.certainly_not_applied();
+                    tracing::warn!(error = %e, retry_safe, "cross-stream commit failed");
+                    let error = Error::from(e);
+                    for reply in replies {
+                        let _ = reply.send(Outcome::Failed {
+                            error: error.clone(),
+                            retry_safe,
+                        });
+                    }
+                }
+            }
+        });
+    }
+}
