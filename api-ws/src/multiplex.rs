@@ -256,12 +256,8 @@ impl Conn {
                     after_hash,
                     token_expires_at: self.expiry,
                 };
-                let target = Target {
-                    engine: self.engine.clone(),
-                    caller: self.caller.clone(),
-                    pod,
-                    stream: stream.trim_matches('/').to_string(),
-                };
+                let (engine, caller) = (self.engine.clone(), self.caller.clone());
+                let stream = stream.trim_matches('/').to_string();
                 let task = if recursive {
                     let after_paths = after_paths
                         .unwrap_or_default()
@@ -272,51 +268,25 @@ impl Conn {
                         live: req,
                         after_paths,
                     };
-                    tokio::spawn(subscription(
-                        async move {
-                            let Target {
-                                engine,
-                                caller,
-                                pod,
-                                stream,
-                            } = target;
-                            let sub = engine
-                                .subscribe_recursive(&caller, &pod, &stream, req)
-                                .await?;
-                            Ok((sub.head_index(), sub))
-                        },
-                        tag.clone(),
-                        self.tx.clone(),
-                    ))
+                    let open = async move {
+                        let sub = engine
+                            .subscribe_recursive(&caller, &pod, &stream, req)
+                            .await?;
+                        Ok((sub.head_index(), sub))
+                    };
+                    tokio::spawn(subscription(open, tag.clone(), self.tx.clone()))
                 } else {
-                    tokio::spawn(subscription(
-                        async move {
-                            let Target {
-                                engine,
-                                caller,
-                                pod,
-                                stream,
-                            } = target;
-                            let sub = engine.subscribe(&caller, &pod, &stream, req).await?;
-                            Ok((sub.head_index(), sub))
-                        },
-                        tag.clone(),
-                        self.tx.clone(),
-                    ))
+                    let open = async move {
+                        let sub = engine.subscribe(&caller, &pod, &stream, req).await?;
+                        Ok((sub.head_index(), sub))
+                    };
+                    tokio::spawn(subscription(open, tag.clone(), self.tx.clone()))
                 };
                 self.subs.insert(id, (tag.1, task));
                 None
             }
         }
     }
-}
-
-/// What a subscribe message addresses, as its caller.
-struct Target {
-    engine: Engine,
-    caller: Caller,
-    pod: String,
-    stream: String,
 }
 
 /// Opens one subscription (`open` yields the root's head index and the subscription), answers

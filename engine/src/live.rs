@@ -364,7 +364,8 @@ impl Engine {
         LiveShutdown(self.inner.live.closing.subscribe())
     }
 
-    /// Live subscriptions open in this instance.
+    /// Live subscriptions open in this instance, per stream: a recursive subscription counts
+    /// once for every stream it follows.
     pub fn live_subscriptions(&self) -> usize {
         self.inner.live.subscriptions.load(Ordering::Relaxed)
     }
