@@ -166,6 +166,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "max_subscriptions_per_connection",
         "WEBPODS_MAX_SUBSCRIPTIONS_PER_CONNECTION",
     ),
+    (
+        "limits",
+        "max_recursive_streams",
+        "WEBPODS_MAX_RECURSIVE_STREAMS",
+    ),
     ("live", "max_message_bytes", "WEBPODS_WS_MAX_MESSAGE_BYTES"),
     ("live", "idle_timeout_secs", "WEBPODS_WS_IDLE_TIMEOUT_SECS"),
     (
@@ -208,7 +213,8 @@ fn kind_of(var: &str) -> Kind {
             || v.ends_with("_CONNECTIONS")
             || v.ends_with("_CONNECTION")
             || v.starts_with("WEBPODS_RATE_LIMIT_")
-            || v == "WEBPODS_LIVE_MAX_BEHIND" =>
+            || v == "WEBPODS_LIVE_MAX_BEHIND"
+            || v == "WEBPODS_MAX_RECURSIVE_STREAMS" =>
         {
             Kind::Int
         }
@@ -491,6 +497,7 @@ impl Config {
         let max_list = parse("WEBPODS_MAX_LIST_RECORDS", 1000, &mut errors);
         let max_batch = parse("WEBPODS_MAX_BATCH_BYTES", 64 * 1024 * 1024, &mut errors);
         let max_subs = parse("WEBPODS_MAX_SUBSCRIPTIONS_PER_CONNECTION", 100, &mut errors);
+        let max_recursive = parse("WEBPODS_MAX_RECURSIVE_STREAMS", 256, &mut errors);
         let ws_message = parse("WEBPODS_WS_MAX_MESSAGE_BYTES", 65_536, &mut errors);
         let ws_idle = parse("WEBPODS_WS_IDLE_TIMEOUT_SECS", 60, &mut errors);
         let live_send = parse("WEBPODS_LIVE_SEND_TIMEOUT_SECS", 10, &mut errors);
@@ -597,6 +604,7 @@ impl Config {
                 },
                 live: webpods_engine::LiveLimits {
                     max_behind: i64::try_from(live_behind).unwrap_or(i64::MAX),
+                    max_recursive_streams: size(max_recursive.max(1)),
                     ..Default::default()
                 },
             },
@@ -764,6 +772,7 @@ mod tests {
         assert_eq!(c.engine.max_record_bytes, 10 * 1024 * 1024);
         assert_eq!(c.engine.max_list_records, 1000);
         assert_eq!(c.live.max_subscriptions_per_connection, 100);
+        assert_eq!(c.engine.live.max_recursive_streams, 256);
         assert!(c.rate_limits.enabled);
         assert_eq!(c.rate_limits.write, 1000);
         assert_eq!(c.store.statement_timeout, Some(Duration::from_secs(30)));

@@ -4,7 +4,8 @@
 //!   `Upgrade: websocket` (one stream per socket) or `Accept: text/event-stream` (SSE,
 //!   `Last-Event-ID` resumes);
 //! - [`main_router`]: `GET /ws` on the main domain, many subscriptions on one socket, driven by
-//!   `auth` / `subscribe` / `unsubscribe` messages.
+//!   `auth` / `subscribe` / `unsubscribe` messages; `"recursive": true` follows a stream and its
+//!   readable descendants under one id ([`webpods_engine::RecursiveSubscription`]).
 //!
 //! Ordering, de-duplication, catch-up, permission re-checks and slow-subscriber handling are the
 //! engine's ([`webpods_engine::Subscription`]); this crate turns its events into frames, keeps
@@ -20,6 +21,7 @@
 mod multiplex;
 mod single;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -34,7 +36,10 @@ use futures::stream::SplitSink;
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 use webpods_api_rest::ApiError;
-use webpods_engine::{Engine, Error, ErrorKind, LiveEnd, LiveEvent, Record, Subscription};
+use webpods_engine::{
+    Engine, Error, ErrorKind, LiveEnd, LiveEvent, Record, RecursiveEvent, RecursiveSubscription,
+    Subscription,
+};
 
 /// Settings of live tails, read once from configuration.
 #[derive(Debug, Clone)]
@@ -159,6 +164,9 @@ struct RecordFrame<'a> {
     kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<&'a str>,
+    /// The record's stream, on recursive subscriptions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream: Option<&'a str>,
     record: &'a Record,
 }
 
@@ -187,6 +195,9 @@ struct ErrorFrame<'a> {
     kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<&'a str>,
+    /// On a recursive subscription: the one stream that ended (the others go on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream: Option<&'a str>,
     error: ErrorBody,
 }
 
@@ -203,10 +214,11 @@ fn to_json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 
-fn record_frame(id: Option<&str>, record: &Record) -> String {
+fn record_frame(id: Option<&str>, stream: Option<&str>, record: &Record) -> String {
     to_json(&RecordFrame {
         kind: "record",
         id,
+        stream,
         record,
     })
 }
@@ -237,9 +249,14 @@ fn error_body(e: &Error) -> ErrorBody {
 }
 
 fn error_frame(id: Option<&str>, e: &Error) -> String {
+    stream_error_frame(id, None, e)
+}
+
+fn stream_error_frame(id: Option<&str>, stream: Option<&str>, e: &Error) -> String {
     to_json(&ErrorFrame {
         kind: "error",
         id,
+        stream,
         error: error_body(e),
     })
 }
@@ -313,11 +330,43 @@ async fn close_within(sink: &mut Sink, code: u16, reason: &'static str, within: 
     .await;
 }
 
+/// A subscription as a source of frames.
+trait Tail: Send {
+    /// The next frame for subscription `id`, or how the subscription ended.
+    fn next_frame(
+        &mut self,
+        id: Option<&str>,
+    ) -> impl Future<Output = Result<String, LiveEnd>> + Send;
+}
+
+impl Tail for Subscription {
+    async fn next_frame(&mut self, id: Option<&str>) -> Result<String, LiveEnd> {
+        Ok(match self.next().await? {
+            LiveEvent::Record(r) => record_frame(id, None, &r),
+            LiveEvent::CaughtUp { next_index } => caught_up_frame(id, next_index),
+        })
+    }
+}
+
+/// Records name their stream; one stream ending is an `error` frame naming it, and the
+/// subscription goes on.
+impl Tail for RecursiveSubscription {
+    async fn next_frame(&mut self, id: Option<&str>) -> Result<String, LiveEnd> {
+        Ok(match self.next().await? {
+            RecursiveEvent::Record(r) => record_frame(id, Some(&r.stream_path), &r),
+            RecursiveEvent::CaughtUp { next_index } => caught_up_frame(id, next_index),
+            RecursiveEvent::StreamEnded { path, error } => {
+                stream_error_frame(id, Some(&path), &error)
+            }
+        })
+    }
+}
+
 /// Moves a subscription's events to the socket writer until it ends or the writer is gone.
 /// `close_on_error`: an error ends the connection (single-stream sockets); otherwise only the
 /// subscription ends, except `TOO_SLOW`, which means the whole socket is not keeping up.
-async fn pump(
-    mut sub: Subscription,
+async fn pump<T: Tail>(
+    mut sub: T,
     tag: Option<(String, u64)>,
     tx: mpsc::Sender<Out>,
     close_on_error: bool,
@@ -325,11 +374,8 @@ async fn pump(
     let id = tag.as_ref().map(|(i, _)| i.clone());
     let id = id.as_deref();
     loop {
-        let out = match sub.next().await {
-            Ok(LiveEvent::Record(r)) => Out::Text(tag.clone(), record_frame(id, &r)),
-            Ok(LiveEvent::CaughtUp { next_index }) => {
-                Out::Text(tag.clone(), caught_up_frame(id, next_index))
-            }
+        let out = match sub.next_frame(id).await {
+            Ok(frame) => Out::Text(tag.clone(), frame),
             Err(LiveEnd::Shutdown) => {
                 let _ = tx.send(Out::Close(1001, "server shutting down")).await;
                 return;

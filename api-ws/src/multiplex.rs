@@ -1,15 +1,33 @@
 //! `GET /ws` on the main domain (SPEC §6.2): many subscriptions on one socket.
 //!
 //! Client → server: `{"type":"auth","token":…}`, `{"type":"subscribe","id","pod","stream",
-//! "after"?,"afterHash"?}`, `{"type":"unsubscribe","id"}`. Server → client: `subscribed`,
-//! `record`, `caughtUp` and `error`, tagged with the subscription's `id` (an `error` without `id`
-//! is about the connection or a message that could not be read).
+//! "after"?,"afterHash"?,"recursive"?,"afterPaths"?}`, `{"type":"unsubscribe","id"}`. Server →
+//! client: `subscribed`, `record`, `caughtUp` and `error`, tagged with the subscription's `id`
+//! (an `error` without `id` is about the connection or a message that could not be read).
+//!
+//! ## Recursive subscriptions
+//! `"recursive": true` follows the stream and every descendant the caller may read, including
+//! streams created later (engine: [`webpods_engine::RecursiveSubscription`], which documents the
+//! semantics). On the wire:
+//! - `subscribed.headIndex` is the root stream's head;
+//! - `after` / `afterHash` apply to the root only; `afterPaths: {"<stream path>": K, …}` gives
+//!   descendants their own `after` (to resume); other descendants start at their first record;
+//! - each `record` frame also carries `"stream"`, the record's stream path; indices increase
+//!   by one per stream;
+//! - one `caughtUp` (the root's `nextIndex`) once every stream followed at subscribe time has
+//!   delivered its history;
+//! - an `error` frame **with** `"stream"` says that one stream stopped (read permission revoked,
+//!   stream deleted) and the subscription goes on; an `error` without `"stream"` ends it.
+//!
+//! A recursive subscription counts as **one** toward `limits.max_subscriptions_per_connection`;
+//! the streams it follows are bounded by `limits.max_recursive_streams` instead.
 //!
 //! Each subscription runs in its own task and hands frames to this connection's writer through
 //! one bounded channel; frames of a subscription that was unsubscribed meanwhile are dropped
 //! (subscriptions are told apart by a generation number, so reusing an id is safe).
 
 use std::collections::HashMap;
+use std::future::Future;
 
 use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -21,10 +39,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use webpods_api_rest::token_of;
-use webpods_engine::{Caller, Engine, Error, ErrorKind, LiveRequest};
+use webpods_engine::{Caller, Engine, Error, ErrorKind, LiveRequest, RecursiveRequest};
 
 use crate::{
-    LiveState, Out, SocketGuard, authenticate, close, close_too_slow, error_frame, pump,
+    LiveState, Out, SocketGuard, Tail, authenticate, close, close_too_slow, error_frame, pump,
     send_timed, subscribed_frame,
 };
 
@@ -45,6 +63,8 @@ enum ClientMsg {
         after_hash: Option<String>,
         #[serde(default)]
         recursive: bool,
+        #[serde(default, rename = "afterPaths")]
+        after_paths: Option<HashMap<String, i64>>,
     },
     Unsubscribe {
         id: String,
@@ -209,6 +229,7 @@ impl Conn {
                 after,
                 after_hash,
                 recursive,
+                after_paths,
             } => {
                 let refuse = |msg: String| {
                     Some(error_frame(
@@ -216,8 +237,8 @@ impl Conn {
                         &Error::new(ErrorKind::InvalidInput, msg),
                     ))
                 };
-                if recursive {
-                    return refuse("recursive live subscriptions are not supported".into());
+                if after_paths.is_some() && !recursive {
+                    return refuse("afterPaths needs \"recursive\": true".into());
                 }
                 if self.subs.contains_key(&id) {
                     return refuse(format!("subscription id {id:?} is in use"));
@@ -235,15 +256,32 @@ impl Conn {
                     after_hash,
                     token_expires_at: self.expiry,
                 };
-                let task = tokio::spawn(subscription(
-                    self.engine.clone(),
-                    self.caller.clone(),
-                    pod,
-                    stream.trim_matches('/').to_string(),
-                    req,
-                    tag.clone(),
-                    self.tx.clone(),
-                ));
+                let (engine, caller) = (self.engine.clone(), self.caller.clone());
+                let stream = stream.trim_matches('/').to_string();
+                let task = if recursive {
+                    let after_paths = after_paths
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(p, k)| (p.trim_matches('/').to_string(), k))
+                        .collect();
+                    let req = RecursiveRequest {
+                        live: req,
+                        after_paths,
+                    };
+                    let open = async move {
+                        let sub = engine
+                            .subscribe_recursive(&caller, &pod, &stream, req)
+                            .await?;
+                        Ok((sub.head_index(), sub))
+                    };
+                    tokio::spawn(subscription(open, tag.clone(), self.tx.clone()))
+                } else {
+                    let open = async move {
+                        let sub = engine.subscribe(&caller, &pod, &stream, req).await?;
+                        Ok((sub.head_index(), sub))
+                    };
+                    tokio::spawn(subscription(open, tag.clone(), self.tx.clone()))
+                };
                 self.subs.insert(id, (tag.1, task));
                 None
             }
@@ -251,19 +289,16 @@ impl Conn {
     }
 }
 
-/// Opens one subscription and pumps it.
-async fn subscription(
-    engine: Engine,
-    caller: Caller,
-    pod: String,
-    stream: String,
-    req: LiveRequest,
+/// Opens one subscription (`open` yields the root's head index and the subscription), answers
+/// `subscribed`, and pumps it.
+async fn subscription<T: Tail>(
+    open: impl Future<Output = Result<(i64, T), Error>>,
     tag: (String, u64),
     tx: mpsc::Sender<Out>,
 ) {
-    match engine.subscribe(&caller, &pod, &stream, req).await {
-        Ok(sub) => {
-            let frame = subscribed_frame(&tag.0, sub.head_index());
+    match open.await {
+        Ok((head_index, sub)) => {
+            let frame = subscribed_frame(&tag.0, head_index);
             if tx.send(Out::Text(Some(tag.clone()), frame)).await.is_ok() {
                 pump(sub, Some(tag), tx, false).await;
             }

@@ -45,7 +45,10 @@ pub use actor::ActorLimits;
 pub use auth::{AuthSettings, Login, Provider, ProviderConfig, SessionInfo, WhoAmI, provider_list};
 pub use error::{Error, ErrorKind, Result};
 pub use graph::{PodInfo, UserInfo};
-pub use live::{LiveEnd, LiveEvent, LiveLimits, LiveRequest, LiveShutdown, Subscription};
+pub use live::{
+    LiveEnd, LiveEvent, LiveLimits, LiveRequest, LiveShutdown, RecursiveEvent, RecursiveRequest,
+    RecursiveSubscription, Subscription,
+};
 pub use manage::{StreamListQuery, StreamListing, StreamSummary};
 pub use model::*;
 pub use pod_config::Routes;

@@ -31,6 +31,12 @@
 //! Checked at subscribe with the same rules as reads ([`Engine::resolve`]), and again whenever
 //! [`Engine::permissions_changed`] fires for the pod (locally or from another instance), and
 //! every `permission_recheck` as a safety net. A token's expiry ends its subscriptions.
+//!
+//! ## Recursive subscriptions
+//! A stream and all its readable descendants, including streams created later: a set of the
+//! subscriptions above sharing one id, see [`recursive`].
+
+mod recursive;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -46,6 +52,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Caller, Record, Target};
 use crate::{Engine, Inner};
 
+pub use recursive::{RecursiveEvent, RecursiveRequest, RecursiveSubscription};
+
 /// Tunables of live tails.
 #[derive(Debug, Clone, Copy)]
 pub struct LiveLimits {
@@ -59,8 +67,11 @@ pub struct LiveLimits {
     pub max_behind: i64,
     /// How often every watched stream's head is re-read (multi-instance safety net).
     pub head_recheck: Duration,
-    /// How often a subscription re-checks its permission without being told to.
+    /// How often a subscription re-checks its permission without being told to (a recursive
+    /// subscription also re-lists its streams this often).
     pub permission_recheck: Duration,
+    /// Most streams one recursive subscription follows (`limits.max_recursive_streams`).
+    pub max_recursive_streams: usize,
 }
 
 impl Default for LiveLimits {
@@ -72,6 +83,7 @@ impl Default for LiveLimits {
             max_behind: 100_000,
             head_recheck: Duration::from_secs(2),
             permission_recheck: Duration::from_secs(30),
+            max_recursive_streams: 256,
         }
     }
 }
@@ -97,6 +109,8 @@ pub(crate) struct LiveHub {
     listener_started: AtomicBool,
     subscriptions: AtomicUsize,
     limits: LiveLimits,
+    /// Which pod each appended stream belongs to, for recursive subscriptions.
+    trees: recursive::Directory,
 }
 
 impl LiveHub {
@@ -109,6 +123,7 @@ impl LiveHub {
             listener_started: AtomicBool::new(false),
             subscriptions: AtomicUsize::new(0),
             limits,
+            trees: recursive::Directory::default(),
         }
     }
 
@@ -157,6 +172,7 @@ impl LiveHub {
         let Some(last) = records.last() else {
             return;
         };
+        self.trees.appended(stream_id);
         if let Some(f) = self.feed(stream_id) {
             let bytes: usize = records.iter().map(|r| r.content.len()).sum();
             let msg = if bytes <= self.limits.max_feed_batch_bytes {
@@ -287,6 +303,8 @@ impl Engine {
                         Some(Notice::Reconnected) => {
                             let Some(inner) = weak.upgrade() else { return };
                             inner.clear_all();
+                            // Streams created meanwhile went unnoticed: recursive tails re-list.
+                            inner.live.trees.rescan();
                             true
                         }
                         Some(notice) => {
@@ -346,7 +364,8 @@ impl Engine {
         LiveShutdown(self.inner.live.closing.subscribe())
     }
 
-    /// Live subscriptions open in this instance.
+    /// Live subscriptions open in this instance, per stream: a recursive subscription counts
+    /// once for every stream it follows.
     pub fn live_subscriptions(&self) -> usize {
         self.inner.live.subscriptions.load(Ordering::Relaxed)
     }
@@ -381,33 +400,44 @@ impl Engine {
         }
         let stream = self.readable_stream(caller, pod, path).await?;
         // Subscribe before reading the head: nothing committed from now on can be missed.
-        let rx = hub.subscribe(stream.id);
-        let setup = async {
-            let head = self
-                .inner
-                .store
-                .stream_head(stream.id)
-                .await?
-                .ok_or_else(|| Error::new(ErrorKind::StreamNotFound, "the stream was deleted"))?;
-            if let Some(expected) = &req.after_hash {
-                self.check_fork(stream.id, req.after, expected).await?;
-            }
-            Ok::<_, Error>(head)
-        };
-        let head = match setup.await {
-            Ok(h) => h,
-            Err(e) => {
-                drop(rx);
-                hub.release(stream.id);
-                return Err(e);
-            }
-        };
-        let after = match req.after {
-            Some(a) if a < 0 => (head.index + a).max(-1),
+        let feed = PendingFeed::new(hub, stream.id);
+        let head = self
+            .inner
+            .store
+            .stream_head(stream.id)
+            .await?
+            .ok_or_else(|| Error::new(ErrorKind::StreamNotFound, "the stream was deleted"))?;
+        if let Some(expected) = &req.after_hash {
+            self.check_fork(stream.id, req.after, expected).await?;
+        }
+        Ok(self.open_subscription(
+            caller,
+            pod,
+            feed,
+            Opening {
+                stream_path: stream.path,
+                head: head.index,
+                after: req.after,
+                token_expires_at: req.token_expires_at,
+            },
+        ))
+    }
+
+    /// A subscription on a feed subscribed to **before** `head` was read from storage.
+    fn open_subscription(
+        &self,
+        caller: &Caller,
+        pod: &str,
+        mut feed: PendingFeed<'_>,
+        at: Opening,
+    ) -> Subscription {
+        let hub = &self.inner.live;
+        let after = match at.after {
+            Some(a) if a < 0 => (at.head + a).max(-1),
             Some(a) => a,
             None => -1,
         };
-        let expires = req.token_expires_at.map(|exp| {
+        let expires = at.token_expires_at.map(|exp| {
             let left_ms = (exp * 1000 - now_ms()).max(0);
             Instant::now() + Duration::from_millis(u64::try_from(left_ms).unwrap_or(0))
         });
@@ -419,27 +449,27 @@ impl Engine {
         recheck.set_missed_tick_behavior(MissedTickBehavior::Delay);
         // Decremented by the subscription's Drop.
         hub.subscriptions.fetch_add(1, Ordering::Relaxed);
-        Ok(Subscription {
+        Subscription {
             engine: self.clone(),
             caller: caller.clone(),
             pod: pod.to_string(),
-            stream_path: stream.path,
-            stream_id: stream.id,
-            head_at_start: head.index,
-            rx: Some(rx),
+            stream_path: at.stream_path,
+            stream_id: feed.stream_id,
+            head_at_start: at.head,
+            rx: feed.rx.take(),
             perms: hub.perms.subscribe(),
             closing: hub.closing.subscribe(),
             expires,
             recheck,
             next: after + 1,
-            known_head: head.index,
+            known_head: at.head,
             buf: VecDeque::new(),
             caught_up: false,
             lagged: false,
             must_recheck: false,
             measured_at: -1,
             ended: None,
-        })
+        }
     }
 
     /// The stream at `path`, if the caller may read it (the read rules of [`Engine::resolve`]).
@@ -482,6 +512,43 @@ impl Engine {
     }
 }
 
+/// Where a new [`Subscription`] starts.
+struct Opening {
+    stream_path: String,
+    /// The head read from storage after subscribing to the feed.
+    head: i64,
+    /// As [`LiveRequest::after`].
+    after: Option<i64>,
+    token_expires_at: Option<i64>,
+}
+
+/// A feed receiver not yet owned by a [`Subscription`]. Dropping it (an error, a cancelled
+/// future) releases the feed, so the hub does not keep feeds nobody listens to.
+struct PendingFeed<'a> {
+    hub: &'a LiveHub,
+    stream_id: i64,
+    rx: Option<broadcast::Receiver<FeedMsg>>,
+}
+
+impl<'a> PendingFeed<'a> {
+    fn new(hub: &'a LiveHub, stream_id: i64) -> Self {
+        PendingFeed {
+            hub,
+            stream_id,
+            rx: Some(hub.subscribe(stream_id)),
+        }
+    }
+}
+
+impl Drop for PendingFeed<'_> {
+    fn drop(&mut self) {
+        if let Some(rx) = self.rx.take() {
+            drop(rx);
+            self.hub.release(self.stream_id);
+        }
+    }
+}
+
 /// Reacts to another instance's notice.
 async fn on_notice(inner: &Inner, notice: Notice) {
     match notice {
@@ -489,7 +556,10 @@ async fn on_notice(inner: &Inner, notice: Notice) {
             origin,
             stream_id,
             head,
-        } if origin != inner.live.origin => inner.live.feed_head(stream_id, head),
+        } if origin != inner.live.origin => {
+            inner.live.trees.appended(stream_id);
+            inner.live.feed_head(stream_id, head);
+        }
         Notice::Permissions { origin, pod } if origin != inner.live.origin => {
             inner.pods.invalidate(&pod).await;
             let _ = inner.live.perms.send(pod);

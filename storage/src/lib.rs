@@ -543,6 +543,12 @@ impl Store {
         }
     }
 
+    /// `(stream id, pod id)` of each existing stream among `ids` (recursive live subscriptions
+    /// learn which pod a stream seen in an append notice belongs to; ids are never reused).
+    pub async fn stream_pods(&self, ids: &[i64]) -> Result<Vec<(i64, i64)>> {
+        dispatch!(self, s => s.stream_pods(ids).await)
+    }
+
     /// `(stream id, head index)` of each existing stream among `ids`.
     pub async fn stream_heads(&self, ids: &[i64]) -> Result<Vec<(i64, i64)>> {
         match self {

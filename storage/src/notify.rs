@@ -106,6 +106,15 @@ impl PgStore {
         Ok(rows)
     }
 
+    /// Pod of several streams in one query (streams that no longer exist are absent).
+    pub(crate) async fn stream_pods(&self, ids: &[i64]) -> Result<Vec<(i64, i64)>> {
+        let rows = sqlx::query_as("SELECT id, pod_id FROM streams WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(self.pool())
+            .await?;
+        Ok(rows)
+    }
+
     /// Starts a task that listens on [`CHANNEL`] and forwards decoded notices. It reconnects by
     /// itself (sending [`Notice::Reconnected`] after each connection) and ends when the receiver
     /// is dropped or the pool is closed.

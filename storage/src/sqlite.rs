@@ -499,6 +499,16 @@ impl SqliteStore {
         Ok(row)
     }
 
+    pub(crate) async fn stream_pods(&self, ids: &[i64]) -> Result<Vec<(i64, i64)>> {
+        let rows = sqlx::query_as(
+            "SELECT id, pod_id FROM streams WHERE id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(json_of(ids)?)
+        .fetch_all(&self.readers)
+        .await?;
+        Ok(rows)
+    }
+
     pub(crate) async fn list_streams(&self, pod_id: i64) -> Result<Vec<StreamRow>> {
         let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {STREAM_COLUMNS} FROM streams WHERE pod_id = ? ORDER BY path"

@@ -1,7 +1,8 @@
 //! Live tails (SPEC §6) over real WebSockets and real SSE: no gap and no duplicate across the
 //! catch-up/live boundary and reconnects, slow subscribers, revocation, forks, several
-//! instances, `/ws` multiplexing, shutdown.
+//! instances, `/ws` multiplexing, recursive subscriptions, shutdown.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -15,6 +16,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use webpods_engine::{AppendRequest, LiveEvent, LiveRequest, NewRecord, Scope};
 
 use crate::both_backends;
+use crate::multi_instance::spawn_process;
 use crate::support::{Backend, TestApp, fresh_database};
 
 both_backends!(
@@ -27,6 +29,12 @@ both_backends!(
     sse_resumes_from_last_event_id,
     multiplexed_ws,
     shutdown_closes_tails_with_1001,
+    recursive_subscription_delivers_the_tree,
+    recursive_subscription_picks_up_new_streams,
+    recursive_subscription_skips_unreadable_streams,
+    recursive_stream_ends_alone,
+    recursive_unsubscribe_stops_delivery,
+    recursive_limits,
 );
 
 // ----- clients ----------------------------------------------------------------------------------
@@ -943,4 +951,665 @@ async fn lost_notices_are_recovered_on_postgres() {
     );
     a.stop().await;
     b.stop().await;
+}
+
+// ----- recursive subscriptions ------------------------------------------------------------------
+
+/// A `/ws` connection authenticated with `token`.
+async fn mux(app: &TestApp, token: &str) -> Ws {
+    ws_connect(app, "localhost", "/ws", Some(token)).await
+}
+
+/// A POST of a text record as `token` (`path` may carry `?access=…`).
+async fn post_as(app: &TestApp, token: &str, pod: &str, path: &str, body: &str) {
+    let r = app
+        .pod(Method::POST, pod, path)
+        .bearer_auth(token)
+        .header("content-type", "text/plain")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "append to {path}");
+}
+
+/// Asserts that nothing arrives on the socket for a moment.
+async fn quiet(ws: &mut Ws, wait: Duration) {
+    if let Ok(m) = tokio::time::timeout(wait, ws.next()).await {
+        panic!("expected no frame, got {m:?}");
+    }
+}
+
+/// What one recursive subscription delivered so far, checked frame by frame: every record names
+/// its stream, and continues that stream by exactly one (no gap, no duplicate).
+#[derive(Default)]
+struct Tree {
+    next: HashMap<String, i64>,
+}
+
+impl Tree {
+    /// Expects `stream`'s next record at `next` (default: 0, its first record).
+    fn start(&mut self, stream: &str, next: i64) {
+        self.next.insert(stream.to_string(), next);
+    }
+
+    fn next_of(&self, stream: &str) -> i64 {
+        self.next.get(stream).copied().unwrap_or(0)
+    }
+
+    /// Checks a record frame of subscription `id`; returns its stream.
+    fn take(&mut self, id: &str, f: &Value) -> String {
+        assert_eq!(
+            (f["type"].as_str(), f["id"].as_str()),
+            (Some("record"), Some(id)),
+            "{f}"
+        );
+        let stream = f["stream"]
+            .as_str()
+            .expect("stream of a record")
+            .to_string();
+        let name = f["record"]["name"].as_str().unwrap();
+        let path = if stream.is_empty() {
+            name.to_string()
+        } else {
+            format!("{stream}/{name}")
+        };
+        assert_eq!(f["record"]["path"].as_str(), Some(path.as_str()), "{f}");
+        let index = f["record"]["index"].as_i64().unwrap();
+        assert_eq!(
+            index,
+            self.next_of(&stream),
+            "{stream}: no gap, no duplicate: {f}"
+        );
+        self.next.insert(stream.clone(), index + 1);
+        stream
+    }
+
+    /// Reads frames of `id` until every stream of `want` reached its next index; every record
+    /// must belong to one of them. Returns the `caughtUp` frame if one came on the way.
+    async fn read_until(&mut self, ws: &mut Ws, id: &str, want: &[(&str, i64)]) -> Option<Value> {
+        let mut caught_up = None;
+        while want.iter().any(|(s, n)| self.next_of(s) < *n) {
+            let f = next_json(ws).await;
+            if f["type"] == "caughtUp" {
+                assert_eq!(f["id"], id, "{f}");
+                assert!(caught_up.is_none(), "a second caughtUp: {f}");
+                caught_up = Some(f);
+                continue;
+            }
+            let stream = self.take(id, &f);
+            assert!(
+                want.iter().any(|(s, _)| *s == stream),
+                "a record of {stream:?} was not expected: {f}"
+            );
+        }
+        caught_up
+    }
+}
+
+/// History of the root and of existing descendants (any depth, not `blogger`), each stream in
+/// order, then one `caughtUp`, then live records — also under concurrent writers; `after`
+/// applies to the root, `afterPaths` to descendants; the pod root `""` covers everything.
+async fn recursive_subscription_delivers_the_tree(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("tree").await;
+    for i in 0..2 {
+        app.append("tree", &format!("/blog/b{i}"), "b").await;
+    }
+    for i in 0..5 {
+        app.append("tree", &format!("/blog/a/a{i}"), "a").await;
+    }
+    for i in 0..3 {
+        app.append("tree", &format!("/blog/a/x/x{i}"), "x").await;
+        app.append("tree", &format!("/blog/c/c{i}"), "c").await;
+    }
+    app.append("tree", "/blogger/nope", "outside").await;
+    app.append("tree", "/other/nope", "outside").await;
+    let mut ws = mux(&app, &app.token).await;
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"t","pod":"tree","stream":"blog","recursive":true}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type":"subscribed","id":"t","headIndex":1})
+    );
+    let mut tree = Tree::default();
+    let history = [("blog", 2), ("blog/a", 5), ("blog/a/x", 3), ("blog/c", 3)];
+    let early = tree.read_until(&mut ws, "t", &history).await;
+    assert!(early.is_none(), "caughtUp before the history: {early:?}");
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type":"caughtUp","id":"t","nextIndex":2})
+    );
+    // Live.
+    app.append("tree", "/blog/a/a5", "live").await;
+    app.append("tree", "/blog/b2", "live").await;
+    app.append("tree", "/blog/a/x/x3", "live").await;
+    app.append("tree", "/other/nope2", "outside").await;
+    let live = [("blog", 3), ("blog/a", 6), ("blog/a/x", 4)];
+    assert!(tree.read_until(&mut ws, "t", &live).await.is_none());
+    // Concurrent writers on three streams of the tree and one outside.
+    let done = Arc::new(AtomicI64::new(0));
+    let mut writers = Vec::new();
+    for stream in ["blog", "blog/a", "blog/c", "other"] {
+        writers.extend(spawn_writers(&app, "tree", stream, 30, 3, done.clone()));
+    }
+    let busy = [
+        ("blog", 33),
+        ("blog/a", 36),
+        ("blog/c", 33),
+        ("blog/a/x", 4),
+    ];
+    assert!(tree.read_until(&mut ws, "t", &busy).await.is_none());
+    for w in writers {
+        w.await.unwrap();
+    }
+    quiet(&mut ws, Duration::from_millis(300)).await;
+
+    // Resuming: `after` for the root, `afterPaths` for descendants (negative = the last N),
+    // the others from their first record.
+    let mut again = mux(&app, &app.token).await;
+    send(
+        &mut again,
+        json!({"type":"subscribe","id":"r","pod":"tree","stream":"/blog/","recursive":true,
+               "after":30,"afterPaths":{"blog/a":33,"/blog/c/":-1}}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut again).await,
+        json!({"type":"subscribed","id":"r","headIndex":32})
+    );
+    let mut resumed = Tree::default();
+    resumed.start("blog", 31);
+    resumed.start("blog/a", 34);
+    resumed.start("blog/c", 32);
+    let rest = [
+        ("blog", 33),
+        ("blog/a", 36),
+        ("blog/c", 33),
+        ("blog/a/x", 4),
+    ];
+    assert!(resumed.read_until(&mut again, "r", &rest).await.is_none());
+    assert_eq!(
+        next_json(&mut again).await,
+        json!({"type":"caughtUp","id":"r","nextIndex":33})
+    );
+
+    // The pod root covers every stream the caller may read (the owner: `.config` too).
+    send(
+        &mut again,
+        json!({"type":"subscribe","id":"all","pod":"tree","stream":"","recursive":true}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut again).await,
+        json!({"type":"subscribed","id":"all","headIndex":-1})
+    );
+    let mut all = Tree::default();
+    let everything = [
+        (".config/owner", 1),
+        ("blog", 33),
+        ("blog/a", 36),
+        ("blog/a/x", 4),
+        ("blog/c", 33),
+        ("blogger", 1),
+        ("other", 32),
+    ];
+    assert!(
+        all.read_until(&mut again, "all", &everything)
+            .await
+            .is_none()
+    );
+    assert_eq!(
+        next_json(&mut again).await,
+        json!({"type":"caughtUp","id":"all","nextIndex":0})
+    );
+}
+
+/// Streams created after subscribing — by an append, several levels deep, many at once — are
+/// followed from their first record, within moments (not the periodic safety net).
+async fn recursive_subscription_picks_up_new_streams(backend: Backend) {
+    let app = Arc::new(TestApp::spawn(backend).await);
+    app.create_pod("grow").await;
+    app.append("grow", "/feed/f0", "0").await;
+    let mut ws = mux(&app, &app.token).await;
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"g","pod":"grow","stream":"feed","recursive":true}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+    let mut tree = Tree::default();
+    let caught = tree.read_until(&mut ws, "g", &[("feed", 1)]).await;
+    let caught = match caught {
+        Some(c) => c,
+        None => next_json(&mut ws).await,
+    };
+    assert_eq!(caught, json!({"type":"caughtUp","id":"g","nextIndex":1}));
+    let t = Instant::now();
+    app.append("grow", "/feed/new/n0", "n").await;
+    tree.read_until(&mut ws, "g", &[("feed/new", 1)]).await;
+    let hop = t.elapsed();
+    assert!(hop < Duration::from_secs(5), "new stream after {hop:?}");
+    // Three levels at once: only the leaf has records.
+    app.append("grow", "/feed/a/b/c/d0", "d").await;
+    app.append("grow", "/feed/new/n1", "n").await;
+    tree.read_until(&mut ws, "g", &[("feed/a/b/c", 1), ("feed/new", 2)])
+        .await;
+    // Many new streams at once, with several records each, written concurrently; and new
+    // streams outside the tree.
+    let mut writers = Vec::new();
+    for k in 0..8 {
+        let app = app.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..5 {
+                app.append("grow", &format!("/feed/burst/s{k}/r{i}"), "v")
+                    .await;
+            }
+        }));
+    }
+    app.append("grow", "/feedback/x", "outside").await;
+    app.append("grow", "/elsewhere/x", "outside").await;
+    let burst: Vec<(String, i64)> = (0..8).map(|k| (format!("feed/burst/s{k}"), 5)).collect();
+    let want: Vec<(&str, i64)> = burst.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+    tree.read_until(&mut ws, "g", &want).await;
+    for w in writers {
+        w.await.unwrap();
+    }
+    quiet(&mut ws, Duration::from_millis(300)).await;
+    // The root and an old child keep going.
+    app.append("grow", "/feed/f1", "1").await;
+    app.append("grow", "/feed/new/n2", "n").await;
+    tree.read_until(&mut ws, "g", &[("feed", 2), ("feed/new", 3)])
+        .await;
+}
+
+/// Descendants the caller may not read — existing or created later — are never delivered;
+/// the owner's recursive subscription gets them.
+async fn recursive_subscription_skips_unreadable_streams(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("mixed").await;
+    app.append("mixed", "/pub/p0", "p").await;
+    post_as(
+        &app,
+        &app.token,
+        "mixed",
+        "/pub/secret/s0?access=private",
+        "s",
+    )
+    .await;
+    let (_bob, bob_token) = app.user("bob").await;
+    let mut bobs = mux(&app, &bob_token).await;
+    send(
+        &mut bobs,
+        json!({"type":"subscribe","id":"m","pod":"mixed","stream":"pub","recursive":true}),
+    )
+    .await;
+    assert_eq!(next_json(&mut bobs).await["type"], "subscribed");
+    let mut tree = Tree::default();
+    tree.read_until(&mut bobs, "m", &[("pub", 1)]).await;
+    assert_eq!(
+        next_json(&mut bobs).await,
+        json!({"type":"caughtUp","id":"m","nextIndex":1})
+    );
+    // A new private stream, more records in the old one, then public ones.
+    post_as(
+        &app,
+        &app.token,
+        "mixed",
+        "/pub/hidden/h0?access=private",
+        "h",
+    )
+    .await;
+    post_as(&app, &app.token, "mixed", "/pub/secret/s1", "s").await;
+    app.append("mixed", "/pub/open/o0", "o").await;
+    app.append("mixed", "/pub/p1", "p").await;
+    tree.read_until(&mut bobs, "m", &[("pub", 2), ("pub/open", 1)])
+        .await;
+    quiet(&mut bobs, Duration::from_millis(300)).await;
+    // The owner sees all of them.
+    let mut owners = mux(&app, &app.token).await;
+    send(
+        &mut owners,
+        json!({"type":"subscribe","id":"o","pod":"mixed","stream":"pub","recursive":true}),
+    )
+    .await;
+    assert_eq!(next_json(&mut owners).await["type"], "subscribed");
+    let mut seen = Tree::default();
+    let want = [
+        ("pub", 2),
+        ("pub/secret", 2),
+        ("pub/hidden", 1),
+        ("pub/open", 1),
+    ];
+    seen.read_until(&mut owners, "o", &want).await;
+    // An anonymous reader cannot subscribe to a private root at all.
+    let mut anon = ws_connect(&app, "localhost", "/ws", None).await;
+    send(
+        &mut anon,
+        json!({"type":"subscribe","id":"a","pod":"mixed","stream":"pub/secret","recursive":true}),
+    )
+    .await;
+    let f = next_json(&mut anon).await;
+    assert_eq!(
+        (f["id"].as_str(), f["error"]["code"].as_str()),
+        (Some("a"), Some("UNAUTHORIZED")),
+        "{f}"
+    );
+}
+
+/// A descendant whose read permission is revoked, or which is deleted, ends alone (an error
+/// frame naming it); the rest of the subscription goes on, and a stream re-created at a
+/// deleted path is followed from its first record.
+async fn recursive_stream_ends_alone(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("part").await;
+    app.append("part", "/docs/d0", "d").await;
+    app.append("part", "/docs/pub/p0", "p").await;
+    app.append("part", "/docs/gone/g0", "g").await;
+    post_as(
+        &app,
+        &app.token,
+        "part",
+        "/docs/private/x0?access=private",
+        "x",
+    )
+    .await;
+    let local = app.engine.authenticate(Some(&app.token)).unwrap();
+    let local = local.user_id().unwrap().to_string();
+    let (bob, bob_token) = app.user("bob").await;
+    let transfer = |to: &str, token: &str| {
+        app.pod(Method::POST, "part", "/.config/owner")
+            .bearer_auth(token)
+            .json(&json!({ "userId": to }))
+    };
+    assert_eq!(
+        transfer(&bob, &app.token).send().await.unwrap().status(),
+        201
+    );
+    // bob owns the pod: he reads the private stream too.
+    let mut ws = mux(&app, &bob_token).await;
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"d","pod":"part","stream":"docs","recursive":true}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+    let mut tree = Tree::default();
+    let all = [
+        ("docs", 1),
+        ("docs/pub", 1),
+        ("docs/gone", 1),
+        ("docs/private", 1),
+    ];
+    tree.read_until(&mut ws, "d", &all).await;
+    assert_eq!(next_json(&mut ws).await["type"], "caughtUp");
+    // bob hands the pod back (GraphQL signals the permission change to live tails at once):
+    // the private stream, created by the other user, ends; nothing else does.
+    let r: Value = app
+        .main(Method::POST, "/graphql")
+        .bearer_auth(&bob_token)
+        .json(&json!({
+            "query": "mutation($u: String!) { transferPod(pod: \"part\", userId: $u) { name } }",
+            "variables": { "u": local },
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(r.get("errors").is_none(), "{r}");
+    let f = next_json(&mut ws).await;
+    assert_eq!(
+        (
+            f["type"].as_str(),
+            f["id"].as_str(),
+            f["stream"].as_str(),
+            f["error"]["code"].as_str()
+        ),
+        (
+            Some("error"),
+            Some("d"),
+            Some("docs/private"),
+            Some("FORBIDDEN")
+        ),
+        "{f}"
+    );
+    post_as(&app, &app.token, "part", "/docs/private/x1", "x").await;
+    app.append("part", "/docs/pub/p1", "p").await;
+    tree.read_until(&mut ws, "d", &[("docs/pub", 2)]).await;
+    // The owner deletes a descendant: it ends alone.
+    let r = app
+        .pod(Method::DELETE, "part", "/docs/gone")
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let f = next_json(&mut ws).await;
+    assert_eq!(
+        (f["stream"].as_str(), f["error"]["code"].as_str()),
+        (Some("docs/gone"), Some("STREAM_NOT_FOUND")),
+        "{f}"
+    );
+    app.append("part", "/docs/d1", "d").await;
+    tree.read_until(&mut ws, "d", &[("docs", 2)]).await;
+    // Re-created at the same path: a new stream, from its first record.
+    app.append("part", "/docs/gone/again", "g").await;
+    tree.start("docs/gone", 0);
+    tree.read_until(&mut ws, "d", &[("docs/gone", 1)]).await;
+    quiet(&mut ws, Duration::from_millis(300)).await;
+}
+
+/// `unsubscribe` ends every stream of a recursive subscription.
+async fn recursive_unsubscribe_stops_delivery(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("unsub").await;
+    app.append("unsub", "/u/u0", "0").await;
+    app.append("unsub", "/u/c/c0", "0").await;
+    let mut ws = mux(&app, &app.token).await;
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"r","pod":"unsub","stream":"u","recursive":true}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+    let mut tree = Tree::default();
+    tree.read_until(&mut ws, "r", &[("u", 1), ("u/c", 1)]).await;
+    assert_eq!(next_json(&mut ws).await["type"], "caughtUp");
+    assert_eq!(
+        app.engine.live_subscriptions(),
+        2,
+        "one per followed stream"
+    );
+    send(&mut ws, json!({"type":"unsubscribe","id":"r"})).await;
+    let t = Instant::now();
+    while app.engine.live_subscriptions() > 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "parts still open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.append("unsub", "/u/u1", "1").await;
+    app.append("unsub", "/u/c/c1", "1").await;
+    app.append("unsub", "/u/d/d0", "new").await;
+    // A probe on the same socket: its frames come, none of the old subscription's.
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"p","pod":"unsub","stream":"u","after":0}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type":"subscribed","id":"p","headIndex":1})
+    );
+    let f = next_json(&mut ws).await;
+    assert_eq!(
+        (f["id"].as_str(), f["record"]["index"].as_i64()),
+        (Some("p"), Some(1)),
+        "{f}"
+    );
+    assert_eq!(next_json(&mut ws).await["type"], "caughtUp");
+    quiet(&mut ws, Duration::from_millis(300)).await;
+    send(&mut ws, json!({"type":"unsubscribe","id":"r"})).await;
+    assert_eq!(next_json(&mut ws).await["error"]["code"], "NOT_FOUND");
+}
+
+/// At most `limits.max_recursive_streams` streams per recursive subscription: refused at
+/// subscribe, ended (not silently incomplete) when reached later. A recursive subscription
+/// takes one of the connection's subscription slots. Bad `afterPaths` are refused.
+async fn recursive_limits(backend: Backend) {
+    let url = fresh_database(backend).await;
+    let app = TestApp::spawn_on(
+        &url,
+        &[
+            ("WEBPODS_MAX_RECURSIVE_STREAMS", "3"),
+            ("WEBPODS_MAX_SUBSCRIPTIONS_PER_CONNECTION", "2"),
+        ],
+    )
+    .await;
+    app.create_pod("lim").await;
+    for p in [
+        "/big/r",
+        "/big/1/r",
+        "/big/2/r",
+        "/big/3/r",
+        "/small/r",
+        "/small/1/r",
+    ] {
+        app.append("lim", p, "v").await;
+    }
+    let mut ws = mux(&app, &app.token).await;
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"b","pod":"lim","stream":"big","recursive":true}),
+    )
+    .await;
+    let f = next_json(&mut ws).await;
+    assert_eq!(
+        (f["id"].as_str(), f["error"]["code"].as_str()),
+        (Some("b"), Some("INVALID_INPUT")),
+        "{f}"
+    );
+    assert_eq!(f["error"]["details"]["maxStreams"], 3, "{f}");
+    for bad in [
+        json!({"type":"subscribe","id":"x","pod":"lim","stream":"big","afterPaths":{"big/1":0}}),
+        json!({"type":"subscribe","id":"x","pod":"lim","stream":"small","recursive":true,
+               "afterPaths":{"big/1":0}}),
+        json!({"type":"subscribe","id":"x","pod":"lim","stream":"small","recursive":true,
+               "afterPaths":{"small":0}}),
+    ] {
+        send(&mut ws, bad).await;
+        let f = next_json(&mut ws).await;
+        assert_eq!(
+            (f["id"].as_str(), f["error"]["code"].as_str()),
+            (Some("x"), Some("INVALID_INPUT")),
+            "{f}"
+        );
+    }
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"s","pod":"lim","stream":"small","recursive":true}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+    let mut tree = Tree::default();
+    tree.read_until(&mut ws, "s", &[("small", 1), ("small/1", 1)])
+        .await;
+    assert_eq!(next_json(&mut ws).await["type"], "caughtUp");
+    // The recursive subscription is one of the two slots.
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"one","pod":"lim","stream":"big","after":0}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+    assert_eq!(next_json(&mut ws).await["type"], "caughtUp");
+    // A third stream fits; a fourth ends the subscription with an error naming no stream.
+    app.append("lim", "/small/2/r", "v").await;
+    tree.read_until(&mut ws, "s", &[("small/2", 1)]).await;
+    app.append("lim", "/small/3/r", "v").await;
+    let f = next_json(&mut ws).await;
+    assert_eq!(
+        (
+            f["id"].as_str(),
+            f["error"]["code"].as_str(),
+            f.get("stream")
+        ),
+        (Some("s"), Some("INVALID_INPUT"), None),
+        "{f}"
+    );
+    // Its slot is free again.
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"s2","pod":"lim","stream":"small/1","recursive":true}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type":"subscribed","id":"s2","headIndex":0})
+    );
+}
+
+/// A recursive subscription on one instance picks up a stream created, and records appended,
+/// through a second `webpods` process on the same PostgreSQL database — promptly, through the
+/// append notices rather than the periodic re-list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recursive_across_processes_on_postgres() {
+    let url = fresh_database(Backend::Postgres).await;
+    let a = TestApp::spawn_on(&url, &[]).await;
+    let other = spawn_process(&url).await;
+    a.create_pod("procs").await;
+    a.append("procs", "/root/r0", "0").await;
+    a.append("procs", "/root/old/o0", "0").await;
+    let mut ws = mux(&a, &a.token).await;
+    send(
+        &mut ws,
+        json!({"type":"subscribe","id":"x","pod":"procs","stream":"root","recursive":true}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+    let mut tree = Tree::default();
+    tree.read_until(&mut ws, "x", &[("root", 1), ("root/old", 1)])
+        .await;
+    assert_eq!(next_json(&mut ws).await["type"], "caughtUp");
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: &str| {
+        http.post(format!("{}{path}", other.base))
+            .header("host", "procs.localhost")
+            .bearer_auth(&other.token)
+            .header("content-type", "text/plain")
+            .body(body.to_string())
+            .send()
+    };
+    let t = Instant::now();
+    assert_eq!(
+        post("/root/made-there/m0", "m").await.unwrap().status(),
+        201
+    );
+    tree.read_until(&mut ws, "x", &[("root/made-there", 1)])
+        .await;
+    let hop = t.elapsed();
+    eprintln!("recursive across processes: a new stream arrived after {hop:?}");
+    assert!(hop < Duration::from_secs(5), "{hop:?}");
+    for (path, body) in [
+        ("/root/made-there/m1", "m"),
+        ("/root/r1", "r"),
+        ("/root/old/o1", "o"),
+        ("/root/made-there/deep/d0", "d"),
+        ("/elsewhere/e0", "outside"),
+    ] {
+        assert_eq!(post(path, body).await.unwrap().status(), 201);
+    }
+    let want = [
+        ("root", 2),
+        ("root/old", 2),
+        ("root/made-there", 2),
+        ("root/made-there/deep", 1),
+    ];
+    tree.read_until(&mut ws, "x", &want).await;
+    quiet(&mut ws, Duration::from_millis(300)).await;
+    drop(other);
+    a.stop().await;
 }

@@ -55,13 +55,16 @@ async fn two_engines_one_database_one_chain() {
 }
 
 /// A `webpods` process; killed when dropped.
-struct Process {
-    child: Child,
-    base: String,
-    token: String,
+pub(crate) struct Process {
+    pub(crate) child: Child,
+    /// `http://127.0.0.1:port`.
+    pub(crate) base: String,
+    /// The token of its local-mode user `local`.
+    pub(crate) token: String,
 }
 
-async fn spawn_process(database_url: &str) -> Process {
+/// Starts the `webpods` binary on a database and waits until it listens.
+pub(crate) async fn spawn_process(database_url: &str) -> Process {
     let mut child = Command::new(env!("CARGO_BIN_EXE_webpods"))
         .env("WEBPODS_LISTEN", "127.0.0.1:0")
         .env("WEBPODS_PUBLIC_URL", "http://localhost")
