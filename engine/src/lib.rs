@@ -164,12 +164,13 @@ impl Engine {
             .time_to_live(config.cache_ttl)
             .build();
         let live = Arc::new(live::LiveHub::new(config.live));
+        let registry = Registry::default();
         let actors = Arc::new(ActorEnv {
             store: store.clone(),
             live: live.clone(),
-            writer: writer::Writer::start(store.clone()),
+            writer: writer::Writer::start(store.clone(), registry.metrics.clone()),
             limits: config.actors,
-            registry: Registry::default(),
+            registry,
         });
         Engine {
             inner: Arc::new(Inner {

@@ -182,20 +182,13 @@ impl LiveHub {
             };
             let _ = f.send(msg);
         }
-        if store.backend() == "postgres" {
-            let store = store.clone();
-            let notice = Notice::Appended {
-                origin: self.origin,
-                stream_id,
-                head: last.index,
-            };
-            tokio::spawn(async move {
-                if let Err(e) = store.notify(&notice).await {
-                    // Subscribers elsewhere still get the records from their periodic re-check.
-                    tracing::warn!(stream_id, error = %e, "append notice not sent");
-                }
-            });
-        }
+        // Sent soon, batched with other streams' notices; subscribers elsewhere also re-check
+        // heads periodically in case it is lost.
+        store.notify_appended(Notice::Appended {
+            origin: self.origin,
+            stream_id,
+            head: last.index,
+        });
     }
 }
 

@@ -151,6 +151,11 @@ pub struct Metrics {
     commits_failed: AtomicU64,
     batch_records: Histogram,
     commit_seconds: Histogram,
+    /// Streams per cross-stream write statement, and its latency.
+    statement_streams: Histogram,
+    statement_seconds: Histogram,
+    /// Chained batches whose compare-and-swap missed (they took the locking path).
+    stale_swaps: AtomicU64,
     live_subscriptions: AtomicI64,
     caches: [CacheCounters; 4],
 }
@@ -163,6 +168,9 @@ impl Default for Metrics {
             commits_failed: AtomicU64::new(0),
             batch_records: Histogram::new(BATCH_BUCKETS),
             commit_seconds: Histogram::new(LATENCY_BUCKETS),
+            statement_streams: Histogram::new(BATCH_BUCKETS),
+            statement_seconds: Histogram::new(LATENCY_BUCKETS),
+            stale_swaps: AtomicU64::new(0),
             live_subscriptions: AtomicI64::new(0),
             caches: Default::default(),
         }
@@ -199,6 +207,17 @@ impl Metrics {
             .fetch_add(records as u64, Ordering::Relaxed);
         self.batch_records.observe(records as f64);
         self.commit_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// One cross-stream write statement that carried `streams` streams' batches.
+    pub fn observe_statement(&self, streams: usize, elapsed: Duration) {
+        self.statement_streams.observe(streams as f64);
+        self.statement_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// A chained batch found its stream moved on and went to the locking path.
+    pub fn observe_stale_swap(&self) {
+        self.stale_swaps.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A commit transaction that failed (nothing of it was stored).
@@ -307,6 +326,33 @@ impl Metrics {
         );
         self.commit_seconds
             .write(&mut out, "webpods_commit_duration_seconds", "");
+        header(
+            &mut out,
+            "webpods_write_statement_streams",
+            "histogram",
+            "Streams per cross-stream write statement (group commit across streams).",
+        );
+        self.statement_streams
+            .write(&mut out, "webpods_write_statement_streams", "");
+        header(
+            &mut out,
+            "webpods_write_statement_duration_seconds",
+            "histogram",
+            "Latency of cross-stream write statements.",
+        );
+        self.statement_seconds
+            .write(&mut out, "webpods_write_statement_duration_seconds", "");
+        header(
+            &mut out,
+            "webpods_stale_swaps_total",
+            "counter",
+            "Chained batches whose stream had moved on (committed through the locking path).",
+        );
+        let _ = writeln!(
+            out,
+            "webpods_stale_swaps_total {}",
+            self.stale_swaps.load(Ordering::Relaxed)
+        );
         header(
             &mut out,
             "webpods_active_stream_actors",

@@ -14,11 +14,13 @@
 //!   actor decides what follows (the locking path, or an error to its callers).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use webpods_storage::{ChainedBatch, RecordRow, Store};
 
 use crate::error::Error;
+use crate::metrics::Metrics;
 
 /// Statements in flight at once.
 pub(crate) const IN_FLIGHT: usize = 4;
@@ -50,9 +52,9 @@ pub(crate) struct Writer {
 
 impl Writer {
     /// Starts the writer task (needs a Tokio runtime).
-    pub fn start(store: Store) -> Writer {
+    pub fn start(store: Store, metrics: Arc<Metrics>) -> Writer {
         let (jobs, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(store, rx));
+        tokio::spawn(run(store, metrics, rx));
         Writer { jobs }
     }
 
@@ -76,7 +78,7 @@ impl Writer {
     }
 }
 
-async fn run(store: Store, mut rx: mpsc::UnboundedReceiver<Job>) {
+async fn run(store: Store, metrics: Arc<Metrics>, mut rx: mpsc::UnboundedReceiver<Job>) {
     let permits = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -97,17 +99,21 @@ async fn run(store: Store, mut rx: mpsc::UnboundedReceiver<Job>) {
             }
         }
         let store = store.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let (batches, replies): (Vec<ChainedBatch>, Vec<_>) =
                 jobs.into_iter().map(|j| (j.batch, j.done)).unzip();
+            let started = Instant::now();
             let result = store.append_chained(&batches).await;
             drop(permit);
+            metrics.observe_statement(batches.len(), started.elapsed());
             match result {
                 Ok(written) => {
                     for ((batch, reply), ok) in batches.into_iter().zip(replies).zip(written) {
                         let outcome = if ok {
                             Outcome::Written(batch.records)
                         } else {
+                            metrics.observe_stale_swap();
                             Outcome::Stale
                         };
                         let _ = reply.send(outcome);

@@ -534,6 +534,14 @@ impl Store {
         }
     }
 
+    /// Queues an append notice; it is sent soon after, with others, without waiting
+    /// (PostgreSQL; a no-op on SQLite). See [`notify`](crate::notify) for why.
+    pub fn notify_appended(&self, notice: Notice) {
+        if let Store::Postgres(s) = self {
+            s.notify_appended(notice);
+        }
+    }
+
     /// Notices from every instance, from a listener task that reconnects by itself; `None` on
     /// SQLite (one instance: nothing to hear).
     pub fn notices(&self) -> Option<tokio::sync::mpsc::Receiver<Notice>> {

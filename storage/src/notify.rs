@@ -12,8 +12,16 @@
 //! every (re)connection, and callers re-check heads periodically: notices are a latency
 //! optimisation, never the only path to a record.
 //!
+//! Append notices go through an **outbox** ([`PgStore::notify_appended`]): a task that sends
+//! everything queued in one statement, one at a time. A `NOTIFY` transaction takes an xid, so
+//! it commits (and flushes WAL) under PostgreSQL's global notify lock: one statement per commit
+//! would serialize thousands of fsyncs a second and tie up pooled connections waiting for that
+//! lock. One statement per burst costs one, and the notices of one stream in a burst collapse
+//! to the highest head.
+//!
 //! SQLite serves one instance, so it has no listener and notifying is a no-op.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use sqlx::postgres::PgListener;
@@ -84,7 +92,70 @@ impl Notice {
     }
 }
 
+/// Most notices per outbox statement.
+const OUTBOX_BATCH: usize = 4096;
+
+/// The sending end of the append-notice outbox (see the module docs).
+pub(crate) type Outbox = mpsc::UnboundedSender<Notice>;
+
+fn start_outbox(pool: sqlx::PgPool) -> Outbox {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Notice>();
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            // (origin, stream) → highest head in this burst; other notices kept as they are.
+            let mut heads: HashMap<(u64, i64), i64> = HashMap::new();
+            let mut payloads: Vec<String> = Vec::new();
+            let mut take = |n: Notice, payloads: &mut Vec<String>| match n {
+                Notice::Appended {
+                    origin,
+                    stream_id,
+                    head,
+                } => {
+                    let h = heads.entry((origin, stream_id)).or_insert(head);
+                    *h = (*h).max(head);
+                }
+                other => payloads.extend(other.encode()),
+            };
+            take(first, &mut payloads);
+            let mut n = 1;
+            while n < OUTBOX_BATCH {
+                let Ok(next) = rx.try_recv() else { break };
+                take(next, &mut payloads);
+                n += 1;
+            }
+            payloads.extend(heads.into_iter().filter_map(|((origin, stream_id), head)| {
+                Notice::Appended {
+                    origin,
+                    stream_id,
+                    head,
+                }
+                .encode()
+            }));
+            let sent = sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p")
+                .bind(CHANNEL)
+                .bind(&payloads)
+                .execute(&pool)
+                .await;
+            if let Err(e) = sent {
+                if pool.is_closed() {
+                    return;
+                }
+                // Listeners still find the records through their periodic head re-check.
+                tracing::warn!(error = %e, notices = payloads.len(), "append notices not sent");
+            }
+        }
+    });
+    tx
+}
+
 impl PgStore {
+    /// Queues an append notice for the outbox, which sends it with whatever else is queued,
+    /// soon after; never waits. A notice can be lost (see the module docs).
+    pub(crate) fn notify_appended(&self, notice: Notice) {
+        let outbox = self.outbox.get_or_init(|| start_outbox(self.pool.clone()));
+        let _ = outbox.send(notice);
+    }
+
     /// Sends a notice to every listening instance (this one included).
     pub(crate) async fn notify(&self, notice: &Notice) -> Result<()> {
         if let Some(payload) = notice.encode() {
