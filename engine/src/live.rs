@@ -29,8 +29,10 @@
 //!
 //! ## Permissions
 //! Checked at subscribe with the same rules as reads ([`Engine::resolve`]), and again whenever
-//! [`Engine::permissions_changed`] fires for the pod (locally or from another instance), and
-//! every `permission_recheck` as a safety net. A token's expiry ends its subscriptions.
+//! the pod's read decisions may have changed, locally or on another instance: an ownership
+//! transfer, a permission-stream record or a deleted pod (signalled with their cache
+//! invalidation, see `invalidation.rs`), a deleted stream, or [`Engine::permissions_changed`];
+//! and every `permission_recheck` as a safety net. A token's expiry ends its subscriptions.
 //!
 //! ## Recursive subscriptions
 //! A stream and all its readable descendants, including streams created later: a set of the
@@ -153,6 +155,12 @@ impl LiveHub {
         {
             feeds.remove(&stream_id);
         }
+    }
+
+    /// Tells this instance's subscriptions of `pod` to re-check their permission.
+    pub(crate) fn recheck_permissions(&self, pod: &str) {
+        // An error only means nobody subscribes.
+        let _ = self.perms.send(pod.to_string());
     }
 
     /// Streams with local subscribers.
@@ -335,11 +343,11 @@ impl Engine {
     }
 
     /// Tells every subscription of `pod` (on every instance) to re-check its permission.
-    /// Fire it after anything that can change a read decision: ownership transfer, access
-    /// changes, permission-stream records.
+    /// Fire it after anything else that can change a read decision; the engine's own changes
+    /// (ownership transfer, permission-stream records, deletions) already do.
     pub fn permissions_changed(&self, pod: &str) {
         let hub = &self.inner.live;
-        let _ = hub.perms.send(pod.to_string());
+        hub.recheck_permissions(pod);
         let store = self.inner.store.clone();
         if store.backend() == "postgres" {
             let notice = Notice::Permissions {
