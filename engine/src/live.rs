@@ -51,6 +51,7 @@ use webpods_storage::{Head, Notice, RecordRange, RecordRow, Store};
 
 use crate::clock::now_ms;
 use crate::error::{Error, ErrorKind, Result};
+use crate::metrics::LiveSubscription;
 use crate::model::{Caller, Record, Target};
 use crate::{Engine, Inner};
 
@@ -287,6 +288,9 @@ pub struct Subscription {
     /// The next index when the distance to the head was last measured.
     measured_at: i64,
     ended: Option<LiveEnd>,
+    /// Counts this subscription in the `live_subscriptions` gauge until it ends: set for what a
+    /// client opened ([`Engine::subscribe`]), not for the parts of a recursive subscription.
+    gauge: Option<LiveSubscription>,
 }
 
 impl Engine {
@@ -418,7 +422,7 @@ impl Engine {
         if let Some(expected) = &req.after_hash {
             self.check_fork(stream.id, req.after, expected).await?;
         }
-        Ok(self.open_subscription(
+        let mut sub = self.open_subscription(
             caller,
             pod,
             feed,
@@ -428,7 +432,9 @@ impl Engine {
                 after: req.after,
                 token_expires_at: req.token_expires_at,
             },
-        ))
+        );
+        sub.gauge = Some(self.metrics().live_subscription());
+        Ok(sub)
     }
 
     /// A subscription on a feed subscribed to **before** `head` was read from storage.
@@ -477,6 +483,7 @@ impl Engine {
             must_recheck: false,
             measured_at: -1,
             ended: None,
+            gauge: None,
         }
     }
 
@@ -599,6 +606,7 @@ impl Subscription {
         if let Err(end) = &step {
             self.ended = Some(end.clone());
             self.buf.clear();
+            self.gauge = None;
         }
         step
     }
