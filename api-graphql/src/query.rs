@@ -180,9 +180,6 @@ impl MutationRoot {
             .transfer_owner(&rc.caller, &pod, &user_id)
             .await
             .gql()?;
-        // The previous owner's live subscriptions must re-check at once (SPEC §8); the
-        // engine signals deletions itself but not transfers yet.
-        engine.permissions_changed(&pod);
         Ok(PodObj(engine.pod_info(&rc.caller, &pod).await.gql()?))
     }
     /// Creates an empty stream (and missing ancestors); `access` = `public` (default),

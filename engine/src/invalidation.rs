@@ -5,6 +5,11 @@
 //! each instance's listener drops the same entries. If the listener
 //! reconnects, messages may have been lost, so everything is dropped. The caches' TTL is only
 //! a safety net. SQLite runs a single instance: there is nothing to publish.
+//!
+//! A change that can alter a read decision (a permission record, an ownership transfer, a
+//! deleted pod) also tells the pod's live tails to re-check their permission (SPEC §6.1), on
+//! every instance, right **after** the caches dropped the old answer: the same notice does
+//! both, so a tail never re-checks against a stale cache.
 
 use webpods_storage::Notice;
 
@@ -13,8 +18,11 @@ use crate::{Engine, Inner};
 /// What changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Change {
-    /// A permission stream got a record.
-    Permissions(i64),
+    /// A permission stream (of this pod) got a record, or lost a record's content to a purge.
+    Permissions {
+        pod: String,
+        stream_id: i64,
+    },
     /// A pod's owner changed, or the pod was deleted.
     Pod(String),
     Routes(String),
@@ -26,7 +34,7 @@ pub(crate) enum Change {
 impl Change {
     fn encode(&self) -> String {
         match self {
-            Change::Permissions(id) => format!("perm:{id}"),
+            Change::Permissions { pod, stream_id } => format!("perm:{stream_id}:{pod}"),
             Change::Pod(p) => format!("pod:{p}"),
             Change::Routes(p) => format!("routes:{p}"),
             Change::Domains => "domains".into(),
@@ -36,7 +44,13 @@ impl Change {
 
     fn decode(s: &str) -> Option<Change> {
         Some(match s.split_once(':') {
-            Some(("perm", id)) => Change::Permissions(id.parse().ok()?),
+            Some(("perm", rest)) => {
+                let (id, pod) = rest.split_once(':')?;
+                Change::Permissions {
+                    pod: pod.to_string(),
+                    stream_id: id.parse().ok()?,
+                }
+            }
             Some(("pod", p)) => Change::Pod(p.to_string()),
             Some(("routes", p)) => Change::Routes(p.to_string()),
             None if s == "domains" => Change::Domains,
@@ -44,12 +58,21 @@ impl Change {
             _ => return None,
         })
     }
+
+    /// The pod whose read decisions this change may alter.
+    fn alters_reads_in(&self) -> Option<&str> {
+        match self {
+            Change::Permissions { pod, .. } | Change::Pod(pod) => Some(pod),
+            // Deleted streams: `delete_stream` signals their pod itself.
+            Change::Routes(_) | Change::Domains | Change::Streams => None,
+        }
+    }
 }
 
 impl Inner {
     async fn apply(&self, change: &Change) {
         match change {
-            Change::Permissions(id) => self.perms.invalidate(id).await,
+            Change::Permissions { stream_id, .. } => self.perms.invalidate(stream_id).await,
             Change::Pod(p) => {
                 self.pods.invalidate(p).await;
                 self.routes.invalidate(p).await;
@@ -58,6 +81,9 @@ impl Inner {
             Change::Routes(p) => self.routes.invalidate(p).await,
             Change::Domains => self.domains.invalidate_all(),
             Change::Streams => self.streams.invalidate_all(),
+        }
+        if let Some(pod) = change.alters_reads_in() {
+            self.live.recheck_permissions(pod);
         }
     }
 
@@ -100,7 +126,10 @@ mod tests {
     #[test]
     fn changes_round_trip() {
         for c in [
-            Change::Permissions(42),
+            Change::Permissions {
+                pod: "alice".into(),
+                stream_id: 42,
+            },
             Change::Pod("alice".into()),
             Change::Routes("alice".into()),
             Change::Domains,
@@ -109,5 +138,6 @@ mod tests {
             assert_eq!(Change::decode(&c.encode()), Some(c));
         }
         assert_eq!(Change::decode("nonsense"), None);
+        assert_eq!(Change::decode("perm:42"), None);
     }
 }

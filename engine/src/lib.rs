@@ -360,6 +360,7 @@ impl Engine {
         let content = serde_json::json!({ "userId": new_owner });
         self.append_system(&pod, OWNER_STREAM, OWNER_RECORD, &content, &user.user_id)
             .await?;
+        // Also makes the pod's live tails re-check at once, on every instance (SPEC §6.1).
         self.changed(invalidation::Change::Pod(pod.name.clone()))
             .await;
         Ok(())
@@ -488,8 +489,11 @@ impl Engine {
                 .iter()
                 .any(|r| permissions::looks_like_grant(&r.content));
         if grants_changed {
-            self.changed(invalidation::Change::Permissions(stream.id))
-                .await;
+            self.changed(invalidation::Change::Permissions {
+                pod: pod.name.clone(),
+                stream_id: stream.id,
+            })
+            .await;
         }
         Ok(AppendOutcome {
             receipts: committed

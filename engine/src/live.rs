@@ -29,8 +29,10 @@
 //!
 //! ## Permissions
 //! Checked at subscribe with the same rules as reads ([`Engine::resolve`]), and again whenever
-//! [`Engine::permissions_changed`] fires for the pod (locally or from another instance), and
-//! every `permission_recheck` as a safety net. A token's expiry ends its subscriptions.
+//! the pod's read decisions may have changed, locally or on another instance: an ownership
+//! transfer, a permission-stream record or a deleted pod (signalled with their cache
+//! invalidation, see `invalidation.rs`), a deleted stream, or [`Engine::permissions_changed`];
+//! and every `permission_recheck` as a safety net. A token's expiry ends its subscriptions.
 //!
 //! ## Recursive subscriptions
 //! A stream and all its readable descendants, including streams created later: a set of the
@@ -49,6 +51,7 @@ use webpods_storage::{Head, Notice, RecordRange, RecordRow, Store};
 
 use crate::clock::now_ms;
 use crate::error::{Error, ErrorKind, Result};
+use crate::metrics::LiveSubscription;
 use crate::model::{Caller, Record, Target};
 use crate::{Engine, Inner};
 
@@ -153,6 +156,12 @@ impl LiveHub {
         {
             feeds.remove(&stream_id);
         }
+    }
+
+    /// Tells this instance's subscriptions of `pod` to re-check their permission.
+    pub(crate) fn recheck_permissions(&self, pod: &str) {
+        // An error only means nobody subscribes.
+        let _ = self.perms.send(pod.to_string());
     }
 
     /// Streams with local subscribers.
@@ -272,6 +281,9 @@ pub struct Subscription {
     /// The next index when the distance to the head was last measured.
     measured_at: i64,
     ended: Option<LiveEnd>,
+    /// Counts this subscription in the `live_subscriptions` gauge until it ends: set for what a
+    /// client opened ([`Engine::subscribe`]), not for the parts of a recursive subscription.
+    gauge: Option<LiveSubscription>,
 }
 
 impl Engine {
@@ -328,11 +340,11 @@ impl Engine {
     }
 
     /// Tells every subscription of `pod` (on every instance) to re-check its permission.
-    /// Fire it after anything that can change a read decision: ownership transfer, access
-    /// changes, permission-stream records.
+    /// Fire it after anything else that can change a read decision; the engine's own changes
+    /// (ownership transfer, permission-stream records, deletions) already do.
     pub fn permissions_changed(&self, pod: &str) {
         let hub = &self.inner.live;
-        let _ = hub.perms.send(pod.to_string());
+        hub.recheck_permissions(pod);
         let store = self.inner.store.clone();
         if store.backend() == "postgres" {
             let notice = Notice::Permissions {
@@ -403,7 +415,7 @@ impl Engine {
         if let Some(expected) = &req.after_hash {
             self.check_fork(stream.id, req.after, expected).await?;
         }
-        Ok(self.open_subscription(
+        let mut sub = self.open_subscription(
             caller,
             pod,
             feed,
@@ -413,7 +425,9 @@ impl Engine {
                 after: req.after,
                 token_expires_at: req.token_expires_at,
             },
-        ))
+        );
+        sub.gauge = Some(self.metrics().live_subscription());
+        Ok(sub)
     }
 
     /// A subscription on a feed subscribed to **before** `head` was read from storage.
@@ -462,6 +476,7 @@ impl Engine {
             must_recheck: false,
             measured_at: -1,
             ended: None,
+            gauge: None,
         }
     }
 
@@ -584,6 +599,7 @@ impl Subscription {
         if let Err(end) = &step {
             self.ended = Some(end.clone());
             self.buf.clear();
+            self.gauge = None;
         }
         step
     }

@@ -180,6 +180,15 @@ impl Engine {
             purge,
         };
         self.submit(&pod, &stream, entry).await?;
+        if purge {
+            // Erased content may have been a permission record: decisions drawn from this
+            // stream (if it is a permission stream) are made again, and its tails re-check.
+            self.changed(Change::Permissions {
+                pod: pod.name.clone(),
+                stream_id: stream.id,
+            })
+            .await;
+        }
         Ok(())
     }
 
@@ -210,10 +219,10 @@ impl Engine {
         let pod = self.pod(pod).await?;
         require_owner(&pod, caller)?;
         self.inner.store.delete_pod(pod.id).await?;
-        self.changed(Change::Pod(pod.name.clone())).await;
         self.changed(Change::Streams).await;
         self.changed(Change::Domains).await;
-        self.permissions_changed(&pod.name);
+        // Last: it also makes the pod's live subscriptions re-check (and end).
+        self.changed(Change::Pod(pod.name.clone())).await;
         Ok(())
     }
 }

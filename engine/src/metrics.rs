@@ -2,8 +2,9 @@
 //! format (version 0.0.4) by [`Metrics::render`].
 //!
 //! Every series is defined here, so the engine and every frontend share one registry: the
-//! engine counts commits and cache lookups, the REST layer counts requests, and live-tail
-//! frontends hold a [`LiveSubscription`] per subscriber. Gauges that are cheaper to read than to
+//! engine counts commits and cache lookups, the REST layer counts requests, and every live
+//! subscription the engine opens for a frontend (WebSocket, SSE, GraphQL) holds a
+//! [`LiveSubscription`] until it ends. Gauges that are cheaper to read than to
 //! maintain (active stream actors, database pool) are sampled at scrape time and passed to
 //! [`Metrics::render`] as a [`Snapshot`].
 //!

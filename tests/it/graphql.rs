@@ -3,7 +3,7 @@
 //! query costs a constant number of storage calls), a subscription over a real
 //! `graphql-transport-ws` WebSocket fed by REST appends, and the committed SDL.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use reqwest::Method;
@@ -1213,6 +1213,8 @@ async fn graphql_subscription_over_websocket(backend: Backend) {
     for w in writers {
         w.await.unwrap();
     }
+    // The open subscription counts in the live-subscriptions gauge of /metrics.
+    assert_eq!(app.engine.metrics().live_subscriptions(), 1);
     // Strictly increasing from 1, no gap, no duplicate, each linked to the one before.
     for (i, r) in got.iter().enumerate() {
         assert_eq!(r["index"], i as i64 + 1, "gapless order");
@@ -1235,6 +1237,14 @@ async fn graphql_subscription_over_websocket(backend: Backend) {
     .unwrap();
     let m = ws_next(&mut ws).await;
     assert_eq!(m, json!({ "type": "complete", "id": "1" }));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.engine.metrics().live_subscriptions() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stopped subscription still counts"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let last = got.last().unwrap().clone();
     app.append("live", "/feed/after-stop", "later").await;
     subscribe(

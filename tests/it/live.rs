@@ -24,6 +24,7 @@ both_backends!(
     slow_subscriber_does_not_slow_writers,
     lagging_subscription_reads_from_storage,
     revoked_reader_gets_forbidden,
+    permission_record_revokes_tails,
     expired_token_ends_the_tail,
     after_hash_detects_forks,
     sse_resumes_from_last_event_id,
@@ -43,6 +44,9 @@ type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 const FRAME_WAIT: Duration = Duration::from_secs(30);
+/// How soon a revocation must end a tail: far below the 30 s periodic permission re-check, so
+/// only the change's own signal can meet it.
+const REVOKE_WAIT: Duration = Duration::from_secs(3);
 
 async fn ws_connect(app: &TestApp, host: &str, path: &str, token: Option<&str>) -> Ws {
     let mut req = format!("ws://{}{}", app.addr, path)
@@ -95,6 +99,18 @@ async fn next_json(ws: &mut Ws) -> Value {
         Frame::Json(v) => v,
         other => panic!("expected a frame, got {other:?}"),
     }
+}
+
+/// The next frame, which must be a `FORBIDDEN` error arriving within [`REVOKE_WAIT`].
+async fn forbidden_soon(ws: &mut Ws) -> Value {
+    let t = Instant::now();
+    let f = tokio::time::timeout(REVOKE_WAIT, next_json(ws))
+        .await
+        .unwrap_or_else(|_| panic!("no FORBIDDEN within {REVOKE_WAIT:?}"));
+    assert_eq!(f["type"], "error", "{f}");
+    assert_eq!(f["error"]["code"], "FORBIDDEN", "{f}");
+    eprintln!("revocation reached the tail after {:?}", t.elapsed());
+    f
 }
 
 /// Reads records until `until` (inclusive), checking they continue exactly from `next`, with at
@@ -533,18 +549,14 @@ async fn revoked_reader_gets_forbidden(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    let f = next_json(&mut ws).await;
-    assert_eq!(f["error"]["code"], "FORBIDDEN", "{f}");
+    // At once, not at the periodic re-check.
+    forbidden_soon(&mut ws).await;
     assert!(matches!(
         next_frame(&mut ws).await,
         Frame::Closed(Some(4403))
     ));
-    let f = next_json(&mut mux).await;
-    assert_eq!(
-        (f["type"].as_str(), f["id"].as_str()),
-        (Some("error"), Some("s"))
-    );
-    assert_eq!(f["error"]["code"], "FORBIDDEN");
+    let f = forbidden_soon(&mut mux).await;
+    assert_eq!(f["id"], "s", "{f}");
     // The connection itself stays usable.
     send(
         &mut mux,
@@ -579,6 +591,132 @@ async fn expired_token_ends_the_tail(backend: Backend) {
         next_frame(&mut ws).await,
         Frame::Closed(Some(4401))
     ));
+}
+
+/// A pod `name` with a permission stream `members` (private) deciding who reads `room`
+/// (which holds one record); `bob` is granted read by a record named `bob`. Returns bob's id
+/// and token.
+async fn club(app: &TestApp, name: &str) -> (String, String) {
+    app.create_pod(name).await;
+    for path in ["/members?access=private", "/room?access=/members"] {
+        let r = app
+            .pod(Method::POST, name, path)
+            .bearer_auth(&app.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{path}");
+    }
+    app.append(name, "/room/hello", "members only").await;
+    let (bob, bob_token) = app.user("bob").await;
+    grant(app, &app.token, name, &bob, true).await;
+    (bob, bob_token)
+}
+
+/// The pod owner (`token`, through `app`) writes bob's permission record.
+async fn grant(app: &TestApp, token: &str, pod: &str, user: &str, read: bool) {
+    let r = app
+        .pod(Method::POST, pod, "/members/bob")
+        .bearer_auth(token)
+        .json(&json!({ "userId": user, "read": read, "write": false }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+}
+
+/// A tail by `token` on `room`, past its history.
+async fn room_tail(app: &TestApp, pod: &str, token: &str) -> Ws {
+    let mut ws = ws_connect(app, &format!("{pod}.localhost"), "/room", Some(token)).await;
+    loop {
+        let f = next_json(&mut ws).await;
+        match f["type"].as_str() {
+            Some("record") => continue,
+            Some("caughtUp") => return ws,
+            _ => panic!("unexpected frame {f}"),
+        }
+    }
+}
+
+/// SPEC §8 rule 4 records end tails at once (SPEC §6.1): a revoking record, and a purge of the
+/// granting record; over `/ws` as well.
+async fn permission_record_revokes_tails(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (bob, bob_token) = club(&app, "perm").await;
+    let mut ws = room_tail(&app, "perm", &bob_token).await;
+    let mut mux = ws_connect(&app, "localhost", "/ws", Some(&bob_token)).await;
+    send(
+        &mut mux,
+        json!({"type":"subscribe","id":"r","pod":"perm","stream":"room","after":0}),
+    )
+    .await;
+    assert_eq!(next_json(&mut mux).await["type"], "subscribed");
+    assert_eq!(next_json(&mut mux).await["type"], "caughtUp");
+    // A grant for someone else makes bob's tails re-check, and they go on.
+    let (carol, _) = app.user("carol").await;
+    let r = app
+        .pod(Method::POST, "perm", "/members/carol")
+        .bearer_auth(&app.token)
+        .json(&json!({ "userId": carol, "read": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = app
+        .pod(Method::POST, "perm", "/room/more")
+        .bearer_auth(&app.token)
+        .body("m")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(next_json(&mut ws).await["record"]["index"], 1);
+    assert_eq!(next_json(&mut mux).await["record"]["index"], 1);
+    grant(&app, &app.token, "perm", &bob, false).await;
+    forbidden_soon(&mut ws).await;
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        Frame::Closed(Some(4403))
+    ));
+    let f = forbidden_soon(&mut mux).await;
+    assert_eq!(f["id"], "r", "{f}");
+    // Granted again, then the grant is purged: no record decides for bob any more → denied.
+    grant(&app, &app.token, "perm", &bob, true).await;
+    let mut ws = room_tail(&app, "perm", &bob_token).await;
+    let r = app
+        .pod(Method::DELETE, "perm", "/members/bob?purge=true")
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    forbidden_soon(&mut ws).await;
+    app.stop().await;
+}
+
+/// A permission record written through another server process ends a tail here at once: the
+/// cache notice carries the signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn permission_record_revokes_across_processes_on_postgres() {
+    let url = fresh_database(Backend::Postgres).await;
+    let a = TestApp::spawn_on(&url, &[]).await;
+    let other = spawn_process(&url).await;
+    let (bob, bob_token) = club(&a, "far").await;
+    let mut ws = room_tail(&a, "far", &bob_token).await;
+    // The other process serves the same local owner, on its own port.
+    let r = a
+        .http
+        .post(format!("{}/members/bob", other.base))
+        .header("host", "far.localhost")
+        .bearer_auth(&other.token)
+        .json(&json!({ "userId": bob, "read": false }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    forbidden_soon(&mut ws).await;
+    drop(other);
+    a.stop().await;
 }
 
 /// `afterHash` must match the stored record at `after`.
@@ -900,8 +1038,8 @@ async fn across_instances_on_postgres() {
         owner(&local, &bob_token).send().await.unwrap().status(),
         201
     );
-    let f = next_json(&mut bobs).await;
-    assert_eq!(f["error"]["code"], "FORBIDDEN", "{f}");
+    // The transfer's notice reaches B at once, not B's periodic re-check.
+    forbidden_soon(&mut bobs).await;
     a.stop().await;
     b.stop().await;
 }

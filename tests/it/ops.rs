@@ -589,18 +589,127 @@ async fn metrics_count_requests_commits_and_caches(backend: Backend) {
     assert!(get(r#"webpods_db_pool_connections{state="idle"}"#) >= 0.0);
     // Labels are route names, never raw paths.
     assert!(!text.contains("/m/r"), "{text}");
-    // A live-tail frontend holds a guard per subscriber.
-    let sub = app.engine.metrics().live_subscription();
-    let text = app
-        .main(Method::GET, "/metrics")
+    app.stop().await;
+}
+
+both_backends!(metrics_count_live_subscriptions);
+
+/// `webpods_live_subscriptions` counts open tails, whichever frontend opened them (GraphQL's
+/// are checked in its own tests): one per single-stream WebSocket or SSE tail, one per
+/// recursive `/ws` subscription however many streams it follows; a tail stops counting when
+/// the client leaves, unsubscribes, or the tail ends.
+async fn metrics_count_live_subscriptions(backend: Backend) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("gauge").await;
+    app.append("gauge", "/t/r0", "0").await;
+    app.append("gauge", "/t/sub/r0", "0").await;
+    app.append("gauge", "/gone/r0", "0").await;
+    let gauge = || async {
+        let text = app
+            .main(Method::GET, "/metrics")
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        samples(&text)["webpods_live_subscriptions"]
+    };
+    // Closing happens on the server after the client's side of it: wait for the count.
+    let settles_at = |want: f64| async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = gauge().await;
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gauge stuck at {got}, want {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let ws_open = |host: &str, path: &str| {
+        let mut req = format!("ws://{}{path}", app.addr)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert("host", host.parse().unwrap());
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", app.token).parse().unwrap(),
+        );
+        async move {
+            tokio_tungstenite::connect_async(req)
+                .await
+                .expect("websocket handshake")
+                .0
+        }
+    };
+    type Ws = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+    async fn until_caught_up(ws: &mut Ws) {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+                .await
+                .expect("a frame in time")
+                .expect("open")
+                .expect("frame");
+            if let Message::Text(t) = msg {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                assert_ne!(v["type"], "error", "{v}");
+                if v["type"] == "caughtUp" {
+                    return;
+                }
+            }
+        }
+    }
+    assert_eq!(gauge().await, 0.0);
+
+    // A single-stream WebSocket tail, closed by the client.
+    let mut ws = ws_open("gauge.localhost", "/t").await;
+    until_caught_up(&mut ws).await;
+    assert_eq!(gauge().await, 1.0);
+    ws.close(None).await.unwrap();
+    drop(ws);
+    settles_at(0.0).await;
+
+    // A recursive `/ws` subscription following two streams counts once, until unsubscribed.
+    let mut mux = ws_open("localhost", "/ws").await;
+    let msg = json!({"type":"subscribe","id":"r","pod":"gauge","stream":"t","recursive":true});
+    mux.send(Message::text(msg.to_string())).await.unwrap();
+    until_caught_up(&mut mux).await;
+    assert_eq!(gauge().await, 1.0);
+    assert!(app.engine.live_subscriptions() >= 2, "per-stream tails");
+    let msg = json!({"type":"unsubscribe","id":"r"});
+    mux.send(Message::text(msg.to_string())).await.unwrap();
+    settles_at(0.0).await;
+
+    // An SSE tail, ended by the server: its stream is deleted.
+    let r = app
+        .pod(Method::GET, "gauge", "/gone")
+        .bearer_auth(&app.token)
+        .header("accept", "text/event-stream")
         .send()
         .await
-        .expect("metrics")
-        .text()
+        .expect("sse");
+    assert_eq!(r.status(), 200);
+    settles_at(1.0).await;
+    let del = app
+        .pod(Method::DELETE, "gauge", "/gone")
+        .bearer_auth(&app.token)
+        .send()
         .await
-        .expect("text");
-    assert_eq!(samples(&text)["webpods_live_subscriptions"], 1.0);
-    drop(sub);
+        .expect("delete");
+    assert!(del.status().is_success(), "{}", del.status());
+    settles_at(0.0).await;
+    drop(r);
+    drop(mux);
     app.stop().await;
 }
 

@@ -74,6 +74,7 @@ use webpods_storage::StreamRow;
 use super::{LiveEnd, LiveEvent, LiveRequest, Opening, PendingFeed, Subscription};
 use crate::Engine;
 use crate::error::{Error, ErrorKind, Result};
+use crate::metrics::LiveSubscription;
 use crate::model::{Caller, Record};
 use crate::names::check_stream_path;
 
@@ -341,6 +342,9 @@ pub struct RecursiveSubscription {
     relist: bool,
     relist_at: Instant,
     ended: Option<LiveEnd>,
+    /// Counts this subscription (once, whatever it follows) in the `live_subscriptions` gauge
+    /// until it ends.
+    gauge: Option<LiveSubscription>,
 }
 
 /// Whether `path` is `root` or below it.
@@ -402,7 +406,9 @@ impl Engine {
             }
         }
         self.start_stream_resolver();
-        let root = self.subscribe(caller, pod, path, req.live.clone()).await?;
+        let mut root = self.subscribe(caller, pod, path, req.live.clone()).await?;
+        // The gauge counts this subscription, which outlives its root part.
+        let gauge = root.gauge.take();
         let pod_row = self.pod(pod).await?;
         let hub = &self.inner.live;
         // Watch the pod and its permissions before listing: nothing created from now on is
@@ -441,6 +447,7 @@ impl Engine {
             relist: true,
             relist_at: Instant::now(),
             ended: None,
+            gauge,
         };
         sub.parts.push(step_of(Part {
             sub: Box::new(root),
@@ -477,6 +484,7 @@ impl RecursiveSubscription {
             self.ended = Some(end.clone());
             self.parts = FuturesUnordered::new();
             self.followed.clear();
+            self.gauge = None;
         }
         step
     }
