@@ -32,6 +32,7 @@ use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::live::LiveHub;
 use crate::metrics::Metrics;
+use crate::read_cache::ReadCache;
 use crate::writer::{Outcome, Writer};
 
 /// The records an entry ended up with, and whether they were replayed from an idempotency key.
@@ -81,6 +82,8 @@ pub(crate) struct ActorEnv {
     pub store: Store,
     /// Where committed batches are published for live tails.
     pub live: Arc<LiveHub>,
+    /// Cached reads: a commit bumps the stream's generation before any receipt is sent.
+    pub reads: Arc<ReadCache>,
     pub writer: Writer,
     pub limits: ActorLimits,
     pub registry: Registry,
@@ -346,7 +349,11 @@ fn finish(
     replies: Replies,
     started: Instant,
 ) {
-    // Committed: live tails may see it (before the next batch of this stream commits).
+    // Committed: cached reads of the stream are stale from now on, and live tails may see it
+    // (before the next batch of this stream commits).
+    if !plan.records.is_empty() {
+        env.reads.appended(ctx.stream_id);
+    }
     env.live.publish(&env.store, ctx.stream_id, &plan.records);
     env.registry
         .metrics

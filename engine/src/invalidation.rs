@@ -94,6 +94,7 @@ impl Inner {
         self.routes.invalidate_all();
         self.domains.invalidate_all();
         self.perms.invalidate_all();
+        self.reads.clear();
     }
 }
 

@@ -9,7 +9,8 @@
 //!   streams per statement), else recomputed inside a transaction against the locked head — so
 //!   several instances on one database never fork a chain;
 //! - **permissions** (SPEC §8), decided here for every frontend alike;
-//! - **reads**, which go straight to storage (never through the actors).
+//! - **reads**, which never go through the actors: from storage, or from memory
+//!   ([`read_cache`]) for the latest record by name, records by index and list pages.
 //!
 //! Errors are one enum, [`Error`], whose [`ErrorKind`] frontends map to their transport.
 
@@ -29,6 +30,7 @@ pub mod names;
 mod permissions;
 mod pod_config;
 mod ratelimit;
+mod read_cache;
 pub mod token;
 mod verify;
 mod writer;
@@ -61,6 +63,7 @@ use crate::batch::{Entry, StreamCtx};
 use crate::clock::{iso8601, now_ms};
 use crate::metrics::CacheKind;
 use crate::names::{check_record_name, check_stream_path, is_system_path, is_valid_pod_name};
+use crate::read_cache::{PageKey, RecordKey};
 
 /// The stream holding the pod owner, and the name of its records.
 const OWNER_STREAM: &str = ".config/owner";
@@ -146,6 +149,8 @@ struct Inner {
     rate: Option<Arc<ratelimit::RateLimiter>>,
     /// Feeds of committed records for live tails.
     live: Arc<live::LiveHub>,
+    /// Records and pages served from memory; the actors bump a stream's entry on commit.
+    reads: Arc<read_cache::ReadCache>,
 }
 
 impl Engine {
@@ -165,9 +170,11 @@ impl Engine {
             .build();
         let live = Arc::new(live::LiveHub::new(config.live));
         let registry = Registry::default();
+        let reads = Arc::new(read_cache::ReadCache::new(config.cache_ttl));
         let actors = Arc::new(ActorEnv {
             store: store.clone(),
             live: live.clone(),
+            reads: reads.clone(),
             writer: writer::Writer::start(store.clone(), registry.metrics.clone()),
             limits: config.actors,
             registry,
@@ -195,6 +202,7 @@ impl Engine {
                     .build(),
                 rate,
                 live,
+                reads,
             }),
         }
     }
@@ -659,6 +667,25 @@ impl Engine {
     /// What a GET of `path` on a pod host addresses: a stream, or a record name in a stream.
     pub async fn resolve(&self, caller: &Caller, pod: &str, path: &str) -> Result<Target> {
         let pod = self.pod(pod).await?;
+        // A record named like the last segment means the path is not a stream (below the top
+        // level a record and a child stream never share a name), and that answer is cached:
+        // asking for the path as a stream first would cost a query on every record read.
+        let (stream_path, name) = names::split_last(path);
+        if !stream_path.is_empty()
+            && check_stream_path(stream_path).is_ok()
+            && check_record_name(name).is_ok()
+            && let Some(parent) = self.stream(&pod, stream_path).await?
+            && self
+                .cached_record(parent.id, RecordKey::Name(name.to_string()))
+                .await?
+                .is_some()
+        {
+            self.check_read(&pod, &parent, caller).await?;
+            return Ok(Target::Record {
+                stream: stream_view(&parent),
+                name: name.to_string(),
+            });
+        }
         if let Some(s) = self.stream(&pod, path).await? {
             self.check_read(&pod, &s, caller).await?;
             return Ok(Target::Stream(stream_view(&s)));
@@ -677,8 +704,10 @@ impl Engine {
     /// The latest record called `name`; if none and `name` is an integer, the record at that
     /// index (negative counts from the end). Tombstoned → 404, purged → 410.
     pub async fn read_by_name(&self, stream: &StreamInfo, name: &str) -> Result<Record> {
-        let store = &self.inner.store;
-        let row = match store.latest_by_name(stream.id, name).await? {
+        let row = match self
+            .cached_record(stream.id, RecordKey::Name(name.to_string()))
+            .await?
+        {
             Some(r) => Some(r),
             None => match name.parse::<i64>() {
                 Ok(i) => return self.read_by_index(stream, i).await,
@@ -697,25 +726,22 @@ impl Engine {
                 format!("{name:?} was deleted"),
             ));
         }
-        readable(stream, row)
+        readable(stream, Arc::unwrap_or_clone(row))
     }
 
     /// The record at `index` (negative counts from the end).
     pub async fn read_by_index(&self, stream: &StreamInfo, index: i64) -> Result<Record> {
-        let store = &self.inner.store;
         let index = if index < 0 {
-            let head = store
-                .stream_head(stream.id)
-                .await?
-                .unwrap_or(webpods_storage::Head::EMPTY);
-            head.index + 1 + index
+            self.cached_head(stream.id).await?.index + 1 + index
         } else {
             index
         };
         let row = if index < 0 {
             None
         } else {
-            store.get_record(stream.id, index).await?
+            self.cached_record(stream.id, RecordKey::Index(index))
+                .await?
+                .map(Arc::unwrap_or_clone)
         };
         let row = row.ok_or_else(|| {
             Error::new(
@@ -728,15 +754,37 @@ impl Engine {
 
     /// A page of records in index order.
     pub async fn list(&self, stream: &StreamInfo, q: ListQuery) -> Result<RecordPage> {
-        let store = &self.inner.store;
         let limit = q
             .limit
             .unwrap_or(100)
             .clamp(1, self.inner.config.max_list_records);
-        let head = store
-            .stream_head(stream.id)
-            .await?
-            .unwrap_or(webpods_storage::Head::EMPTY);
+        let reads = &self.inner.reads;
+        let generation = reads.generation(stream.id);
+        let key = PageKey {
+            after: q.after,
+            before: q.before,
+            limit,
+            unique: q.unique,
+        };
+        let cached = reads.page(stream.id, generation, key);
+        self.metrics()
+            .observe_cache(CacheKind::Pages, cached.is_some());
+        if let Some(page) = cached {
+            return Ok(RecordPage::clone(&page));
+        }
+        let page = self.list_uncached(stream, q, limit).await?;
+        reads.put_page(stream.id, generation, key, Arc::new(page.clone()));
+        Ok(page)
+    }
+
+    async fn list_uncached(
+        &self,
+        stream: &StreamInfo,
+        q: ListQuery,
+        limit: i64,
+    ) -> Result<RecordPage> {
+        let store = &self.inner.store;
+        let head = self.cached_head(stream.id).await?;
         let after = match q.after {
             Some(a) if a < 0 => Some(head.index + a),
             other => other,
@@ -782,10 +830,7 @@ impl Engine {
         end: i64,
     ) -> Result<RecordSlice> {
         let store = &self.inner.store;
-        let head = store
-            .stream_head(stream.id)
-            .await?
-            .unwrap_or(webpods_storage::Head::EMPTY);
+        let head = self.cached_head(stream.id).await?;
         let total = head.index + 1;
         let from_end = |i: i64| if i < 0 { total + i } else { i };
         let (start, end) = (from_end(start), from_end(end));
@@ -830,6 +875,47 @@ impl Engine {
             end,
             total,
         })
+    }
+
+    /// The latest record called so, or the record at an index, from the read cache (see
+    /// [`read_cache`]) or storage.
+    async fn cached_record(
+        &self,
+        stream_id: i64,
+        key: RecordKey,
+    ) -> Result<Option<Arc<RecordRow>>> {
+        let reads = &self.inner.reads;
+        let generation = reads.generation(stream_id);
+        let cached = reads.record(stream_id, generation, &key);
+        self.metrics()
+            .observe_cache(CacheKind::Records, cached.is_some());
+        if let Some(row) = cached {
+            return Ok(row);
+        }
+        let store = &self.inner.store;
+        let row = match &key {
+            RecordKey::Name(name) => store.latest_by_name(stream_id, name).await?,
+            RecordKey::Index(index) => store.get_record(stream_id, *index).await?,
+        }
+        .map(Arc::new);
+        reads.put_record(stream_id, generation, key, row.clone());
+        Ok(row)
+    }
+
+    /// The stream's committed head ([`Head::EMPTY`](webpods_storage::Head::EMPTY) when it has
+    /// no records or is gone), from the read cache or storage.
+    async fn cached_head(&self, stream_id: i64) -> Result<webpods_storage::Head> {
+        let reads = &self.inner.reads;
+        let generation = reads.generation(stream_id);
+        let head = match reads.head(stream_id, generation) {
+            Some(head) => head,
+            None => {
+                let head = self.inner.store.stream_head(stream_id).await?;
+                reads.put_head(stream_id, generation, head.clone());
+                head
+            }
+        };
+        Ok(head.unwrap_or(webpods_storage::Head::EMPTY))
     }
 
     // ----- lookups and permissions ----------------------------------------------------------

@@ -565,6 +565,7 @@ async fn on_notice(inner: &Inner, notice: Notice) {
             stream_id,
             head,
         } if origin != inner.live.origin => {
+            inner.reads.appended(stream_id);
             inner.live.trees.appended(stream_id);
             inner.live.feed_head(stream_id, head);
         }

@@ -104,14 +104,20 @@ pub enum CacheKind {
     Streams,
     Routes,
     Domains,
+    /// Records read by name or index.
+    Records,
+    /// Pages of record lists.
+    Pages,
 }
 
 impl CacheKind {
-    const ALL: [CacheKind; 4] = [
+    const ALL: [CacheKind; 6] = [
         CacheKind::Pods,
         CacheKind::Streams,
         CacheKind::Routes,
         CacheKind::Domains,
+        CacheKind::Records,
+        CacheKind::Pages,
     ];
 
     fn label(self) -> &'static str {
@@ -120,6 +126,8 @@ impl CacheKind {
             CacheKind::Streams => "streams",
             CacheKind::Routes => "routes",
             CacheKind::Domains => "domains",
+            CacheKind::Records => "records",
+            CacheKind::Pages => "pages",
         }
     }
 }
@@ -158,7 +166,7 @@ pub struct Metrics {
     /// Chained batches whose compare-and-swap missed (they took the locking path).
     stale_swaps: AtomicU64,
     live_subscriptions: AtomicI64,
-    caches: [CacheCounters; 4],
+    caches: [CacheCounters; 6],
 }
 
 impl Default for Metrics {

@@ -15,6 +15,7 @@ mod oauth_provider;
 mod openapi;
 mod ops;
 mod pod_config;
+mod read_cache;
 mod records;
 mod rest;
 mod restart;
