@@ -645,14 +645,21 @@ impl PgStore {
         let n: usize = batches.iter().map(|b| b.records.len()).sum();
         let mut heads = HeadColumns::default();
         let mut cols = RecordColumns::with_capacity(n);
+        // Each batch's distinct record names, checked against its stream's children.
+        let mut names: (Vec<i64>, Vec<&str>) = (Vec::new(), Vec::new());
         for &i in &order {
             let b = &batches[i];
             let Some(last) = b.records.last() else {
                 continue;
             };
             heads.push(b, last);
+            let mut seen = HashSet::new();
             for r in &b.records {
                 cols.push(b.stream_id, r);
+                if seen.insert(r.name.as_str()) {
+                    names.0.push(b.stream_id);
+                    names.1.push(r.name.as_str());
+                }
             }
         }
         let moved: Vec<i64> = sqlx::query_scalar(
@@ -672,9 +679,9 @@ impl PgStore {
                   WHERE s.head_index = v.old_index \
                     AND s.head_hash IS NOT DISTINCT FROM v.old_hash \
                     AND s.child_version = v.old_version \
-                    AND NOT EXISTS (SELECT 1 FROM r JOIN streams c \
-                                        ON c.parent_id = r.stream_id AND c.name = r.name \
-                                     WHERE r.stream_id = s.id) \
+                    AND NOT EXISTS (SELECT 1 FROM UNNEST($21::bigint[], $22::text[]) AS n(sid, name) \
+                                      JOIN streams c ON c.parent_id = n.sid AND c.name = n.name \
+                                     WHERE n.sid = s.id) \
                  FOR UPDATE OF s SKIP LOCKED \
              ), moved AS ( \
                  UPDATE streams s \
@@ -710,6 +717,8 @@ impl PgStore {
         .bind(&cols.hash)
         .bind(&cols.previous_hash)
         .bind(&cols.deleted)
+        .bind(&names.0)
+        .bind(&names.1)
         .fetch_all(&self.pool)
         .await?;
         let moved: HashSet<i64> = moved.into_iter().collect();
