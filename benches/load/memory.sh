@@ -5,7 +5,7 @@
 #   benches/load/memory.sh          # STREAMS=100000, actors idle out after 5 s
 #
 # A release `webpods` on a fresh PostgreSQL database (postgres://postgres@127.0.0.1:5432 unless
-# WEBPODS_BENCH_ADMIN_URL says otherwise); wrk sends one append per stream over 16 connections.
+# WEBPODS_BENCH_ADMIN_URL says otherwise); wrk sends one append per stream over 64 connections.
 set -euo pipefail
 root=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.." && pwd)
 cd "$root"
@@ -26,12 +26,18 @@ for _ in $(seq 100); do grep -q "listening on" "$log" && [ -s "$log.token" ] && 
 base=$(grep -o 'http://127\.0\.0\.1:[0-9]*' "$log" | head -1)
 token=$(cat "$log.token")
 curl -fsS -X POST "$base/api/pods" -H "Host: localhost" -H "Authorization: Bearer $token" -d '{"name":"mem"}' >/dev/null
+# The streams exist before the run: what is measured is appending to 100,000 streams (an actor
+# each, then idle), not 100,000 stream creations — those are rate limited (100/h per user by
+# default) and serialized per parent. Same rows as the engine creates (`public`, owner-created).
+psql "$url" -qAtc "INSERT INTO streams (pod_id, parent_id, path, name, access, creator_id, created_at)
+  SELECT p.id, NULL, 'm' || g, 'm' || g, 'public', p.owner_id, 0
+  FROM pods p, generate_series(0, $streams - 1) g WHERE p.name = 'mem'"
 rss() { awk '/VmRSS/ {printf "%.0f", $2/1024}' "/proc/$server/status"; }
 metric() { curl -s "$base/metrics" -H "Host: localhost" | awk -v m="$1" '$1==m {print $2}'; }
 echo "resident memory at start: $(rss) MB"
 
 start=$(date +%s)
-STREAMS=$streams wrk -t2 -c16 -d3600s -s benches/load/many_streams.lua \
+STREAMS=$streams wrk -t2 -c64 -d3600s -s benches/load/many_streams.lua \
   -H "Host: mem.localhost" -H "Authorization: Bearer $token" "$base" >/dev/null &
 load=$!
 peak=0
