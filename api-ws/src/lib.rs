@@ -306,6 +306,20 @@ async fn send_timed(sink: &mut Sink, msg: Message, cfg: &LiveConfig) -> bool {
     )
 }
 
+/// One ping tick: closes an idle connection (1000) or one that does not take the ping in time
+/// (4008 `TOO_SLOW`). `false` once the socket is closed.
+async fn keep_alive(sink: &mut Sink, last_seen: tokio::time::Instant, cfg: &LiveConfig) -> bool {
+    if last_seen.elapsed() >= cfg.idle_timeout {
+        close(sink, 1000, "idle timeout").await;
+        return false;
+    }
+    if !send_timed(sink, Message::Ping(Default::default()), cfg).await {
+        close_too_slow(sink, cfg).await;
+        return false;
+    }
+    true
+}
+
 /// Closes the socket with a code (best effort, bounded in time).
 async fn close(sink: &mut Sink, code: u16, reason: &'static str) {
     close_within(sink, code, reason, Duration::from_secs(2)).await;

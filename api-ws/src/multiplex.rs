@@ -42,8 +42,8 @@ use webpods_api_rest::token_of;
 use webpods_engine::{Caller, Engine, Error, ErrorKind, LiveRequest, RecursiveRequest};
 
 use crate::{
-    LiveState, Out, SocketGuard, Tail, authenticate, close, close_too_slow, error_frame, pump,
-    send_timed, subscribed_frame,
+    LiveState, Out, SocketGuard, Tail, authenticate, close, close_too_slow, error_frame,
+    keep_alive, pump, send_timed, subscribed_frame,
 };
 
 #[derive(Deserialize)]
@@ -173,12 +173,7 @@ async fn run(st: LiveState, socket: WebSocket, auth: Result<(Caller, Option<i64>
                 }
             }
             _ = ping.tick() => {
-                if last_seen.elapsed() >= cfg.idle_timeout {
-                    close(&mut sink, 1000, "idle timeout").await;
-                    break;
-                }
-                if !send_timed(&mut sink, Message::Ping(Default::default()), &cfg).await {
-                    close_too_slow(&mut sink, &cfg).await;
+                if !keep_alive(&mut sink, last_seen, &cfg).await {
                     break;
                 }
             }

@@ -18,7 +18,7 @@ use webpods_engine::{Error, ErrorKind, LiveEnd, LiveEvent, LiveRequest, Subscrip
 
 use crate::{
     LiveState, Out, SocketGuard, authenticate, caught_up_frame, close, close_code, close_too_slow,
-    error_body, error_frame, pump, send_timed, to_json,
+    error_body, error_frame, keep_alive, pump, send_timed, to_json,
 };
 
 /// Where the tail starts: `?after=K&afterHash=H`.
@@ -144,12 +144,7 @@ async fn run_ws(st: LiveState, socket: WebSocket, sub: Result<Subscription, Erro
                 Some(Ok(_)) => last_seen = Instant::now(),
             },
             _ = ping.tick() => {
-                if last_seen.elapsed() >= cfg.idle_timeout {
-                    close(&mut sink, 1000, "idle timeout").await;
-                    break;
-                }
-                if !send_timed(&mut sink, Message::Ping(Default::default()), &cfg).await {
-                    close_too_slow(&mut sink, &cfg).await;
+                if !keep_alive(&mut sink, last_seen, &cfg).await {
                     break;
                 }
             }

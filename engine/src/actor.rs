@@ -48,6 +48,16 @@ pub(crate) enum AppendReply {
     Done(Result<Committed>),
     /// The actor stopped before this entry joined a batch; send it again.
     Retry(Entry),
+    /// The stream's row is gone (deleted, maybe through another instance): nothing of the entry
+    /// was written, and it comes back so the caller can look the stream up again.
+    StreamGone(Entry),
+}
+
+/// What became of a submitted entry.
+pub(crate) enum Submitted {
+    Committed(Committed),
+    /// See [`AppendReply::StreamGone`].
+    StreamGone(Entry),
 }
 
 pub(crate) enum StreamMsg {
@@ -272,6 +282,12 @@ async fn commit(
             finish(env, ctx, plan, outcomes, replies, started);
             Some(chain)
         }
+        Err(webpods_storage::Error::StreamNotFound(_)) => {
+            for (entry, reply) in entries.into_iter().zip(replies) {
+                let _ = reply.send(AppendReply::StreamGone(entry));
+            }
+            None
+        }
         Err(e) => {
             fail(env, ctx, replies, Error::from(e));
             None
@@ -452,7 +468,7 @@ pub(crate) async fn submit(
     env: &Arc<ActorEnv>,
     ctx: &Arc<StreamCtx>,
     mut entry: Entry,
-) -> Result<Committed> {
+) -> Result<Submitted> {
     loop {
         let actor = actor_for(env, ctx).await?;
         let (tx, rx) = oneshot::channel();
@@ -466,8 +482,9 @@ pub(crate) async fn submit(
             Err(e) => return Err(Error::Internal(format!("stream actor refused: {e}"))),
         }
         match rx.await {
-            Ok(AppendReply::Done(result)) => return result,
+            Ok(AppendReply::Done(result)) => return result.map(Submitted::Committed),
             Ok(AppendReply::Retry(back)) => entry = back,
+            Ok(AppendReply::StreamGone(back)) => return Ok(Submitted::StreamGone(back)),
             Err(_) => {
                 return Err(Error::Internal(
                     "the stream actor stopped before answering".into(),

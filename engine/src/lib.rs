@@ -478,9 +478,10 @@ impl Engine {
             author: user.user_id.clone(),
             purge: false,
         };
-        let committed = match self.submit(&pod, &stream, entry.clone()).await {
+        let committed = match self.submit_once(&pod, &stream, entry).await? {
+            actor::Submitted::Committed(c) => c,
             // Our cached stream was deleted (maybe recreated) through another instance.
-            Err(e) if e.kind() == ErrorKind::StreamNotFound => {
+            actor::Submitted::StreamGone(entry) => {
                 let key = (pod.id, stream_path.to_string());
                 self.inner.streams.invalidate(&key).await;
                 let stream = self
@@ -488,7 +489,6 @@ impl Engine {
                     .await?;
                 self.submit(&pod, &stream, entry).await?
             }
-            other => other?,
         };
         let grants_changed = !committed.replayed
             && pod.owner_id == user.user_id
@@ -647,12 +647,28 @@ impl Engine {
         Ok(parent)
     }
 
+    /// Appends through the stream's actor; a stream deleted meanwhile is `STREAM_NOT_FOUND`.
     async fn submit(
         &self,
         pod: &PodRow,
         stream: &StreamRow,
         entry: Entry,
     ) -> Result<actor::Committed> {
+        match self.submit_once(pod, stream, entry).await? {
+            actor::Submitted::Committed(c) => Ok(c),
+            actor::Submitted::StreamGone(_) => Err(Error::from(
+                webpods_storage::Error::StreamNotFound(stream.id),
+            )),
+        }
+    }
+
+    /// Appends through the stream's actor; a stream deleted meanwhile hands the entry back.
+    async fn submit_once(
+        &self,
+        pod: &PodRow,
+        stream: &StreamRow,
+        entry: Entry,
+    ) -> Result<actor::Submitted> {
         let ctx = Arc::new(StreamCtx {
             stream_id: stream.id,
             pod_id: pod.id,

@@ -268,6 +268,19 @@ impl Metrics {
         let header = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
+        // A series with one value, and an unlabelled histogram.
+        let scalar = |out: &mut String,
+                      name: &str,
+                      kind: &str,
+                      help: &str,
+                      value: &dyn std::fmt::Display| {
+            header(out, name, kind, help);
+            let _ = writeln!(out, "{name} {value}");
+        };
+        let histogram = |out: &mut String, name: &str, help: &str, h: &Histogram| {
+            header(out, name, "histogram", help);
+            h.write(out, name, "");
+        };
         {
             let map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
             header(
@@ -297,88 +310,64 @@ impl Metrics {
                 );
             }
         }
-        header(
+        scalar(
             &mut out,
             "webpods_appended_records_total",
             "counter",
             "Records committed to streams.",
+            &self.appended_records(),
         );
-        let _ = writeln!(
-            out,
-            "webpods_appended_records_total {}",
-            self.appended_records()
-        );
-        header(
+        scalar(
             &mut out,
             "webpods_commit_failures_total",
             "counter",
             "Group-commit transactions that failed (nothing of them was stored).",
+            &self.commits_failed.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "webpods_commit_failures_total {}",
-            self.commits_failed.load(Ordering::Relaxed)
-        );
-        header(
+        histogram(
             &mut out,
             "webpods_commit_batch_records",
-            "histogram",
             "Records per group-commit transaction.",
+            &self.batch_records,
         );
-        self.batch_records
-            .write(&mut out, "webpods_commit_batch_records", "");
-        header(
+        histogram(
             &mut out,
             "webpods_commit_duration_seconds",
-            "histogram",
             "Latency of group-commit transactions.",
+            &self.commit_seconds,
         );
-        self.commit_seconds
-            .write(&mut out, "webpods_commit_duration_seconds", "");
-        header(
+        histogram(
             &mut out,
             "webpods_write_statement_streams",
-            "histogram",
             "Streams per cross-stream write statement (group commit across streams).",
+            &self.statement_streams,
         );
-        self.statement_streams
-            .write(&mut out, "webpods_write_statement_streams", "");
-        header(
+        histogram(
             &mut out,
             "webpods_write_statement_duration_seconds",
-            "histogram",
             "Latency of cross-stream write statements.",
+            &self.statement_seconds,
         );
-        self.statement_seconds
-            .write(&mut out, "webpods_write_statement_duration_seconds", "");
-        header(
+        scalar(
             &mut out,
             "webpods_stale_swaps_total",
             "counter",
             "Chained batches whose stream had moved on (committed through the locking path).",
+            &self.stale_swaps.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "webpods_stale_swaps_total {}",
-            self.stale_swaps.load(Ordering::Relaxed)
-        );
-        header(
+        scalar(
             &mut out,
             "webpods_active_stream_actors",
             "gauge",
             "Stream actors alive in this instance.",
+            &snap.active_actors,
         );
-        let _ = writeln!(out, "webpods_active_stream_actors {}", snap.active_actors);
-        header(
+        scalar(
             &mut out,
             "webpods_live_subscriptions",
             "gauge",
             "Open live-tail subscriptions (WebSocket, SSE, GraphQL).",
-        );
-        let _ = writeln!(
-            out,
-            "webpods_live_subscriptions {}",
-            self.live_subscriptions()
+            &self.live_subscriptions(),
         );
         header(
             &mut out,
@@ -413,13 +402,13 @@ impl Metrics {
             out,
             "webpods_db_pool_connections{{state=\"in_use\"}} {busy}"
         );
-        header(
+        scalar(
             &mut out,
             "webpods_db_pool_max_connections",
             "gauge",
             "Most connections the database pool may open.",
+            &snap.pool_max,
         );
-        let _ = writeln!(out, "webpods_db_pool_max_connections {}", snap.pool_max);
         out
     }
 }

@@ -190,3 +190,30 @@ async fn idempotency_keys_hold_across_instances_and_restarts() {
     a.stop().await;
     c.stop().await;
 }
+
+/// Instance B has a stream cached (and its actor alive) when instance A deletes it; B's next
+/// append finds the row gone, looks the path up again and creates the stream afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_append_after_another_instance_deleted_the_stream_recreates_it() {
+    let url = fresh_database(Backend::Postgres).await;
+    let a = TestApp::spawn_on(&url, &[]).await;
+    let b = TestApp::spawn_on(&url, &[]).await;
+    a.create_pod("gone").await;
+    assert_eq!(b.append("gone", "/s/one", "1").await["index"], 0);
+    assert_eq!(b.append("gone", "/s/two", "2").await["index"], 1);
+    let r = a
+        .pod(Method::DELETE, "gone", "/s")
+        .bearer_auth(&a.token)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 204);
+    let receipt = b.append("gone", "/s/three", "3").await;
+    assert_eq!(receipt["index"], 0, "a new stream: {receipt}");
+    assert!(receipt["previousHash"].is_null(), "{receipt}");
+    let records = a.all_records("gone", "s").await;
+    assert_eq!(records.len(), 1);
+    assert_valid_chain("gone", "s", &records);
+    a.stop().await;
+    b.stop().await;
+}
