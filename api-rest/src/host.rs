@@ -165,7 +165,12 @@ pub fn dispatch(state: AppState, main: Router, pods: Router) -> Router {
                         }
                     }
                 };
-                let rate = match rate_action(pod.is_some(), req.method(), req.uri().path()) {
+                let action = st
+                    .engine
+                    .rate_limiting()
+                    .then(|| rate_action(pod.is_some(), req.method(), req.uri().path()))
+                    .flatten();
+                let rate = match action {
                     None => None,
                     Some(action) => {
                         let key = rate_key(&st, &req, pod.is_some());

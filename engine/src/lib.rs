@@ -147,6 +147,10 @@ struct Inner {
     perms: Cache<i64, Arc<permissions::PermTable>>,
     /// `None` when rate limiting is off.
     rate: Option<Arc<ratelimit::RateLimiter>>,
+    /// Tokens already verified, so a client's every request does not repeat the HMAC and JSON
+    /// work. Tokens are stateless: a hit is re-checked against its expiry, nothing else can
+    /// change.
+    verified: moka::sync::Cache<String, UserCaller>,
     /// Feeds of committed records for live tails.
     live: Arc<live::LiveHub>,
     /// Records and pages served from memory; the actors bump a stream's entry on commit.
@@ -201,6 +205,10 @@ impl Engine {
                     .time_to_live(ttl)
                     .build(),
                 rate,
+                verified: moka::sync::Cache::builder()
+                    .max_capacity(10_000)
+                    .time_to_live(std::time::Duration::from_secs(300))
+                    .build(),
                 live,
                 reads,
             }),
@@ -260,6 +268,11 @@ impl Engine {
         let Some(token) = token else {
             return Ok(Caller::Anonymous);
         };
+        if let Some(user) = self.inner.verified.get(token)
+            && user.expires_at.is_none_or(|exp| exp > now_ms() / 1000)
+        {
+            return Ok(Caller::User(user));
+        }
         let claims = self.inner.keys.verify(token)?;
         let scope = match claims.scope.as_deref() {
             None => Scope::ALL,
@@ -267,12 +280,19 @@ impl Engine {
                 Error::new(ErrorKind::InvalidToken, "the token's scope is invalid")
             })?,
         };
-        Ok(Caller::User(UserCaller {
+        let user = UserCaller {
             user_id: claims.sub,
             pods: claims.pods,
             scope,
             expires_at: claims.exp,
-        }))
+        };
+        self.inner.verified.insert(token.to_string(), user.clone());
+        Ok(Caller::User(user))
+    }
+
+    /// Whether requests are counted against rate limits at all.
+    pub fn rate_limiting(&self) -> bool {
+        self.inner.rate.is_some()
     }
 
     /// Signs a token for `user_id`.

@@ -674,14 +674,15 @@ impl PgStore {
                                       $20::bool[]) \
                      AS r(stream_id, idx, name, content, content_type, headers, size, author, \
                           ts, content_hash, hash, previous_hash, deleted) \
+             ), taken AS MATERIALIZED ( \
+                 SELECT DISTINCT n.sid FROM UNNEST($21::bigint[], $22::text[]) AS n(sid, name) \
+                   JOIN streams c ON c.parent_id = n.sid AND c.name = n.name \
              ), locked AS ( \
                  SELECT s.id FROM streams s JOIN v ON v.id = s.id \
                   WHERE s.head_index = v.old_index \
                     AND s.head_hash IS NOT DISTINCT FROM v.old_hash \
                     AND s.child_version = v.old_version \
-                    AND NOT EXISTS (SELECT 1 FROM UNNEST($21::bigint[], $22::text[]) AS n(sid, name) \
-                                      JOIN streams c ON c.parent_id = n.sid AND c.name = n.name \
-                                     WHERE n.sid = s.id) \
+                    AND s.id NOT IN (SELECT sid FROM taken) \
                  FOR UPDATE OF s SKIP LOCKED \
              ), moved AS ( \
                  UPDATE streams s \

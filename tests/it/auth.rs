@@ -16,6 +16,7 @@ both_backends!(
     login_errors,
     sessions_and_sso,
     narrower_tokens,
+    accepted_token_still_expires,
     permission_streams
 );
 
@@ -392,6 +393,38 @@ async fn sessions_and_sso(backend: Backend) {
         "{}",
         location(&r)
     );
+    app.stop().await;
+}
+
+/// Verified tokens are remembered (issue 7), but never past their `exp`: a token accepted a
+/// moment ago is refused with `TOKEN_EXPIRED` once it has expired.
+async fn accepted_token_still_expires(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("exp").await;
+    let r = app
+        .main(Method::POST, "/api/tokens")
+        .bearer_auth(&app.token)
+        .json(&json!({ "expiresIn": 2 }))
+        .send()
+        .await
+        .expect("issue");
+    assert_eq!(r.status(), 201);
+    let short = r.json::<Value>().await.expect("json")["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let write = |name: &'static str| {
+        app.pod(Method::POST, "exp", &format!("/s/{name}"))
+            .bearer_auth(&short)
+            .body("x")
+            .send()
+    };
+    for name in ["a", "b"] {
+        assert_eq!(write(name).await.expect("write").status(), 201);
+    }
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let r = write("c").await.expect("write after expiry");
+    assert_eq!(error_code(r).await, (401, "TOKEN_EXPIRED".into()));
     app.stop().await;
 }
 
