@@ -12,6 +12,11 @@
 //!   appeared), or the batch needs more than the head (idempotency keys, purges, an owner
 //!   change, a precondition that fails on the cached head), one transaction locks the stream
 //!   row and builds the batch on the head as stored (`Store::append_batch`).
+//! - On PostgreSQL a large fast-path batch (at least [`SPLIT_RECORDS`] records, two entries or
+//!   more) is split at an entry boundary into a lead and a follower chained onto it, committed by
+//!   two overlapping statements ([`Writer::commit_pair`]): the follower inserts while the lead
+//!   commits and is kept only if the lead was. If only the lead was written, the remaining
+//!   entries take the locking path within the same commit, so order is kept.
 //! - A failed commit answers every entry of its batch with the error; nothing of it is stored.
 //!   A failure that may have been applied (the connection broke mid-statement) is never retried
 //!   by the locking path: that could store the batch twice.
@@ -246,7 +251,7 @@ async fn commit(
     batch: Vec<(Entry, oneshot::Sender<AppendReply>)>,
 ) -> Option<Chain> {
     let started = Instant::now();
-    let (entries, replies): (Vec<Entry>, Replies) = batch.into_iter().unzip();
+    let (mut entries, mut replies): (Vec<Entry>, Replies) = batch.into_iter().unzip();
     if let Some(chain) = chain {
         match commit_chained(env, ctx, &chain, &entries).await {
             Fast::Written(plan, outcomes) => {
@@ -257,6 +262,22 @@ async fn commit(
                 finish(env, ctx, plan, outcomes, replies, started);
                 return Some(chain);
             }
+            Fast::LeadWritten {
+                plan,
+                outcomes,
+                rest,
+            } => {
+                // The first entries are committed; the rest were not written (or may have
+                // been: then they are answered with the error, as any uncertain commit is).
+                let rest_entries = entries.split_off(outcomes.len());
+                let rest_replies = replies.split_off(outcomes.len());
+                finish(env, ctx, plan, outcomes, replies, started);
+                if let Some(err) = rest {
+                    fail(env, ctx, rest_replies, err);
+                    return None;
+                }
+                (entries, replies) = (rest_entries, rest_replies);
+            }
             Fast::NotTaken => {}
             Fast::Failed(err) => {
                 fail(env, ctx, replies, err);
@@ -265,14 +286,23 @@ async fn commit(
         }
     }
     let probe = batch::probe(&entries);
-    let result = env
-        .store
-        .append_batch(ctx.stream_id, &probe, |bctx| {
-            let (head, child_version) = (bctx.head.clone(), bctx.child_version);
-            let (plan, outcomes) = batch::build(bctx, ctx, &entries, now_ms());
-            (plan, (outcomes, head, child_version))
-        })
-        .await;
+    let mut attempts = 0;
+    let result = loop {
+        let result = env
+            .store
+            .append_batch(ctx.stream_id, &probe, |bctx| {
+                let (head, child_version) = (bctx.head.clone(), bctx.child_version);
+                let (plan, outcomes) = batch::build(bctx, ctx, &entries, now_ms());
+                (plan, (outcomes, head, child_version))
+            })
+            .await;
+        // A lock cycle with another instance's overlapping commit (its follower holds records
+        // our indices need while it waits for our row): PostgreSQL rolled one side back.
+        match result {
+            Err(e) if e.is_conflict() && attempts < LOCKING_ATTEMPTS => attempts += 1,
+            result => break result,
+        }
+    };
     match result {
         Ok((plan, (outcomes, head, child_version))) => {
             let chain = Chain {
@@ -295,13 +325,32 @@ async fn commit(
     }
 }
 
+/// Tries of the locking path when PostgreSQL rolls it back for a conflict ([`is_conflict`]).
+///
+/// [`is_conflict`]: webpods_storage::Error::is_conflict
+const LOCKING_ATTEMPTS: u32 = 3;
+
 enum Fast {
     Written(BatchPlan, Outcomes),
+    /// Split batch: the entries of `outcomes` (the first ones) are committed as `plan`. The
+    /// others were not written and take the locking path — unless `rest` holds an error, when
+    /// they may have been written and are answered with it.
+    LeadWritten {
+        plan: BatchPlan,
+        outcomes: Outcomes,
+        rest: Option<Error>,
+    },
     /// Not committed, nothing written: take the locking path.
     NotTaken,
     /// Failed in a way that may have written the batch: answer with the error.
     Failed(Error),
 }
+
+/// A batch of at least this many records and two entries or more is committed as two
+/// overlapping statements (on a store that [`overlaps_commits`](Store::overlaps_commits)): one
+/// stream's commits are otherwise strictly one after another, and a large batch kept one
+/// PostgreSQL backend busy while the other core idled (`benches/load/run.sh`, batches of 100).
+const SPLIT_RECORDS: usize = 64;
 
 /// The fast path: chain the batch onto the cached head and let the [`Writer`] swap it in.
 async fn commit_chained(env: &ActorEnv, ctx: &StreamCtx, chain: &Chain, entries: &[Entry]) -> Fast {
@@ -325,26 +374,110 @@ async fn commit_chained(env: &ActorEnv, ctx: &StreamCtx, chain: &Chain, entries:
     if !simple || plan.records.is_empty() || outcomes.iter().any(|o| o.is_err()) {
         return Fast::NotTaken;
     }
-    let batch = ChainedBatch {
+    let chained = |expected: Head, records: Vec<RecordRow>| ChainedBatch {
         stream_id: ctx.stream_id,
-        expected: chain.head.clone(),
+        expected,
         child_version: chain.child_version,
-        records: plan.records,
+        records,
     };
-    match env.writer.commit(batch).await {
-        Outcome::Written(records) => Fast::Written(
-            BatchPlan {
-                records,
-                ..BatchPlan::default()
+    let split = if env.store.overlaps_commits() && plan.records.len() >= SPLIT_RECORDS {
+        split_point(&outcomes, plan.records.len())
+    } else {
+        None
+    };
+    let Some((lead_entries, lead_records)) = split else {
+        return match env
+            .writer
+            .commit(chained(chain.head.clone(), plan.records))
+            .await
+        {
+            Outcome::Written(records) => Fast::Written(
+                BatchPlan {
+                    records,
+                    ..BatchPlan::default()
+                },
+                outcomes,
+            ),
+            Outcome::Stale
+            | Outcome::Failed {
+                retry_safe: true, ..
+            } => Fast::NotTaken,
+            Outcome::Failed { error, .. } => Fast::Failed(error),
+        };
+    };
+    let mut records = plan.records;
+    let tail = records.split_off(lead_records);
+    let Some(last) = records.last() else {
+        return Fast::NotTaken;
+    };
+    let lead_head = Head {
+        index: last.index,
+        hash: Some(last.hash.clone()),
+        timestamp: last.timestamp,
+    };
+    let (lead, follower) = env
+        .writer
+        .commit_pair(
+            chained(chain.head.clone(), records),
+            chained(lead_head, tail),
+        )
+        .await;
+    let plan = |records| BatchPlan {
+        records,
+        ..BatchPlan::default()
+    };
+    let mut outcomes = outcomes;
+    match (lead, follower) {
+        (Outcome::Written(mut records), Outcome::Written(tail)) => {
+            records.extend(tail);
+            Fast::Written(plan(records), outcomes)
+        }
+        (Outcome::Written(records), follower) => {
+            outcomes.truncate(lead_entries);
+            let rest = match follower {
+                Outcome::Failed {
+                    error,
+                    retry_safe: false,
+                } => Some(error),
+                _ => None,
+            };
+            Fast::LeadWritten {
+                plan: plan(records),
+                outcomes,
+                rest,
+            }
+        }
+        (
+            Outcome::Failed {
+                error,
+                retry_safe: false,
             },
-            outcomes,
-        ),
-        Outcome::Stale => Fast::NotTaken,
-        Outcome::Failed {
-            retry_safe: true, ..
-        } => Fast::NotTaken,
-        Outcome::Failed { error, .. } => Fast::Failed(error),
+            _,
+        ) => Fast::Failed(error),
+        // A follower's swap needs the lead's last record as the stored head: it cannot
+        // commit without its lead. Should it ever, the outcome is unknown, as above.
+        (_, Outcome::Written(_)) => Fast::Failed(Error::Internal(
+            "a follower committed although its lead did not".into(),
+        )),
+        // The lead was not written, so neither was the follower.
+        _ => Fast::NotTaken,
     }
+}
+
+/// Where to split a batch for [`Writer::commit_pair`]: the number of entries of the lead and
+/// the number of records they hold, about half of `total`; `None` for a single entry (an
+/// entry is atomic).
+fn split_point(outcomes: &Outcomes, total: usize) -> Option<(usize, usize)> {
+    let mut records = 0;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        if let Ok(EntryOutcome::Appended(range)) = outcome {
+            records = range.end;
+        }
+        if records * 2 >= total {
+            return (i + 1 < outcomes.len()).then_some((i + 1, records));
+        }
+    }
+    None
 }
 
 /// The head after `plan`: its last record, or `before` when it wrote none.

@@ -165,6 +165,8 @@ pub struct Metrics {
     statement_seconds: Histogram,
     /// Chained batches whose compare-and-swap missed (they took the locking path).
     stale_swaps: AtomicU64,
+    /// Follower statements (the second half of a split batch): written, not written.
+    followers: [AtomicU64; 2],
     live_subscriptions: AtomicI64,
     caches: [CacheCounters; 6],
 }
@@ -180,6 +182,7 @@ impl Default for Metrics {
             statement_streams: Histogram::new(BATCH_BUCKETS),
             statement_seconds: Histogram::new(LATENCY_BUCKETS),
             stale_swaps: AtomicU64::new(0),
+            followers: Default::default(),
             live_subscriptions: AtomicI64::new(0),
             caches: Default::default(),
         }
@@ -227,6 +230,11 @@ impl Metrics {
     /// A chained batch found its stream moved on and went to the locking path.
     pub fn observe_stale_swap(&self) {
         self.stale_swaps.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A follower statement (the second half of a split batch) that was or was not written.
+    pub fn observe_follower(&self, written: bool) {
+        self.followers[usize::from(!written)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A commit transaction that failed (nothing of it was stored).
@@ -355,6 +363,17 @@ impl Metrics {
             "Chained batches whose stream had moved on (committed through the locking path).",
             &self.stale_swaps.load(Ordering::Relaxed),
         );
+        out.push_str(
+            "# HELP webpods_follower_statements_total Second halves of split batches, committed \
+             overlapping the first (not written: the first half was not, or the head moved).\n\
+             # TYPE webpods_follower_statements_total counter\n",
+        );
+        for (label, n) in ["written", "not_written"].iter().zip(&self.followers) {
+            out.push_str(&format!(
+                "webpods_follower_statements_total{{result=\"{label}\"}} {}\n",
+                n.load(Ordering::Relaxed)
+            ));
+        }
         scalar(
             &mut out,
             "webpods_active_stream_actors",

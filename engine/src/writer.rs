@@ -46,9 +46,32 @@ pub(crate) enum Outcome {
     Failed { error: Error, retry_safe: bool },
 }
 
+impl Outcome {
+    /// Never handed to the writer: nothing was written.
+    fn never_sent() -> Outcome {
+        Outcome::Failed {
+            error: Error::Internal("the writer task has stopped".into()),
+            retry_safe: true,
+        }
+    }
+
+    fn from_answer(answer: Result<Outcome, oneshot::error::RecvError>) -> Outcome {
+        answer.unwrap_or_else(|_| {
+            // The statement's task ended without answering (it panicked): outcome unknown.
+            Outcome::Failed {
+                error: Error::Internal("the commit task ended without an answer".into()),
+                retry_safe: false,
+            }
+        })
+    }
+}
+
 struct Job {
     batch: ChainedBatch,
     done: oneshot::Sender<Outcome>,
+    /// A second batch of the same stream, chained onto `batch`, committed by a statement of
+    /// its own that overlaps this one ([`Store::append_following`]).
+    follower: Option<(ChainedBatch, oneshot::Sender<Outcome>)>,
 }
 
 /// The handle; the writer task ends when the last handle is dropped.
@@ -68,20 +91,43 @@ impl Writer {
     /// Commits `batch` with whatever else is waiting, and tells what became of it.
     pub async fn commit(&self, batch: ChainedBatch) -> Outcome {
         let (done, answer) = oneshot::channel();
-        if self.jobs.send(Job { batch, done }).is_err() {
-            // Never handed over: nothing was written.
-            return Outcome::Failed {
-                error: Error::Internal("the writer task has stopped".into()),
-                retry_safe: true,
-            };
+        if self
+            .jobs
+            .send(Job {
+                batch,
+                done,
+                follower: None,
+            })
+            .is_err()
+        {
+            return Outcome::never_sent();
         }
-        answer.await.unwrap_or_else(|_| {
-            // The statement's task ended without answering (it panicked): outcome unknown.
-            Outcome::Failed {
-                error: Error::Internal("the commit task ended without an answer".into()),
-                retry_safe: false,
-            }
-        })
+        Outcome::from_answer(answer.await)
+    }
+
+    /// Commits `lead` as [`commit`](Writer::commit) does and, overlapping with it, `follower`:
+    /// the rest of the same stream's batch, chained onto `lead`'s last record. The follower is
+    /// written only if `lead` is.
+    pub async fn commit_pair(
+        &self,
+        lead: ChainedBatch,
+        follower: ChainedBatch,
+    ) -> (Outcome, Outcome) {
+        let (done, answer) = oneshot::channel();
+        let (follower_done, follower_answer) = oneshot::channel();
+        if self
+            .jobs
+            .send(Job {
+                batch: lead,
+                done,
+                follower: Some((follower, follower_done)),
+            })
+            .is_err()
+        {
+            return (Outcome::never_sent(), Outcome::never_sent());
+        }
+        let lead = Outcome::from_answer(answer.await);
+        (lead, Outcome::from_answer(follower_answer.await))
     }
 }
 
@@ -130,9 +176,21 @@ async fn run(store: Store, metrics: Arc<Metrics>, mut rx: mpsc::UnboundedReceive
         let metrics = metrics.clone();
         let finished = finished.clone();
         tokio::spawn(async move {
-            let (batches, replies): (Vec<ChainedBatch>, Vec<_>) =
-                jobs.into_iter().map(|j| (j.batch, j.done)).unzip();
+            let mut followers = Vec::new();
+            let (batches, replies): (Vec<ChainedBatch>, Vec<_>) = jobs
+                .into_iter()
+                .map(|j| {
+                    followers.extend(j.follower);
+                    (j.batch, j.done)
+                })
+                .unzip();
             let started = Instant::now();
+            // A follower inserts its records before it asks for its stream's row, so the lead
+            // statement normally holds the row by then; if not, the lead skips the row and both
+            // report stale, and the stream takes the locking path.
+            if !followers.is_empty() {
+                tokio::spawn(commit_followers(store.clone(), metrics.clone(), followers));
+            }
             let result = store.append_chained(&batches).await;
             drop(permit);
             finished.notify_waiters();
@@ -163,4 +221,27 @@ async fn run(store: Store, metrics: Arc<Metrics>, mut rx: mpsc::UnboundedReceive
             }
         });
     }
+}
+
+/// Commits each follower ([`Store::append_following`]) and answers it.
+async fn commit_followers(
+    store: Store,
+    metrics: Arc<Metrics>,
+    followers: Vec<(ChainedBatch, oneshot::Sender<Outcome>)>,
+) {
+    let (store, metrics) = (&store, &metrics);
+    let statements = followers.into_iter().map(|(batch, done)| async move {
+        let result = store.append_following(&batch).await;
+        metrics.observe_follower(matches!(result, Ok(true)));
+        let outcome = match result {
+            Ok(true) => Outcome::Written(batch.records),
+            Ok(false) => Outcome::Stale,
+            Err(e) => Outcome::Failed {
+                retry_safe: e.certainly_not_applied(),
+                error: Error::from(e),
+            },
+        };
+        let _ = done.send(outcome);
+    });
+    futures::future::join_all(statements).await;
 }

@@ -102,6 +102,18 @@ impl Error {
     /// error (an autocommit statement that fails rolls back), or the statement never left the
     /// pool. False when the outcome is unknown (the connection broke mid-statement), where a
     /// retry could write the same records twice.
+    /// PostgreSQL rolled the transaction back to break a lock cycle or a serialization
+    /// conflict with another writer: nothing was applied, and trying again is expected to work.
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            Error::Unavailable(sqlx::Error::Database(e))
+            | Error::Database(sqlx::Error::Database(e)) => {
+                matches!(e.code().as_deref(), Some("40P01" | "40001"))
+            }
+            _ => false,
+        }
+    }
+
     pub fn certainly_not_applied(&self) -> bool {
         use sqlx::Error as E;
         match self {
@@ -470,6 +482,23 @@ impl Store {
             return Ok(Vec::new());
         }
         dispatch!(self, s => s.append_chained(batches).await)
+    }
+
+    /// Whether [`Store::append_following`] can overlap with the statement it follows
+    /// (PostgreSQL; SQLite has a single writer, so there is nothing to overlap).
+    pub fn overlaps_commits(&self) -> bool {
+        matches!(self, Store::Postgres(_))
+    }
+
+    /// Commits `batch`, whose `expected` head is the last record of a batch of the same stream
+    /// that is being committed concurrently (by [`Store::append_chained`]). `Ok(true)` only if
+    /// that batch committed and nothing else moved the head; `Ok(false)`: nothing was written.
+    /// Only on a store that [`overlaps_commits`](Store::overlaps_commits).
+    pub async fn append_following(&self, batch: &ChainedBatch) -> Result<bool> {
+        match self {
+            Store::Postgres(s) => s.append_following(batch).await,
+            Store::Sqlite(_) => Ok(false),
+        }
     }
 
     pub async fn get_record(&self, stream_id: i64, index: i64) -> Result<Option<RecordRow>> {

@@ -730,6 +730,91 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// Commits `batch`, which extends records of the same stream that another statement is
+    /// committing right now (`batch.expected` is that statement's last record). The records are
+    /// inserted first, in parallel with that statement; then the head update waits for its row
+    /// lock, and is re-checked against the head that statement left. Anything else — the
+    /// leader failed or was stale, another instance appended, a child took one of the names —
+    /// makes [`webpods_require`] raise, and the whole statement rolls back: `Ok(false)`.
+    ///
+    /// While the leader has not committed, the snapshot shows the head before it; that row
+    /// passes with a placeholder head that can only survive if the leader never moved the row,
+    /// and then fails the final check.
+    pub(crate) async fn append_following(&self, batch: &ChainedBatch) -> Result<bool> {
+        let Some(last) = batch.records.last() else {
+            return Ok(true);
+        };
+        let mut cols = RecordColumns::with_capacity(batch.records.len());
+        let mut names: Vec<&str> = Vec::new();
+        let mut seen = HashSet::new();
+        for r in &batch.records {
+            cols.push(batch.stream_id, r);
+            if seen.insert(r.name.as_str()) {
+                names.push(r.name.as_str());
+            }
+        }
+        let result = sqlx::query_scalar::<_, bool>(
+            "WITH ins AS ( \
+                 INSERT INTO records (stream_id, idx, name, content, content_type, headers, size, \
+                                      author, ts, content_hash, hash, previous_hash, deleted) \
+                 SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bytea[], \
+                                      $5::text[], $6::text[], $7::bigint[], $8::text[], \
+                                      $9::bigint[], $10::text[], $11::text[], $12::text[], \
+                                      $13::bool[]) \
+                 RETURNING 1 \
+             ), moved AS ( \
+                 UPDATE streams s \
+                    SET head_index = CASE WHEN s.head_index = $15 \
+                                           AND s.head_hash IS NOT DISTINCT FROM $16 \
+                                           AND s.child_version = $17 \
+                                           AND NOT EXISTS (SELECT 1 FROM streams c \
+                                                            WHERE c.parent_id = s.id \
+                                                              AND c.name = ANY($21::text[])) \
+                                          THEN $18 ELSE -2 END, \
+                        head_hash = $19, head_timestamp = $20 \
+                  WHERE s.id = $14 AND (SELECT count(*) FROM ins) = cardinality($2::bigint[]) \
+                 RETURNING s.head_index \
+             ) \
+             SELECT webpods_require(COALESCE((SELECT head_index = $18 FROM moved), FALSE))",
+        )
+        .bind(&cols.stream_id)
+        .bind(&cols.idx)
+        .bind(&cols.name)
+        .bind(&cols.content)
+        .bind(&cols.content_type)
+        .bind(&cols.headers)
+        .bind(&cols.size)
+        .bind(&cols.author)
+        .bind(&cols.ts)
+        .bind(&cols.content_hash)
+        .bind(&cols.hash)
+        .bind(&cols.previous_hash)
+        .bind(&cols.deleted)
+        .bind(batch.stream_id)
+        .bind(batch.expected.index)
+        .bind(batch.expected.hash.as_deref())
+        .bind(batch.child_version)
+        .bind(last.index)
+        .bind(&last.hash)
+        .bind(last.timestamp)
+        .bind(&names)
+        .fetch_one(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(true),
+            // Rolled back: the head moved (WP409), an index of ours was taken (unique
+            // violation), or PostgreSQL broke a lock cycle with another instance (deadlock).
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("WP409" | "23505" | "40P01")) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 /// The head columns of [`PgStore::append_chained`], one entry per batch.
 #[derive(Default)]
 struct HeadColumns<'a> {

@@ -8,6 +8,7 @@ mod support;
 mod auth;
 mod bad_input;
 mod concurrency;
+mod follow;
 mod graphql;
 mod live;
 mod multi_instance;

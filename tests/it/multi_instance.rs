@@ -54,6 +54,63 @@ async fn two_engines_one_database_one_chain() {
     b.stop().await;
 }
 
+/// Two engines take batches of 40 records for one stream at once, so each splits its commits
+/// into overlapping statements (issue 7) while the other moves the head under it: leads go
+/// stale, followers must then write nothing, and every batch still lands whole, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_engines_race_split_batches_on_one_chain() {
+    let url = fresh_database(Backend::Postgres).await;
+    let a = TestApp::spawn_on(&url, &[]).await;
+    let b = TestApp::spawn_on(&url, &[]).await;
+    a.create_pod("shared").await;
+    let bases = [format!("http://{}", a.addr), format!("http://{}", b.addr)];
+    append_through(&bases, &a.token, "shared", 2).await;
+    let http = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for client in 0..8 {
+        let base = bases[client % 2].clone();
+        let (http, token) = (http.clone(), a.token.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut firsts = Vec::new();
+            for round in 0..6 {
+                let body: Vec<serde_json::Value> = (0..40)
+                    .map(|i| serde_json::json!({ "name": format!("c{client}-{round}-{i}"), "content": "x" }))
+                    .collect();
+                let r = http
+                    .post(format!("{base}/shared?batch=true"))
+                    .header("host", "shared.localhost")
+                    .bearer_auth(&token)
+                    .header("content-type", "application/json")
+                    .body(serde_json::Value::from(body).to_string())
+                    .send()
+                    .await
+                    .expect("batch");
+                let status = r.status();
+                let receipts: serde_json::Value = r.json().await.expect("receipts");
+                assert_eq!(status, 201, "{receipts}");
+                let receipts = receipts.as_array().expect("receipts");
+                let first = receipts[0]["index"].as_i64().expect("index");
+                for (i, receipt) in receipts.iter().enumerate() {
+                    assert_eq!(receipt["index"], first + i as i64, "a batch is contiguous");
+                }
+                firsts.push(first);
+            }
+            firsts
+        }));
+    }
+    let mut firsts = Vec::new();
+    for t in tasks {
+        firsts.extend(t.await.expect("task"));
+    }
+    firsts.sort_unstable();
+    assert_eq!(firsts, (0..48).map(|b| 2 + b * 40).collect::<Vec<i64>>());
+    let records = b.all_records("shared", "shared").await;
+    assert_eq!(records.len(), 2 + 48 * 40);
+    assert_valid_chain("shared", "shared", &records);
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A `webpods` process; killed when dropped.
 pub(crate) struct Process {
     pub(crate) child: Child,
