@@ -43,8 +43,17 @@ use crate::writer::{Outcome, Writer};
 /// The records an entry ended up with, and whether they were replayed from an idempotency key.
 #[derive(Debug)]
 pub(crate) struct Committed {
-    pub rows: Vec<RecordRow>,
+    /// Every record of the commit, shared by the entries' answers (no copy per entry).
+    records: Arc<Vec<RecordRow>>,
+    range: std::ops::Range<usize>,
     pub replayed: bool,
+}
+
+impl Committed {
+    /// This entry's records.
+    pub fn rows(&self) -> &[RecordRow] {
+        &self.records[self.range.clone()]
+    }
 }
 
 /// The answer to an `Append`.
@@ -507,14 +516,17 @@ fn finish(
     env.registry
         .metrics
         .observe_commit(plan.records.len(), started.elapsed());
+    let records = Arc::new(plan.records);
     for (reply, outcome) in replies.into_iter().zip(outcomes) {
         let done = outcome.map(|o| match o {
             EntryOutcome::Appended(range) => Committed {
-                rows: plan.records[range].to_vec(),
+                records: records.clone(),
+                range,
                 replayed: false,
             },
             EntryOutcome::Replayed(rows) => Committed {
-                rows,
+                range: 0..rows.len(),
+                records: Arc::new(rows),
                 replayed: true,
             },
         });

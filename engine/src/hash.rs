@@ -86,9 +86,14 @@ fn push_json_str(out: &mut String, s: &str) {
 }
 
 fn prefixed(digest: &[u8]) -> String {
-    let mut s = String::with_capacity(71);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(7 + 2 * digest.len());
     s.push_str("sha256:");
-    s.push_str(&hex::encode(digest));
+    // `hex::encode` collects chars one at a time; this was 6% of the server's CPU on batches.
+    for b in digest {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
     s
 }
 

@@ -442,7 +442,7 @@ impl Engine {
         };
         let committed = self.submit(pod, &stream, entry).await?;
         committed
-            .rows
+            .rows()
             .first()
             .map(|r| Receipt::new(&stream.path, r))
             .ok_or_else(|| Error::Internal("system append wrote nothing".into()))
@@ -513,7 +513,7 @@ impl Engine {
         let grants_changed = !committed.replayed
             && pod.owner_id == user.user_id
             && committed
-                .rows
+                .rows()
                 .iter()
                 .any(|r| permissions::looks_like_grant(&r.content));
         if grants_changed {
@@ -525,7 +525,7 @@ impl Engine {
         }
         Ok(AppendOutcome {
             receipts: committed
-                .rows
+                .rows()
                 .iter()
                 .map(|r| Receipt::new(&stream.path, r))
                 .collect(),
