@@ -297,14 +297,14 @@ async fn commit(
     let probe = batch::probe(&entries);
     let mut attempts = 0;
     let result = loop {
-        let result = env
-            .store
-            .append_batch(ctx.stream_id, &probe, |bctx| {
-                let (head, child_version) = (bctx.head.clone(), bctx.child_version);
-                let (plan, outcomes) = batch::build(bctx, ctx, &entries, now_ms());
-                (plan, (outcomes, head, child_version))
-            })
-            .await;
+        // Boxed: the locking transaction's future is large, and would otherwise make every
+        // commit task (mostly fast-path ones) that large to spawn.
+        let result = Box::pin(env.store.append_batch(ctx.stream_id, &probe, |bctx| {
+            let (head, child_version) = (bctx.head.clone(), bctx.child_version);
+            let (plan, outcomes) = batch::build(bctx, ctx, &entries, now_ms());
+            (plan, (outcomes, head, child_version))
+        }))
+        .await;
         // A lock cycle with another instance's overlapping commit (its follower holds records
         // our indices need while it waits for our row): PostgreSQL rolled one side back.
         match result {
