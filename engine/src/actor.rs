@@ -400,13 +400,7 @@ async fn commit_chained(env: &ActorEnv, ctx: &StreamCtx, chain: &Chain, entries:
             .commit(chained(chain.head.clone(), plan.records))
             .await
         {
-            Outcome::Written(records) => Fast::Written(
-                BatchPlan {
-                    records,
-                    ..BatchPlan::default()
-                },
-                outcomes,
-            ),
+            Outcome::Written(records) => Fast::Written(appending(records), outcomes),
             Outcome::Stale
             | Outcome::Failed {
                 retry_safe: true, ..
@@ -416,13 +410,8 @@ async fn commit_chained(env: &ActorEnv, ctx: &StreamCtx, chain: &Chain, entries:
     };
     let mut records = plan.records;
     let tail = records.split_off(lead_records);
-    let Some(last) = records.last() else {
+    let Some(lead_head) = records.last().map(head_at) else {
         return Fast::NotTaken;
-    };
-    let lead_head = Head {
-        index: last.index,
-        hash: Some(last.hash.clone()),
-        timestamp: last.timestamp,
     };
     let (lead, follower) = env
         .writer
@@ -431,15 +420,11 @@ async fn commit_chained(env: &ActorEnv, ctx: &StreamCtx, chain: &Chain, entries:
             chained(lead_head, tail),
         )
         .await;
-    let plan = |records| BatchPlan {
-        records,
-        ..BatchPlan::default()
-    };
     let mut outcomes = outcomes;
     match (lead, follower) {
         (Outcome::Written(mut records), Outcome::Written(tail)) => {
             records.extend(tail);
-            Fast::Written(plan(records), outcomes)
+            Fast::Written(appending(records), outcomes)
         }
         (Outcome::Written(records), follower) => {
             outcomes.truncate(lead_entries);
@@ -451,7 +436,7 @@ async fn commit_chained(env: &ActorEnv, ctx: &StreamCtx, chain: &Chain, entries:
                 _ => None,
             };
             Fast::LeadWritten {
-                plan: plan(records),
+                plan: appending(records),
                 outcomes,
                 rest,
             }
@@ -491,11 +476,24 @@ fn split_point(outcomes: &Outcomes, total: usize) -> Option<(usize, usize)> {
 
 /// The head after `plan`: its last record, or `before` when it wrote none.
 fn head_after(plan: &BatchPlan, before: Head) -> Head {
-    plan.records.last().map_or(before, |r| Head {
-        index: r.index,
-        hash: Some(r.hash.clone()),
-        timestamp: r.timestamp,
-    })
+    plan.records.last().map_or(before, head_at)
+}
+
+/// The head that `record` is when it is a stream's last.
+fn head_at(record: &RecordRow) -> Head {
+    Head {
+        index: record.index,
+        hash: Some(record.hash.clone()),
+        timestamp: record.timestamp,
+    }
+}
+
+/// A plan that only appends `records` (what the fast path commits).
+fn appending(records: Vec<RecordRow>) -> BatchPlan {
+    BatchPlan {
+        records,
+        ..BatchPlan::default()
+    }
 }
 
 /// After a commit: publish to live tails, count, answer each entry.

@@ -363,16 +363,19 @@ impl Metrics {
             "Chained batches whose stream had moved on (committed through the locking path).",
             &self.stale_swaps.load(Ordering::Relaxed),
         );
-        out.push_str(
-            "# HELP webpods_follower_statements_total Second halves of split batches, committed \
-             overlapping the first (not written: the first half was not, or the head moved).\n\
-             # TYPE webpods_follower_statements_total counter\n",
+        header(
+            &mut out,
+            "webpods_follower_statements_total",
+            "counter",
+            "Second halves of split batches, committed overlapping the first (not written: the \
+             first half was not, or the head moved).",
         );
-        for (label, n) in ["written", "not_written"].iter().zip(&self.followers) {
-            out.push_str(&format!(
-                "webpods_follower_statements_total{{result=\"{label}\"}} {}\n",
+        for (result, n) in ["written", "not_written"].iter().zip(&self.followers) {
+            let _ = writeln!(
+                out,
+                "webpods_follower_statements_total{{result=\"{result}\"}} {}",
                 n.load(Ordering::Relaxed)
-            ));
+            );
         }
         scalar(
             &mut out,

@@ -90,19 +90,25 @@ impl Writer {
 
     /// Commits `batch` with whatever else is waiting, and tells what became of it.
     pub async fn commit(&self, batch: ChainedBatch) -> Outcome {
-        let (done, answer) = oneshot::channel();
-        if self
-            .jobs
-            .send(Job {
-                batch,
-                done,
-                follower: None,
-            })
-            .is_err()
-        {
-            return Outcome::never_sent();
+        match self.send(batch, None) {
+            Some(answer) => Outcome::from_answer(answer.await),
+            None => Outcome::never_sent(),
         }
-        Outcome::from_answer(answer.await)
+    }
+
+    /// Hands a job to the writer task; `None` if it has stopped.
+    fn send(
+        &self,
+        batch: ChainedBatch,
+        follower: Option<(ChainedBatch, oneshot::Sender<Outcome>)>,
+    ) -> Option<oneshot::Receiver<Outcome>> {
+        let (done, answer) = oneshot::channel();
+        let job = Job {
+            batch,
+            done,
+            follower,
+        };
+        self.jobs.send(job).is_ok().then_some(answer)
     }
 
     /// Commits `lead` as [`commit`](Writer::commit) does and, overlapping with it, `follower`:
@@ -113,19 +119,10 @@ impl Writer {
         lead: ChainedBatch,
         follower: ChainedBatch,
     ) -> (Outcome, Outcome) {
-        let (done, answer) = oneshot::channel();
         let (follower_done, follower_answer) = oneshot::channel();
-        if self
-            .jobs
-            .send(Job {
-                batch: lead,
-                done,
-                follower: Some((follower, follower_done)),
-            })
-            .is_err()
-        {
+        let Some(answer) = self.send(lead, Some((follower, follower_done))) else {
             return (Outcome::never_sent(), Outcome::never_sent());
-        }
+        };
         let lead = Outcome::from_answer(answer.await);
         (lead, Outcome::from_answer(follower_answer.await))
     }
@@ -141,17 +138,16 @@ async fn run(store: Store, metrics: Arc<Metrics>, mut rx: mpsc::UnboundedReceive
         let Some(first) = rx.recv().await else {
             return;
         };
-        let mut records = first.batch.records.len();
-        let mut jobs = vec![first];
+        let (mut jobs, mut records) = (Vec::new(), 0);
+        let mut next = Some(first);
         loop {
-            while records < MAX_STATEMENT_RECORDS {
-                match rx.try_recv() {
-                    Ok(job) => {
-                        records += job.batch.records.len();
-                        jobs.push(job);
-                    }
-                    Err(_) => break,
-                }
+            // The job in hand, then whatever is queued, up to the statement's size.
+            while let Some(job) = next
+                .take()
+                .or_else(|| (records < MAX_STATEMENT_RECORDS).then(|| rx.try_recv().ok())?)
+            {
+                records += job.batch.records.len();
+                jobs.push(job);
             }
             // Registered before looking, so a statement ending in between still wakes us.
             let done = finished.notified();
@@ -163,10 +159,7 @@ async fn run(store: Store, metrics: Arc<Metrics>, mut rx: mpsc::UnboundedReceive
             }
             tokio::select! {
                 job = rx.recv() => match job {
-                    Some(job) => {
-                        records += job.batch.records.len();
-                        jobs.push(job);
-                    }
+                    Some(job) => next = Some(job),
                     None => break,
                 },
                 () = &mut done => {}

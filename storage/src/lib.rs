@@ -98,10 +98,6 @@ impl From<sqlx::Error> for Error {
 }
 
 impl Error {
-    /// True when the database certainly did not apply the failed statement: it answered with an
-    /// error (an autocommit statement that fails rolls back), or the statement never left the
-    /// pool. False when the outcome is unknown (the connection broke mid-statement), where a
-    /// retry could write the same records twice.
     /// PostgreSQL rolled the transaction back to break a lock cycle or a serialization
     /// conflict with another writer: nothing was applied, and trying again is expected to work.
     pub fn is_conflict(&self) -> bool {
@@ -114,6 +110,10 @@ impl Error {
         }
     }
 
+    /// True when the database certainly did not apply the failed statement: it answered with an
+    /// error (an autocommit statement that fails rolls back), or the statement never left the
+    /// pool. False when the outcome is unknown (the connection broke mid-statement), where a
+    /// retry could write the same records twice.
     pub fn certainly_not_applied(&self) -> bool {
         use sqlx::Error as E;
         match self {

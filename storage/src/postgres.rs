@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::query::QueryScalar;
 use sqlx::{FromRow, Postgres, Row, Transaction};
 
 use crate::{
@@ -653,75 +654,64 @@ impl PgStore {
                 continue;
             };
             heads.push(b, last);
-            let mut seen = HashSet::new();
             for r in &b.records {
                 cols.push(b.stream_id, r);
-                if seen.insert(r.name.as_str()) {
-                    names.0.push(b.stream_id);
-                    names.1.push(r.name.as_str());
-                }
+            }
+            for name in distinct_names(&b.records) {
+                names.0.push(b.stream_id);
+                names.1.push(name);
             }
         }
-        let moved: Vec<i64> = sqlx::query_scalar(
-            "WITH v AS ( \
-                 SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], \
-                                      $5::bigint[], $6::text[], $7::bigint[]) \
-                     AS v(id, old_index, old_hash, old_version, new_index, new_hash, new_ts) \
-             ), r AS ( \
-                 SELECT * FROM UNNEST($8::bigint[], $9::bigint[], $10::text[], $11::bytea[], \
-                                      $12::text[], $13::text[], $14::bigint[], $15::text[], \
-                                      $16::bigint[], $17::text[], $18::text[], $19::text[], \
-                                      $20::bool[]) \
-                     AS r(stream_id, idx, name, content, content_type, headers, size, author, \
-                          ts, content_hash, hash, previous_hash, deleted) \
-             ), taken AS MATERIALIZED ( \
-                 SELECT DISTINCT n.sid FROM UNNEST($21::bigint[], $22::text[]) AS n(sid, name) \
-                   JOIN streams c ON c.parent_id = n.sid AND c.name = n.name \
-             ), locked AS ( \
-                 SELECT s.id FROM streams s JOIN v ON v.id = s.id \
-                  WHERE s.head_index = v.old_index \
-                    AND s.head_hash IS NOT DISTINCT FROM v.old_hash \
-                    AND s.child_version = v.old_version \
-                    AND s.id NOT IN (SELECT sid FROM taken) \
-                 FOR UPDATE OF s SKIP LOCKED \
-             ), moved AS ( \
-                 UPDATE streams s \
-                    SET head_index = v.new_index, head_hash = v.new_hash, head_timestamp = v.new_ts \
-                   FROM v \
-                  WHERE s.id = v.id AND s.id IN (SELECT id FROM locked) \
-                    AND s.head_index = v.old_index AND s.child_version = v.old_version \
-                 RETURNING s.id \
-             ), ins AS ( \
-                 INSERT INTO records (stream_id, idx, name, content, content_type, headers, size, \
-                                      author, ts, content_hash, hash, previous_hash, deleted) \
-                 SELECT r.* FROM r WHERE r.stream_id IN (SELECT id FROM moved) \
-             ) \
-             SELECT id FROM moved",
-        )
-        .bind(&heads.id)
-        .bind(&heads.old_index)
-        .bind(&heads.old_hash)
-        .bind(&heads.old_version)
-        .bind(&heads.new_index)
-        .bind(&heads.new_hash)
-        .bind(&heads.new_ts)
-        .bind(&cols.stream_id)
-        .bind(&cols.idx)
-        .bind(&cols.name)
-        .bind(&cols.content)
-        .bind(&cols.content_type)
-        .bind(&cols.headers)
-        .bind(&cols.size)
-        .bind(&cols.author)
-        .bind(&cols.ts)
-        .bind(&cols.content_hash)
-        .bind(&cols.hash)
-        .bind(&cols.previous_hash)
-        .bind(&cols.deleted)
-        .bind(&names.0)
-        .bind(&names.1)
-        .fetch_all(&self.pool)
-        .await?;
+        let moved: Vec<i64> = cols
+            .bind(sqlx::query_scalar(concat!(
+                "WITH r AS ( \
+                     SELECT * FROM ",
+                record_arrays!(),
+                " AS r(",
+                record_columns!(),
+                ") \
+                 ), v AS ( \
+                     SELECT * FROM UNNEST($14::bigint[], $15::bigint[], $16::text[], \
+                                          $17::bigint[], $18::bigint[], $19::text[], \
+                                          $20::bigint[]) \
+                         AS v(id, old_index, old_hash, old_version, new_index, new_hash, new_ts) \
+                 ), taken AS MATERIALIZED ( \
+                     SELECT DISTINCT n.sid FROM UNNEST($21::bigint[], $22::text[]) AS n(sid, name) \
+                       JOIN streams c ON c.parent_id = n.sid AND c.name = n.name \
+                 ), locked AS ( \
+                     SELECT s.id FROM streams s JOIN v ON v.id = s.id \
+                      WHERE s.head_index = v.old_index \
+                        AND s.head_hash IS NOT DISTINCT FROM v.old_hash \
+                        AND s.child_version = v.old_version \
+                        AND s.id NOT IN (SELECT sid FROM taken) \
+                     FOR UPDATE OF s SKIP LOCKED \
+                 ), moved AS ( \
+                     UPDATE streams s \
+                        SET head_index = v.new_index, head_hash = v.new_hash, \
+                            head_timestamp = v.new_ts \
+                       FROM v \
+                      WHERE s.id = v.id AND s.id IN (SELECT id FROM locked) \
+                        AND s.head_index = v.old_index AND s.child_version = v.old_version \
+                     RETURNING s.id \
+                 ), ins AS ( \
+                     INSERT INTO records (",
+                record_columns!(),
+                ") \
+                     SELECT r.* FROM r WHERE r.stream_id IN (SELECT id FROM moved) \
+                 ) \
+                 SELECT id FROM moved"
+            )))
+            .bind(&heads.id)
+            .bind(&heads.old_index)
+            .bind(&heads.old_hash)
+            .bind(&heads.old_version)
+            .bind(&heads.new_index)
+            .bind(&heads.new_hash)
+            .bind(&heads.new_ts)
+            .bind(&names.0)
+            .bind(&names.1)
+            .fetch_all(&self.pool)
+            .await?;
         let moved: HashSet<i64> = moved.into_iter().collect();
         Ok(batches
             .iter()
@@ -746,61 +736,43 @@ impl PgStore {
             return Ok(true);
         };
         let mut cols = RecordColumns::with_capacity(batch.records.len());
-        let mut names: Vec<&str> = Vec::new();
-        let mut seen = HashSet::new();
         for r in &batch.records {
             cols.push(batch.stream_id, r);
-            if seen.insert(r.name.as_str()) {
-                names.push(r.name.as_str());
-            }
         }
-        let result = sqlx::query_scalar::<_, bool>(
-            "WITH ins AS ( \
-                 INSERT INTO records (stream_id, idx, name, content, content_type, headers, size, \
-                                      author, ts, content_hash, hash, previous_hash, deleted) \
-                 SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bytea[], \
-                                      $5::text[], $6::text[], $7::bigint[], $8::text[], \
-                                      $9::bigint[], $10::text[], $11::text[], $12::text[], \
-                                      $13::bool[]) \
-                 RETURNING 1 \
-             ), moved AS ( \
-                 UPDATE streams s \
-                    SET head_index = CASE WHEN s.head_index = $15 \
-                                           AND s.head_hash IS NOT DISTINCT FROM $16 \
-                                           AND s.child_version = $17 \
-                                           AND NOT EXISTS (SELECT 1 FROM streams c \
-                                                            WHERE c.parent_id = s.id \
-                                                              AND c.name = ANY($21::text[])) \
-                                          THEN $18 ELSE -2 END, \
-                        head_hash = $19, head_timestamp = $20 \
-                  WHERE s.id = $14 AND (SELECT count(*) FROM ins) = cardinality($2::bigint[]) \
-                 RETURNING s.head_index \
-             ) \
-             SELECT webpods_require(COALESCE((SELECT head_index = $18 FROM moved), FALSE))",
-        )
-        .bind(&cols.stream_id)
-        .bind(&cols.idx)
-        .bind(&cols.name)
-        .bind(&cols.content)
-        .bind(&cols.content_type)
-        .bind(&cols.headers)
-        .bind(&cols.size)
-        .bind(&cols.author)
-        .bind(&cols.ts)
-        .bind(&cols.content_hash)
-        .bind(&cols.hash)
-        .bind(&cols.previous_hash)
-        .bind(&cols.deleted)
-        .bind(batch.stream_id)
-        .bind(batch.expected.index)
-        .bind(batch.expected.hash.as_deref())
-        .bind(batch.child_version)
-        .bind(last.index)
-        .bind(&last.hash)
-        .bind(last.timestamp)
-        .bind(&names)
-        .fetch_one(&self.pool)
-        .await;
+        let names: Vec<&str> = distinct_names(&batch.records).collect();
+        let result = cols
+            .bind(sqlx::query_scalar::<_, bool>(concat!(
+                "WITH ins AS ( \
+                     INSERT INTO records (",
+                record_columns!(),
+                ") SELECT * FROM ",
+                record_arrays!(),
+                " RETURNING 1 \
+                 ), moved AS ( \
+                     UPDATE streams s \
+                        SET head_index = CASE WHEN s.head_index = $15 \
+                                               AND s.head_hash IS NOT DISTINCT FROM $16 \
+                                               AND s.child_version = $17 \
+                                               AND NOT EXISTS (SELECT 1 FROM streams c \
+                                                                WHERE c.parent_id = s.id \
+                                                                  AND c.name = ANY($21::text[])) \
+                                              THEN $18 ELSE -2 END, \
+                            head_hash = $19, head_timestamp = $20 \
+                      WHERE s.id = $14 AND (SELECT count(*) FROM ins) = cardinality($2::bigint[]) \
+                     RETURNING s.head_index \
+                 ) \
+                 SELECT webpods_require(COALESCE((SELECT head_index = $18 FROM moved), FALSE))"
+            )))
+            .bind(batch.stream_id)
+            .bind(batch.expected.index)
+            .bind(batch.expected.hash.as_deref())
+            .bind(batch.child_version)
+            .bind(last.index)
+            .bind(&last.hash)
+            .bind(last.timestamp)
+            .bind(&names)
+            .fetch_one(&self.pool)
+            .await;
         match result {
             Ok(_) => Ok(true),
             // Rolled back: the head moved (WP409), an index of ours was taken (unique
@@ -813,6 +785,34 @@ impl PgStore {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// The columns a record is inserted with, in [`RecordColumns`]' order.
+macro_rules! record_columns {
+    () => {
+        "stream_id, idx, name, content, content_type, headers, size, author, ts, content_hash, \
+         hash, previous_hash, deleted"
+    };
+}
+use record_columns;
+
+/// Rows of [`record_columns!`] from the arrays [`RecordColumns::bind`] binds as `$1`–`$13`.
+macro_rules! record_arrays {
+    () => {
+        "UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bytea[], $5::text[], $6::text[], \
+                $7::bigint[], $8::text[], $9::bigint[], $10::text[], $11::text[], $12::text[], \
+                $13::bool[])"
+    };
+}
+use record_arrays;
+
+/// Each name once, in first-seen order: a batch's names checked against child streams.
+fn distinct_names(records: &[RecordRow]) -> impl Iterator<Item = &str> {
+    let mut seen = HashSet::new();
+    records
+        .iter()
+        .map(|r| r.name.as_str())
+        .filter(move |name| seen.insert(*name))
 }
 
 /// The head columns of [`PgStore::append_chained`], one entry per batch.
@@ -875,6 +875,28 @@ impl<'a> RecordColumns<'a> {
         }
     }
 
+    /// Binds the columns as `$1`–`$13` (see [`record_arrays!`]); `query` must have no
+    /// parameters bound yet.
+    fn bind<'q, O>(
+        &'q self,
+        query: QueryScalar<'q, Postgres, O, <Postgres as sqlx::Database>::Arguments>,
+    ) -> QueryScalar<'q, Postgres, O, <Postgres as sqlx::Database>::Arguments> {
+        query
+            .bind(&self.stream_id)
+            .bind(&self.idx)
+            .bind(&self.name)
+            .bind(&self.content)
+            .bind(&self.content_type)
+            .bind(&self.headers)
+            .bind(&self.size)
+            .bind(&self.author)
+            .bind(&self.ts)
+            .bind(&self.content_hash)
+            .bind(&self.hash)
+            .bind(&self.previous_hash)
+            .bind(&self.deleted)
+    }
+
     fn push(&mut self, stream_id: i64, r: &'a RecordRow) {
         self.stream_id.push(stream_id);
         self.idx.push(r.index);
@@ -901,27 +923,14 @@ async fn insert_records(
     for r in records {
         c.push(stream_id, r);
     }
-    sqlx::query(
-        "INSERT INTO records (stream_id, idx, name, content, content_type, headers, size, author, \
-                              ts, content_hash, hash, previous_hash, deleted) \
-         SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bytea[], $5::text[], \
-                              $6::text[], $7::bigint[], $8::text[], $9::bigint[], $10::text[], \
-                              $11::text[], $12::text[], $13::bool[])",
-    )
-    .bind(&c.stream_id)
-    .bind(&c.idx)
-    .bind(&c.name)
-    .bind(&c.content)
-    .bind(&c.content_type)
-    .bind(&c.headers)
-    .bind(&c.size)
-    .bind(&c.author)
-    .bind(&c.ts)
-    .bind(&c.content_hash)
-    .bind(&c.hash)
-    .bind(&c.previous_hash)
-    .bind(&c.deleted)
-    .execute(&mut **tx)
+    // A scalar query only to share `RecordColumns::bind`; the insert returns no rows.
+    c.bind(sqlx::query_scalar::<_, i64>(concat!(
+        "INSERT INTO records (",
+        record_columns!(),
+        ") SELECT * FROM ",
+        record_arrays!()
+    )))
+    .fetch_all(&mut **tx)
     .await?;
     Ok(())
 }

@@ -5,7 +5,9 @@ use std::time::Duration;
 use reqwest::Method;
 
 use crate::both_backends;
-use crate::support::{Backend, TestApp, assert_valid_chain};
+use crate::support::{
+    Backend, TestApp, assert_valid_chain, batch_body, batch_first_index, follower_statements,
+};
 
 both_backends!(
     sixty_four_concurrent_appenders,
@@ -54,28 +56,17 @@ async fn concurrent_batches_split_across_overlapping_commits(backend: Backend) {
     for client in 0..8 {
         let requests: Vec<_> = (0..10)
             .map(|round| {
-                let body: Vec<serde_json::Value> = (0..40)
-                    .map(|i| serde_json::json!({ "name": format!("c{client}-{round}-{i}"), "content": "x" }))
-                    .collect();
                 app.pod(Method::POST, "split", "/log?batch=true")
                     .bearer_auth(&app.token)
                     .header("content-type", "application/json")
-                    .body(serde_json::Value::from(body).to_string())
+                    .body(batch_body(&format!("c{client}-{round}"), 40))
             })
             .collect();
         tasks.push(tokio::spawn(async move {
             let mut firsts = Vec::new();
             for req in requests {
                 let r = req.send().await.expect("batch");
-                assert_eq!(r.status(), 201);
-                let receipts: Vec<serde_json::Value> = r.json().await.expect("receipts");
-                let indices: Vec<i64> = receipts
-                    .iter()
-                    .map(|r| r["index"].as_i64().expect("index"))
-                    .collect();
-                // A batch is one contiguous run of indices.
-                assert_eq!(indices, (indices[0]..indices[0] + 40).collect::<Vec<_>>());
-                firsts.push(indices[0]);
+                firsts.push(batch_first_index(r, 40).await);
             }
             firsts
         }));
@@ -93,13 +84,10 @@ async fn concurrent_batches_split_across_overlapping_commits(backend: Backend) {
     }
     assert_valid_chain("split", "log", &records);
     if backend == Backend::Postgres {
-        let metrics = app.engine.render_metrics();
-        let written = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("webpods_follower_statements_total{result=\"written\"} "))
-            .and_then(|n| n.parse::<u64>().ok())
-            .expect("follower metric");
-        assert!(written > 0, "no commit was split:\n{metrics}");
+        assert!(
+            follower_statements(&app.engine, "written") > 0,
+            "no commit was split"
+        );
     }
     app.stop().await;
 }

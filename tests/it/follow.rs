@@ -134,22 +134,37 @@ async fn open_lead(f: &Fixture, n: i64) -> sqlx::Transaction<'static, sqlx::Post
     tx
 }
 
+/// Commits `batch` the ordinary way (as a lead or as another instance would).
+async fn commit(f: &Fixture, batch: ChainedBatch) {
+    assert_eq!(
+        f.store.append_chained(&[batch]).await.expect("commit"),
+        vec![true]
+    );
+}
+
+/// The follower of records 0..=2: records 3..=6.
+async fn follow(f: &Fixture) -> bool {
+    f.store
+        .append_following(&batch(f, 2, 4))
+        .await
+        .expect("follow")
+}
+
+/// [`follow`] in a task, given time to insert its records and reach the lead's row lock.
+async fn follow_in_background(f: &Fixture) -> tokio::task::JoinHandle<bool> {
+    let store = f.store.clone();
+    let follower = batch(f, 2, 4);
+    let task =
+        tokio::spawn(async move { store.append_following(&follower).await.expect("follow") });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    task
+}
+
 #[tokio::test]
 async fn follows_a_committed_lead() {
     let f = fixture().await;
-    assert_eq!(
-        f.store
-            .append_chained(&[batch(&f, -1, 3)])
-            .await
-            .expect("lead"),
-        vec![true]
-    );
-    assert!(
-        f.store
-            .append_following(&batch(&f, 2, 4))
-            .await
-            .expect("follow")
-    );
+    commit(&f, batch(&f, -1, 3)).await;
+    assert!(follow(&f).await);
     assert_eq!(stored(&f).await, (6, 7));
 }
 
@@ -157,12 +172,7 @@ async fn follows_a_committed_lead() {
 async fn writes_nothing_without_its_lead() {
     let f = fixture().await;
     // The lead (records 0..=2) was never written: the head is still empty.
-    assert!(
-        !f.store
-            .append_following(&batch(&f, 2, 4))
-            .await
-            .expect("follow")
-    );
+    assert!(!follow(&f).await);
     assert_eq!(stored(&f).await, (-1, 0));
 }
 
@@ -170,13 +180,10 @@ async fn writes_nothing_without_its_lead() {
 async fn waits_for_a_lead_in_flight_and_commits_after_it() {
     let f = fixture().await;
     let lead = open_lead(&f, 3).await;
-    let store = f.store.clone();
-    let follower = batch(&f, 2, 4);
-    let task = tokio::spawn(async move { store.append_following(&follower).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let task = follow_in_background(&f).await;
     assert!(!task.is_finished(), "the follower must wait for its lead");
     lead.commit().await.expect("commit lead");
-    assert!(task.await.expect("task").expect("follow"));
+    assert!(task.await.expect("task"));
     assert_eq!(stored(&f).await, (6, 7));
 }
 
@@ -184,23 +191,17 @@ async fn waits_for_a_lead_in_flight_and_commits_after_it() {
 async fn rolls_back_when_the_lead_in_flight_fails() {
     let f = fixture().await;
     let lead = open_lead(&f, 3).await;
-    let store = f.store.clone();
-    let follower = batch(&f, 2, 4);
-    let task = tokio::spawn(async move { store.append_following(&follower).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let task = follow_in_background(&f).await;
     lead.rollback().await.expect("roll back lead");
     // Its records were inserted before it waited; they must be gone with it.
-    assert!(!task.await.expect("task").expect("follow"));
+    assert!(!task.await.expect("task"));
     assert_eq!(stored(&f).await, (-1, 0));
 }
 
 #[tokio::test]
 async fn refuses_a_name_taken_by_a_child_stream() {
     let f = fixture().await;
-    f.store
-        .append_chained(&[batch(&f, -1, 3)])
-        .await
-        .expect("lead");
+    commit(&f, batch(&f, -1, 3)).await;
     sqlx::query(
         "INSERT INTO streams (pod_id, parent_id, path, name, access, creator_id, created_at) \
          SELECT pod_id, id, 's/r5', 'r5', 'public', 'u', 0 FROM streams WHERE id = $1",
@@ -209,36 +210,20 @@ async fn refuses_a_name_taken_by_a_child_stream() {
     .execute(&f.pool)
     .await
     .expect("child");
-    assert!(
-        !f.store
-            .append_following(&batch(&f, 2, 4))
-            .await
-            .expect("follow")
-    );
+    assert!(!follow(&f).await);
     assert_eq!(stored(&f).await, (2, 3));
 }
 
 #[tokio::test]
 async fn refuses_when_another_writer_moved_the_head() {
     let f = fixture().await;
-    f.store
-        .append_chained(&[batch(&f, -1, 3)])
-        .await
-        .expect("lead");
+    commit(&f, batch(&f, -1, 3)).await;
     // Another instance appended 3..=4 with other hashes; a follower of the old head loses.
     let mut other = batch(&f, 2, 2);
     for r in &mut other.records {
         r.hash = hash(5_000 + r.index);
     }
-    assert_eq!(
-        f.store.append_chained(&[other]).await.expect("other"),
-        vec![true]
-    );
-    assert!(
-        !f.store
-            .append_following(&batch(&f, 2, 4))
-            .await
-            .expect("follow")
-    );
+    commit(&f, other).await;
+    assert!(!follow(&f).await);
     assert_eq!(stored(&f).await, (4, 5));
 }

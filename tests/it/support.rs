@@ -263,6 +263,45 @@ pub async fn error_code(r: Response) -> (u16, String) {
     )
 }
 
+/// A `?batch=true` body of `n` small text records named `{prefix}-0` … `{prefix}-{n-1}`.
+pub fn batch_body(prefix: &str, n: usize) -> String {
+    let records: Vec<Value> = (0..n)
+        .map(|i| serde_json::json!({ "name": format!("{prefix}-{i}"), "content": "x" }))
+        .collect();
+    Value::from(records).to_string()
+}
+
+/// The first index of a batch append's answer, after checking it is `201` with `n` receipts
+/// whose indices are one contiguous run (a batch is atomic and in order).
+pub async fn batch_first_index(r: Response, n: usize) -> i64 {
+    let status = r.status();
+    let body: Value = r.json().await.expect("receipts");
+    assert_eq!(status, 201, "{body}");
+    let indices: Vec<i64> = body
+        .as_array()
+        .expect("receipts")
+        .iter()
+        .map(|r| r["index"].as_i64().expect("index"))
+        .collect();
+    assert_eq!(indices.len(), n, "{body}");
+    assert_eq!(
+        indices,
+        (indices[0]..indices[0] + n as i64).collect::<Vec<_>>()
+    );
+    indices[0]
+}
+
+/// `webpods_follower_statements_total{result}` of an engine: halves of split batches.
+pub fn follower_statements(engine: &Engine, result: &str) -> u64 {
+    let metrics = engine.render_metrics();
+    let prefix = format!("webpods_follower_statements_total{{result=\"{result}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|n| n.parse().ok())
+        .expect("follower metric")
+}
+
 /// Epoch milliseconds of `2025-01-01T00:00:00.000Z`.
 pub fn parse_iso_ms(s: &str) -> i64 {
     let p = |a: usize, b: usize| s[a..b].parse::<i64>().expect("iso digits");
