@@ -90,10 +90,26 @@ impl From<sqlx::Error> for Error {
             _ => false,
         };
         if unavailable {
+            if connection_lost(&e) {
+                postgres::connection_lost();
+            }
             Error::Unavailable(e)
         } else {
             Error::Database(e)
         }
+    }
+}
+
+/// The connection itself failed (not the pool, not a cancelled statement): its siblings in the
+/// pool may be dead too (a database restart ends them all).
+fn connection_lost(e: &sqlx::Error) -> bool {
+    use sqlx::Error as E;
+    match e {
+        E::Io(_) | E::Tls(_) | E::Protocol(_) => true,
+        E::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P0")),
+        _ => false,
     }
 }
 

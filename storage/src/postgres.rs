@@ -3,6 +3,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::query::QueryScalar;
@@ -13,6 +15,31 @@ use crate::{
     NewStream, PodRow, PoolStats, RECORD_COLUMNS, RecordRange, RecordRow, Result, STREAM_COLUMNS,
     StoreOptions, StreamRow, UserRow, unique_clause,
 };
+
+/// A pooled connection idle at least this long is pinged before it is handed out.
+const PING_WHEN_IDLE: Duration = Duration::from_secs(1);
+
+/// When a connection last failed (ms since the Unix epoch; 0: never), process-wide.
+static CONNECTION_LOST_AT: AtomicU64 = AtomicU64::new(0);
+
+fn epoch_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Records that a connection failed: until they are used again, the pool pings the connections
+/// that went idle before that moment, since a database restart ends them all at once.
+pub(crate) fn connection_lost() {
+    CONNECTION_LOST_AT.store(epoch_ms(), Ordering::Relaxed);
+}
+
+/// Whether a connection idle for `idle_for` should be pinged before use: it idled long enough
+/// to have been cut, or it was idle when another connection failed.
+fn needs_ping(idle_for: Duration) -> bool {
+    let idle_since = epoch_ms().saturating_sub(idle_for.as_millis() as u64);
+    idle_for >= PING_WHEN_IDLE || idle_since <= CONNECTION_LOST_AT.load(Ordering::Relaxed)
+}
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -49,6 +76,19 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(2))
             .acquire_timeout(options.acquire_timeout)
+            // sqlx pings every connection it hands out: a round trip before each statement,
+            // on the commit path of every append (+15-25% appends/s at 1,000 streams without
+            // it). Ping only connections that may be dead (`needs_ping`): a busy pool's
+            // connections are in use every few milliseconds.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if needs_ping(meta.idle_for) {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(connect)
             .await?;
         Ok(Self {

@@ -40,11 +40,17 @@ impl SqliteStore {
             .busy_timeout(options.acquire_timeout)
             .foreign_keys(true);
         let writer = SqlitePoolOptions::new()
+            // A local file's connection cannot be cut: no ping (a hop to the connection's
+            // worker thread) before each use.
+            .test_before_acquire(false)
             .max_connections(1)
             .acquire_timeout(options.acquire_timeout)
             .connect_with(base.clone().create_if_missing(true))
             .await?;
         let readers = SqlitePoolOptions::new()
+            // A local file's connection cannot be cut: no ping (a hop to the connection's
+            // worker thread) before each use.
+            .test_before_acquire(false)
             .max_connections(options.max_connections.clamp(1, 8))
             .acquire_timeout(options.acquire_timeout)
             .connect_with(base.read_only(true))

@@ -17,7 +17,7 @@ use webpods_engine::{AppendRequest, LiveEvent, LiveRequest, NewRecord, Scope};
 
 use crate::both_backends;
 use crate::multi_instance::spawn_process;
-use crate::support::{Backend, TestApp, fresh_database};
+use crate::support::{Backend, TestApp, fresh_database, terminate_backends};
 
 both_backends!(
     thousand_records_twenty_subscribers,
@@ -1056,23 +1056,8 @@ async fn lost_notices_are_recovered_on_postgres() {
     let mut on_b = tail(&b, "lost", "/x").await;
     assert_eq!(read_records(&mut on_b, 0, 0).await, 1);
     assert_eq!(next_json(&mut on_b).await["type"], "caughtUp");
-    let db = url::Url::parse(&url)
-        .unwrap()
-        .path()
-        .trim_start_matches('/')
-        .to_string();
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
-        .await
-        .unwrap();
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = $1 AND query LIKE 'LISTEN%'",
-    )
-    .bind(&db)
-    .fetch_all(&mut admin)
-    .await
-    .unwrap();
-    assert!(!killed.is_empty(), "no listener connection found");
+    let killed = terminate_backends(&url, Some("LISTEN%")).await;
+    assert!(killed > 0, "no listener connection found");
     for i in 1..=5 {
         a.append("lost", &format!("/x/r{i}"), "v").await;
     }

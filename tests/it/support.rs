@@ -384,3 +384,27 @@ pub fn assert_valid_chain(pod: &str, stream: &str, records: &[Value]) {
         prev = r["hash"].as_str().map(str::to_string);
     }
 }
+
+/// Ends the PostgreSQL connections to `url`'s database (other than the one asking), or only those
+/// whose last query is `LIKE` `query_like`, as a restart or an administrator would; returns how
+/// many were ended.
+pub async fn terminate_backends(url: &str, query_like: Option<&str>) -> usize {
+    let db = url::Url::parse(url)
+        .expect("database url")
+        .path()
+        .trim_start_matches('/')
+        .to_string();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(url)
+        .await
+        .expect("admin connection");
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid() AND ($2::text IS NULL OR query LIKE $2)",
+    )
+    .bind(&db)
+    .bind(query_like)
+    .fetch_all(&mut admin)
+    .await
+    .expect("terminate");
+    killed.len()
+}
