@@ -48,7 +48,7 @@ pub fn canonical_payload(r: &HashInput<'_>) -> String {
     out.push_str(",\"content_hash\":");
     push_json_str(&mut out, r.content_hash);
     out.push_str(",\"headers\":");
-    out.push_str(&headers_json(r.headers));
+    push_headers_json(&mut out, r.headers);
     let _ = write!(out, ",\"deleted\":{}", r.deleted);
     out.push_str(",\"user_id\":");
     push_json_str(&mut out, r.user_id);
@@ -64,25 +64,56 @@ pub fn canonical_payload(r: &HashInput<'_>) -> String {
 
 /// Compact JSON object of the headers, keys sorted (also the stored form).
 pub fn headers_json(headers: &BTreeMap<String, String>) -> String {
-    let mut out = String::from("{");
+    let mut out = String::new();
+    push_headers_json(&mut out, headers);
+    out
+}
+
+fn push_headers_json(out: &mut String, headers: &BTreeMap<String, String>) {
+    out.push('{');
     for (i, (k, v)) in headers.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        push_json_str(&mut out, k);
+        push_json_str(out, k);
         out.push(':');
-        push_json_str(&mut out, v);
+        push_json_str(out, v);
     }
     out.push('}');
-    out
 }
 
+/// Appends `s` as a JSON string, escaped exactly as serde_json escapes it (`"`, `\\`, the
+/// short escapes, other control characters as `\u00xx`; everything else as is), without the
+/// intermediate `String` that `serde_json::to_string` allocates for every field of every record.
 fn push_json_str(out: &mut String, s: &str) {
-    // serde_json's escaping is standard JSON escaping; serializing a &str cannot fail.
-    match serde_json::to_string(s) {
-        Ok(j) => out.push_str(&j),
-        Err(_) => out.push_str("\"\""),
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push('"');
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let short = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        // Every escaped byte is ASCII, so `i` is a char boundary.
+        out.push_str(&s[start..i]);
+        if short.is_empty() {
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(short);
+        }
+        start = i + 1;
     }
+    out.push_str(&s[start..]);
+    out.push('"');
 }
 
 fn prefixed(digest: &[u8]) -> String {
@@ -100,6 +131,29 @@ fn prefixed(digest: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strings_are_escaped_exactly_as_serde_json_escapes_them() {
+        let mut cases: Vec<String> = (0u8..0x80)
+            .map(|b| format!("a{}b", char::from(b)))
+            .collect();
+        cases.extend(
+            [
+                "",
+                "plain",
+                "quote\" and \\ back",
+                "é ü 日本 😀",
+                "\u{7f}\u{80}\u{2028}",
+                "\n\r\t\u{8}\u{c}",
+            ]
+            .map(String::from),
+        );
+        for case in cases {
+            let mut ours = String::new();
+            push_json_str(&mut ours, &case);
+            assert_eq!(ours, serde_json::to_string(&case).unwrap(), "{case:?}");
+        }
+    }
 
     const USER: &str = "11111111-2222-3333-4444-555555555555";
 

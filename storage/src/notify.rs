@@ -13,10 +13,10 @@
 //! optimisation, never the only path to a record.
 //!
 //! Append notices go through an **outbox** ([`PgStore::notify_appended`]): a task that sends
-//! everything queued in one statement, one at a time. A `NOTIFY` transaction takes an xid, so
-//! it commits (and flushes WAL) under PostgreSQL's global notify lock: one statement per commit
-//! would serialize thousands of fsyncs a second and tie up pooled connections waiting for that
-//! lock. One statement per burst costs one, and the notices of one stream in a burst collapse
+//! everything queued in one statement, one at a time. A `NOTIFY` transaction commits under
+//! PostgreSQL's global notify lock (it writes no WAL of its own, so it waits for no flush): one
+//! statement per commit would serialize thousands of commits a second on that lock and tie up
+//! pooled connections waiting for it. One statement per burst costs one, and the notices of one stream in a burst collapse
 //! to the highest head.
 //!
 //! SQLite serves one instance, so it has no listener and notifying is a no-op.
@@ -131,17 +131,11 @@ fn start_outbox(pool: sqlx::PgPool) -> Outbox {
                 }
                 .encode()
             }));
-            // Notices are not durable anyway: commit this transaction without waiting for its
-            // WAL flush, so it costs no fsync of its own (`set_config(.., true)` applies to the
-            // statement's own transaction, which commits when the statement ends).
-            let sent = sqlx::query(
-                "SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p \
-                  WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL",
-            )
-            .bind(CHANNEL)
-            .bind(&payloads)
-            .execute(&pool)
-            .await;
+            let sent = sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p")
+                .bind(CHANNEL)
+                .bind(&payloads)
+                .execute(&pool)
+                .await;
             if let Err(e) = sent {
                 if pool.is_closed() {
                     return;
