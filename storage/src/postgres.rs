@@ -77,9 +77,9 @@ impl PgStore {
             .max_connections(options.max_connections.max(2))
             .acquire_timeout(options.acquire_timeout)
             // sqlx pings every connection it hands out: a round trip before each statement,
-            // on the commit path of every append (+15-25% appends/s at 1,000 streams without
-            // it). Ping only connections that may be dead (`needs_ping`): a busy pool's
-            // connections are in use every few milliseconds.
+            // on the commit path of every append (without it, +4% to +30% appends/s at 1,000
+            // streams in alternating runs; BENCHMARKS.md). Ping only connections that may be
+            // dead (`needs_ping`): a busy pool's connections are in use every few milliseconds.
             .test_before_acquire(false)
             .before_acquire(|conn, meta| {
                 Box::pin(async move {
