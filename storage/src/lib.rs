@@ -78,21 +78,19 @@ impl Error {
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         use sqlx::Error as E;
-        let unavailable = match &e {
-            E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => true,
-            E::Protocol(_) => true,
-            // SQLSTATE class 08 = connection exception; 57P0x = server shutting down;
-            // 57014 = statement cancelled (statement_timeout): the database is too slow or a
-            // lock is held too long right now — retryable, not our bug.
-            E::Database(db) => db
-                .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P0") || c == "57014"),
-            _ => false,
-        };
+        let lost = connection_lost(&e);
+        if lost {
+            postgres::connection_lost();
+        }
+        let unavailable = lost
+            || match &e {
+                E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => true,
+                // 57014 = statement cancelled (statement_timeout): the database is too slow or
+                // a lock is held too long right now — retryable, not our bug.
+                E::Database(db) => db.code().as_deref() == Some("57014"),
+                _ => false,
+            };
         if unavailable {
-            if connection_lost(&e) {
-                postgres::connection_lost();
-            }
             Error::Unavailable(e)
         } else {
             Error::Database(e)
@@ -101,7 +99,8 @@ impl From<sqlx::Error> for Error {
 }
 
 /// The connection itself failed (not the pool, not a cancelled statement): its siblings in the
-/// pool may be dead too (a database restart ends them all).
+/// pool may be dead too (a database restart ends them all). SQLSTATE class 08 = connection
+/// exception; 57P0x = server shutting down.
 fn connection_lost(e: &sqlx::Error) -> bool {
     use sqlx::Error as E;
     match e {
@@ -114,16 +113,19 @@ fn connection_lost(e: &sqlx::Error) -> bool {
 }
 
 impl Error {
+    /// The SQLSTATE the database answered with, if it answered with an error.
+    pub(crate) fn sqlstate(&self) -> Option<std::borrow::Cow<'_, str>> {
+        match self {
+            Error::Unavailable(sqlx::Error::Database(e))
+            | Error::Database(sqlx::Error::Database(e)) => e.code(),
+            _ => None,
+        }
+    }
+
     /// PostgreSQL rolled the transaction back to break a lock cycle or a serialization
     /// conflict with another writer: nothing was applied, and trying again is expected to work.
     pub fn is_conflict(&self) -> bool {
-        match self {
-            Error::Unavailable(sqlx::Error::Database(e))
-            | Error::Database(sqlx::Error::Database(e)) => {
-                matches!(e.code().as_deref(), Some("40P01" | "40001"))
-            }
-            _ => false,
-        }
+        matches!(self.sqlstate().as_deref(), Some("40P01" | "40001"))
     }
 
     /// True when the database certainly did not apply the failed statement: it answered with an

@@ -16,8 +16,8 @@
 //! everything queued in one statement, one at a time. A `NOTIFY` transaction commits under
 //! PostgreSQL's global notify lock (it writes no WAL of its own, so it waits for no flush): one
 //! statement per commit would serialize thousands of commits a second on that lock and tie up
-//! pooled connections waiting for it. One statement per burst costs one, and the notices of one stream in a burst collapse
-//! to the highest head.
+//! pooled connections waiting for it. One statement per burst costs one, and the notices of one
+//! stream in a burst collapse to the highest head.
 //!
 //! SQLite serves one instance, so it has no listener and notifying is a no-op.
 

@@ -77,7 +77,7 @@ impl PgStore {
             .max_connections(options.max_connections.max(2))
             .acquire_timeout(options.acquire_timeout)
             // sqlx pings every connection it hands out: a round trip before each statement,
-            // on the commit path of every append (without it, +4% to +30% appends/s at 1,000
+            // on the commit path of every append (without it, +5% to +31% appends/s at 1,000
             // streams in alternating runs; BENCHMARKS.md). Ping only connections that may be
             // dead (`needs_ping`): a busy pool's connections are in use every few milliseconds.
             .test_before_acquire(false)
@@ -813,16 +813,17 @@ impl PgStore {
             .bind(&names)
             .fetch_one(&self.pool)
             .await;
-        match result {
+        match result.map_err(Error::from) {
             Ok(_) => Ok(true),
             // Rolled back: the head moved (WP409), an index of ours was taken (unique
-            // violation), or PostgreSQL broke a lock cycle with another instance (deadlock).
-            Err(sqlx::Error::Database(e))
-                if matches!(e.code().as_deref(), Some("WP409" | "23505" | "40P01")) =>
+            // violation), or PostgreSQL broke a lock cycle with another instance.
+            Err(e)
+                if e.is_conflict()
+                    || matches!(e.sqlstate().as_deref(), Some("WP409" | "23505")) =>
             {
                 Ok(false)
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         }
     }
 }

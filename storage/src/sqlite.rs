@@ -39,20 +39,18 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(options.acquire_timeout)
             .foreign_keys(true);
-        let writer = SqlitePoolOptions::new()
-            // A local file's connection cannot be cut: no ping (a hop to the connection's
-            // worker thread) before each use.
-            .test_before_acquire(false)
-            .max_connections(1)
-            .acquire_timeout(options.acquire_timeout)
+        let pool = |max: u32| {
+            SqlitePoolOptions::new()
+                // A local file's connection cannot be cut: no ping (a hop to the connection's
+                // worker thread) before each use.
+                .test_before_acquire(false)
+                .max_connections(max)
+                .acquire_timeout(options.acquire_timeout)
+        };
+        let writer = pool(1)
             .connect_with(base.clone().create_if_missing(true))
             .await?;
-        let readers = SqlitePoolOptions::new()
-            // A local file's connection cannot be cut: no ping (a hop to the connection's
-            // worker thread) before each use.
-            .test_before_acquire(false)
-            .max_connections(options.max_connections.clamp(1, 8))
-            .acquire_timeout(options.acquire_timeout)
+        let readers = pool(options.max_connections.clamp(1, 8))
             .connect_with(base.read_only(true))
             .await?;
         Ok(Self {

@@ -7,6 +7,7 @@ use reqwest::Method;
 use crate::both_backends;
 use crate::support::{
     Backend, TestApp, assert_valid_chain, batch_body, batch_first_index, follower_statements,
+    sorted_firsts,
 };
 
 both_backends!(
@@ -71,11 +72,7 @@ async fn concurrent_batches_split_across_overlapping_commits(backend: Backend) {
             firsts
         }));
     }
-    let mut firsts = Vec::new();
-    for t in tasks {
-        firsts.extend(t.await.expect("task"));
-    }
-    firsts.sort_unstable();
+    let firsts = sorted_firsts(tasks).await;
     assert_eq!(firsts, (0..80).map(|b| b * 40).collect::<Vec<i64>>());
     let records = app.all_records("split", "log").await;
     assert_eq!(records.len(), 3_200);

@@ -9,7 +9,7 @@ use tokio::process::{Child, Command};
 
 use crate::support::{
     Backend, SECRET, TestApp, assert_valid_chain, batch_body, batch_first_index,
-    follower_statements, fresh_database,
+    follower_statements, fresh_database, sorted_firsts,
 };
 
 /// Sends `n` appends, alternating between the given base URLs, all at once.
@@ -39,15 +39,22 @@ async fn append_through(bases: &[String], token: &str, pod: &str, n: usize) -> V
     indices
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_engines_one_database_one_chain() {
+/// Two engines on one fresh PostgreSQL database, and their base URLs, with pod `shared` and
+/// records 0 and 1 of its root stream, one appended through each engine, so that each instance
+/// holds its own view of the head before a test races them.
+async fn two_engines() -> (TestApp, TestApp, [String; 2]) {
     let url = fresh_database(Backend::Postgres).await;
     let a = TestApp::spawn_on(&url, &[]).await;
     let b = TestApp::spawn_on(&url, &[]).await;
     a.create_pod("shared").await;
     let bases = [format!("http://{}", a.addr), format!("http://{}", b.addr)];
-    // Warm both actors first so each instance has its own view of the head, then race.
     append_through(&bases, &a.token, "shared", 2).await;
+    (a, b, bases)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_engines_one_database_one_chain() {
+    let (a, b, bases) = two_engines().await;
     let indices = append_through(&bases, &a.token, "shared", 64).await;
     assert_eq!(indices, (2..66).collect::<Vec<i64>>());
     let records = b.all_records("shared", "shared").await;
@@ -62,12 +69,7 @@ async fn two_engines_one_database_one_chain() {
 /// stale, followers must then write nothing, and every batch still lands whole, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_engines_race_split_batches_on_one_chain() {
-    let url = fresh_database(Backend::Postgres).await;
-    let a = TestApp::spawn_on(&url, &[]).await;
-    let b = TestApp::spawn_on(&url, &[]).await;
-    a.create_pod("shared").await;
-    let bases = [format!("http://{}", a.addr), format!("http://{}", b.addr)];
-    append_through(&bases, &a.token, "shared", 2).await;
+    let (a, b, bases) = two_engines().await;
     let http = reqwest::Client::new();
     let mut tasks = Vec::new();
     for client in 0..8 {
@@ -90,11 +92,7 @@ async fn two_engines_race_split_batches_on_one_chain() {
             firsts
         }));
     }
-    let mut firsts = Vec::new();
-    for t in tasks {
-        firsts.extend(t.await.expect("task"));
-    }
-    firsts.sort_unstable();
+    let firsts = sorted_firsts(tasks).await;
     assert_eq!(firsts, (0..48).map(|b| 2 + b * 40).collect::<Vec<i64>>());
     let records = b.all_records("shared", "shared").await;
     assert_eq!(records.len(), 2 + 48 * 40);

@@ -291,6 +291,16 @@ pub async fn batch_first_index(r: Response, n: usize) -> i64 {
     indices[0]
 }
 
+/// The first indices that tasks sending batches got (each task returns its own), sorted.
+pub async fn sorted_firsts(tasks: Vec<JoinHandle<Vec<i64>>>) -> Vec<i64> {
+    let mut firsts = Vec::new();
+    for t in tasks {
+        firsts.extend(t.await.expect("task"));
+    }
+    firsts.sort_unstable();
+    firsts
+}
+
 /// `webpods_follower_statements_total{result}` of an engine: halves of split batches.
 pub fn follower_statements(engine: &Engine, result: &str) -> u64 {
     let metrics = engine.render_metrics();
