@@ -180,6 +180,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ),
     ("live", "max_behind", "WEBPODS_LIVE_MAX_BEHIND"),
     ("actors", "idle_secs", "WEBPODS_ACTOR_IDLE_SECS"),
+    ("actors", "max_alive", "WEBPODS_ACTOR_MAX_ALIVE"),
     (
         "actors",
         "max_batch_records",
@@ -214,6 +215,7 @@ fn kind_of(var: &str) -> Kind {
             || v.ends_with("_CONNECTION")
             || v.starts_with("WEBPODS_RATE_LIMIT_")
             || v == "WEBPODS_LIVE_MAX_BEHIND"
+            || v == "WEBPODS_ACTOR_MAX_ALIVE"
             || v == "WEBPODS_MAX_RECURSIVE_STREAMS" =>
         {
             Kind::Int
@@ -503,6 +505,7 @@ impl Config {
         let live_send = parse("WEBPODS_LIVE_SEND_TIMEOUT_SECS", 10, &mut errors);
         let live_behind = parse("WEBPODS_LIVE_MAX_BEHIND", 100_000, &mut errors);
         let idle = parse("WEBPODS_ACTOR_IDLE_SECS", 30, &mut errors);
+        let max_actors = parse("WEBPODS_ACTOR_MAX_ALIVE", 10_000, &mut errors);
         let batch_records = parse("WEBPODS_ACTOR_MAX_BATCH_RECORDS", 4096, &mut errors);
         let batch_bytes = parse(
             "WEBPODS_ACTOR_MAX_BATCH_BYTES",
@@ -583,6 +586,7 @@ impl Config {
                     max_batch_records: size(batch_records.max(1)),
                     max_batch_bytes: size(batch_bytes.max(1)),
                     idle_timeout: Duration::from_secs(idle.max(1)),
+                    max_alive: size(max_actors.max(1)),
                 },
                 max_record_bytes: size(max_record_bytes),
                 max_list_records: i64::try_from(max_list.max(1)).unwrap_or(1000),

@@ -20,12 +20,15 @@
 //! - A failed commit answers every entry of its batch with the error; nothing of it is stored.
 //!   A failure that may have been applied (the connection broke mid-statement) is never retried
 //!   by the locking path: that could store the batch twice.
-//! - An idle actor leaves the registry and drains. An `Append` that reaches an actor that is
+//! - An idle actor leaves the registry and drains; so do the least recently active ones when
+//!   more than [`ActorLimits::max_alive`] are alive, so that memory stays bounded however many
+//!   streams are written within one idle timeout. An `Append` that reaches an actor that is
 //!   stopping is handed back ([`AppendReply::Retry`] or the send error) and the engine resends it
 //!   to a fresh actor: such an entry was never part of a transaction, so the retry is safe.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -80,6 +83,8 @@ pub(crate) enum StreamMsg {
     /// (the next commit then takes the locking path).
     CommitDone(Option<Chain>),
     IdleCheck,
+    /// The registry has let this actor go (too many alive): stop once the mailbox is handled.
+    Evict,
     /// Answer once nothing is queued or in flight.
     Flush(oneshot::Sender<()>),
 }
@@ -90,6 +95,15 @@ pub struct ActorLimits {
     pub max_batch_records: usize,
     pub max_batch_bytes: usize,
     pub idle_timeout: Duration,
+    /// Stream actors alive at most (each holds a few kilobytes); beyond it, the least recently
+    /// active are stopped early.
+    pub max_alive: usize,
+}
+
+/// Milliseconds since the first call: the clock of actors' last activity.
+fn ticks() -> u64 {
+    static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+    EPOCH.elapsed().as_millis() as u64
 }
 
 /// The committed end of a stream's chain as an actor last saw it, with the stream's child
@@ -117,6 +131,8 @@ pub(crate) struct StreamActor;
 
 pub(crate) struct StreamArgs {
     pub ctx: Arc<StreamCtx>,
+    /// When the actor was last active ([`ticks`]), shared with the registry.
+    pub active: Arc<AtomicU64>,
     pub env: Arc<ActorEnv>,
 }
 
@@ -125,7 +141,6 @@ pub(crate) struct StreamState {
     pending: VecDeque<(Entry, oneshot::Sender<AppendReply>)>,
     committing: bool,
     chain: Option<Chain>,
-    last_active: Instant,
     flushers: Vec<oneshot::Sender<()>>,
 }
 
@@ -146,7 +161,6 @@ impl Actor for StreamActor {
             pending: VecDeque::new(),
             committing: false,
             chain: None,
-            last_active: Instant::now(),
             flushers: Vec::new(),
         })
     }
@@ -159,18 +173,19 @@ impl Actor for StreamActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             StreamMsg::Append(entry, reply) => {
-                state.last_active = Instant::now();
+                state.args.active.store(ticks(), Ordering::Relaxed);
                 state.pending.push_back((entry, reply));
                 start_commit(&myself, state);
             }
             StreamMsg::CommitDone(chain) => {
                 state.committing = false;
-                state.last_active = Instant::now();
+                state.args.active.store(ticks(), Ordering::Relaxed);
                 state.chain = chain;
                 start_commit(&myself, state);
             }
             StreamMsg::IdleCheck => {
-                let idle = state.last_active.elapsed() >= state.args.env.limits.idle_timeout;
+                let since = ticks().saturating_sub(state.args.active.load(Ordering::Relaxed));
+                let idle = u128::from(since) >= state.args.env.limits.idle_timeout.as_millis();
                 if idle && !state.committing && state.pending.is_empty() {
                     state
                         .args
@@ -180,6 +195,11 @@ impl Actor for StreamActor {
                     // Anything already in the mailbox is still handled; later sends bounce.
                     let _ = myself.drain();
                 }
+            }
+            StreamMsg::Evict => {
+                // Out of the registry already, so no new entry comes here. A commit in flight
+                // still answers its callers; entries queued are handed back (`post_stop`).
+                let _ = myself.drain();
             }
             StreamMsg::Flush(done) => {
                 state.flushers.push(done);
@@ -543,23 +563,36 @@ fn fail(env: &ActorEnv, ctx: &StreamCtx, replies: Replies, err: Error) {
 /// The live stream actors of this instance, by stream id, and the metrics every actor feeds.
 #[derive(Default)]
 pub(crate) struct Registry {
-    actors: Mutex<HashMap<i64, ActorRef<StreamMsg>>>,
+    actors: Mutex<HashMap<i64, Registered>>,
     pub metrics: Arc<Metrics>,
 }
 
+struct Registered {
+    actor: ActorRef<StreamMsg>,
+    /// When it was last active ([`ticks`]).
+    active: Arc<AtomicU64>,
+}
+
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, ActorRef<StreamMsg>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Registered>> {
         // A poisoned map is still a valid map: every operation on it is a single insert/remove.
         self.actors.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn get(&self, stream_id: i64) -> Option<ActorRef<StreamMsg>> {
-        self.lock().get(&stream_id).cloned()
+        self.lock().get(&stream_id).map(|r| r.actor.clone())
     }
 
     /// Registers `actor` unless another one won the race; returns the registered one.
-    pub fn insert_or_get(&self, stream_id: i64, actor: ActorRef<StreamMsg>) -> ActorRef<StreamMsg> {
-        self.lock().entry(stream_id).or_insert(actor).clone()
+    fn insert_or_get(
+        &self,
+        stream_id: i64,
+        actor: ActorRef<StreamMsg>,
+        active: Arc<AtomicU64>,
+    ) -> ActorRef<StreamMsg> {
+        let mut map = self.lock();
+        let entry = map.entry(stream_id).or_insert(Registered { actor, active });
+        entry.actor.clone()
     }
 
     /// Forgets `actor` if it is still the one registered for the stream.
@@ -567,9 +600,35 @@ impl Registry {
         let mut map = self.lock();
         if map
             .get(&stream_id)
-            .is_some_and(|a| a.get_id() == actor.get_id())
+            .is_some_and(|r| r.actor.get_id() == actor.get_id())
         {
             map.remove(&stream_id);
+        }
+    }
+
+    /// Lets the `n` least recently active actors go: out of the registry at once (a new
+    /// append to their stream starts a fresh actor), and each told to stop.
+    fn evict(&self, n: usize) {
+        let evicted: Vec<ActorRef<StreamMsg>> = {
+            let mut map = self.lock();
+            let mut by_age: Vec<(u64, i64)> = map
+                .iter()
+                .map(|(id, r)| (r.active.load(Ordering::Relaxed), *id))
+                .collect();
+            let n = n.min(by_age.len());
+            if n == 0 {
+                return;
+            }
+            by_age.select_nth_unstable(n - 1);
+            by_age[..n]
+                .iter()
+                .filter_map(|(_, id)| map.remove(id))
+                .map(|r| r.actor)
+                .collect()
+        };
+        self.metrics.observe_evicted_actors(evicted.len());
+        for actor in evicted {
+            let _ = actor.send_message(StreamMsg::Evict);
         }
     }
 
@@ -578,7 +637,7 @@ impl Registry {
     }
 
     pub fn all(&self) -> Vec<ActorRef<StreamMsg>> {
-        self.lock().values().cloned().collect()
+        self.lock().values().map(|r| r.actor.clone()).collect()
     }
 }
 
@@ -591,16 +650,25 @@ pub(crate) async fn actor_for(
     if let Some(a) = registry.get(ctx.stream_id) {
         return Ok(a);
     }
+    let active = Arc::new(AtomicU64::new(ticks()));
     let args = StreamArgs {
         ctx: ctx.clone(),
+        active: active.clone(),
         env: env.clone(),
     };
     let (actor, _join) = Actor::spawn(None, StreamActor, args)
         .await
         .map_err(|e| Error::Internal(format!("spawning a stream actor: {e}")))?;
-    let registered = registry.insert_or_get(ctx.stream_id, actor.clone());
+    let registered = registry.insert_or_get(ctx.stream_id, actor.clone(), active);
     if registered.get_id() != actor.get_id() {
         actor.stop(None);
+    } else {
+        // Over the cap: a tenth more than the excess goes, so that eviction is not a scan of
+        // the registry per new actor.
+        let (alive, max) = (registry.len(), env.limits.max_alive.max(1));
+        if alive > max {
+            registry.evict(alive - max + max / 10);
+        }
     }
     Ok(registered)
 }

@@ -99,6 +99,7 @@ impl Default for EngineConfig {
                 max_batch_records: 4096,
                 max_batch_bytes: 16 * 1024 * 1024,
                 idle_timeout: Duration::from_secs(30),
+                max_alive: 10_000,
             },
             max_record_bytes: 10 * 1024 * 1024,
             max_list_records: 1000,

@@ -158,6 +158,8 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), Histogram>>,
     appended_records: AtomicU64,
     commits_failed: AtomicU64,
+    /// Stream actors stopped to keep the live ones under the cap.
+    evicted_actors: AtomicU64,
     batch_records: Histogram,
     commit_seconds: Histogram,
     /// Streams per cross-stream write statement, and its latency.
@@ -177,6 +179,7 @@ impl Default for Metrics {
             requests: Mutex::new(BTreeMap::new()),
             appended_records: AtomicU64::new(0),
             commits_failed: AtomicU64::new(0),
+            evicted_actors: AtomicU64::new(0),
             batch_records: Histogram::new(BATCH_BUCKETS),
             commit_seconds: Histogram::new(LATENCY_BUCKETS),
             statement_streams: Histogram::new(BATCH_BUCKETS),
@@ -240,6 +243,11 @@ impl Metrics {
     /// A commit transaction that failed (nothing of it was stored).
     pub fn observe_failed_commit(&self) {
         self.commits_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `n` stream actors stopped because more than the cap were alive.
+    pub fn observe_evicted_actors(&self, n: usize) {
+        self.evicted_actors.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// One lookup in an engine cache.
@@ -383,6 +391,13 @@ impl Metrics {
             "gauge",
             "Stream actors alive in this instance.",
             &snap.active_actors,
+        );
+        scalar(
+            &mut out,
+            "webpods_evicted_stream_actors_total",
+            "counter",
+            "Stream actors stopped before their idle timeout because more than the cap were alive.",
+            &self.evicted_actors.load(Ordering::Relaxed),
         );
         scalar(
             &mut out,

@@ -7,13 +7,14 @@ use reqwest::Method;
 use crate::both_backends;
 use crate::support::{
     Backend, TestApp, assert_valid_chain, batch_body, batch_first_index, follower_statements,
-    sorted_firsts,
+    metric, sorted_firsts,
 };
 
 both_backends!(
     sixty_four_concurrent_appenders,
     concurrent_batches_split_across_overlapping_commits,
-    idle_actors_stop_and_restart
+    idle_actors_stop_and_restart,
+    actors_over_the_cap_are_evicted
 );
 
 async fn sixty_four_concurrent_appenders(backend: Backend) {
@@ -108,5 +109,76 @@ async fn idle_actors_stop_and_restart(backend: Backend) {
     let r = app.append("idle", "/a/y", "2").await;
     assert_eq!(r["index"], 1);
     assert_valid_chain("idle", "a", &app.all_records("idle", "a").await);
+    app.stop().await;
+}
+
+/// At most four actors may be alive (the idle timeout is the default 30 s, so only the cap
+/// stops them). Twenty streams written one after another leave at most four actors; then 40
+/// clients append concurrently across the same twenty streams, so actors are evicted while
+/// appends reach them. Every acknowledged record must be stored at the index and with the hash
+/// of its receipt, each stream's chain dense and valid.
+async fn actors_over_the_cap_are_evicted(backend: Backend) {
+    let url = crate::support::fresh_database(backend).await;
+    let app = TestApp::spawn_on(&url, &[("WEBPODS_ACTOR_MAX_ALIVE", "4")]).await;
+    app.create_pod("cap").await;
+    const STREAMS: usize = 20;
+    for s in 0..STREAMS {
+        let r = app.append("cap", &format!("/s{s}/first"), "0").await;
+        assert_eq!(r["index"], 0);
+        assert!(
+            app.engine.active_actors() <= 4,
+            "{} alive",
+            app.engine.active_actors()
+        );
+    }
+    assert!(metric(&app.engine, "webpods_evicted_stream_actors_total") >= 16);
+
+    let mut tasks = Vec::new();
+    for client in 0..40 {
+        let requests: Vec<_> = (0..10)
+            .map(|k| {
+                let s = (client * 7 + k) % STREAMS;
+                let req = app
+                    .pod(Method::POST, "cap", &format!("/s{s}/c{client}-{k}"))
+                    .bearer_auth(&app.token)
+                    .header("content-type", "text/plain")
+                    .body(format!("{client}/{k}"));
+                (s, req)
+            })
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let mut receipts = Vec::new();
+            for (s, req) in requests {
+                let r = req.send().await.expect("append");
+                assert_eq!(r.status(), 201);
+                let receipt: serde_json::Value = r.json().await.expect("receipt");
+                receipts.push((s, receipt));
+            }
+            receipts
+        }));
+    }
+    let mut receipts = Vec::new();
+    for t in tasks {
+        receipts.extend(t.await.expect("task"));
+    }
+    assert!(
+        app.engine.active_actors() <= 4,
+        "{} alive",
+        app.engine.active_actors()
+    );
+    let mut stored = Vec::new();
+    for s in 0..STREAMS {
+        let records = app.all_records("cap", &format!("s{s}")).await;
+        assert_valid_chain("cap", &format!("s{s}"), &records);
+        stored.push(records);
+    }
+    let total: usize = stored.iter().map(Vec::len).sum();
+    assert_eq!(total, STREAMS + 400, "each acknowledged append stored once");
+    for (s, receipt) in receipts {
+        let index = receipt["index"].as_u64().expect("index") as usize;
+        let record = &stored[s][index];
+        assert_eq!(record["hash"], receipt["hash"], "receipt {receipt}");
+        assert_eq!(record["name"], receipt["name"]);
+    }
     app.stop().await;
 }

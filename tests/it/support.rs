@@ -303,13 +303,21 @@ pub async fn sorted_firsts(tasks: Vec<JoinHandle<Vec<i64>>>) -> Vec<i64> {
 
 /// `webpods_follower_statements_total{result}` of an engine: halves of split batches.
 pub fn follower_statements(engine: &Engine, result: &str) -> u64 {
-    let metrics = engine.render_metrics();
-    let prefix = format!("webpods_follower_statements_total{{result=\"{result}\"}} ");
-    metrics
+    metric(
+        engine,
+        &format!("webpods_follower_statements_total{{result=\"{result}\"}}"),
+    )
+}
+
+/// The value of one series (`name{labels}`) in the engine's `/metrics` text.
+pub fn metric(engine: &Engine, series: &str) -> u64 {
+    let prefix = format!("{series} ");
+    engine
+        .render_metrics()
         .lines()
         .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|n| n.parse().ok())
-        .expect("follower metric")
+        .unwrap_or_else(|| panic!("no metric {series}"))
 }
 
 /// Epoch milliseconds of `2025-01-01T00:00:00.000Z`.
