@@ -33,6 +33,29 @@ fn admin_url() -> String {
 struct Setup {
     engine: Engine,
     caller: Caller,
+    store: Store,
+    admin: String,
+    database: String,
+}
+
+impl Setup {
+    /// Stops the actors, closes the pool and drops the run's database.
+    async fn teardown(&self) {
+        self.engine.shutdown().await;
+        self.store.close().await;
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.admin)
+            .await
+            .expect("connect to PostgreSQL");
+        sqlx::Executor::execute(
+            &mut conn,
+            sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.database
+            )),
+        )
+        .await
+        .expect("drop database");
+    }
 }
 
 async fn setup() -> Setup {
@@ -68,7 +91,7 @@ async fn setup() -> Setup {
         ..EngineConfig::default()
     };
     let engine = Engine::new(
-        store,
+        store.clone(),
         config,
         TokenKeys::new(b"bench-secret-bench-secret-bench!"),
     );
@@ -78,7 +101,13 @@ async fn setup() -> Setup {
         .expect("token");
     let caller = engine.authenticate(Some(&token)).expect("caller");
     engine.create_pod(&caller, "bench").await.expect("pod");
-    Setup { engine, caller }
+    Setup {
+        engine,
+        caller,
+        store,
+        admin,
+        database: name,
+    }
 }
 
 fn record(name: &str) -> AppendRequest {
@@ -153,6 +182,7 @@ fn appends(c: &mut Criterion) {
         });
     }
     group.finish();
+    rt.block_on(setup.teardown());
 }
 
 fn reads(c: &mut Criterion) {
@@ -194,6 +224,7 @@ fn reads(c: &mut Criterion) {
         });
     });
     group.finish();
+    rt.block_on(setup.teardown());
 }
 
 criterion_group!(benches, appends, reads);
