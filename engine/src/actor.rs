@@ -82,6 +82,8 @@ pub(crate) enum StreamMsg {
     /// The in-flight commit finished: the chain as it stands after it, `None` when unknown
     /// (the next commit then takes the locking path).
     CommitDone(Option<Chain>),
+    /// From the idle sweeper ([`sweep_idle`]): stop if idle for the timeout with nothing queued
+    /// or in flight.
     IdleCheck,
     /// The registry has let this actor go (too many alive): stop once the mailbox is handled.
     Evict,
@@ -151,11 +153,9 @@ impl Actor for StreamActor {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<StreamMsg>,
+        _myself: ActorRef<StreamMsg>,
         args: StreamArgs,
     ) -> Result<StreamState, ActorProcessingErr> {
-        let period = (args.env.limits.idle_timeout / 2).max(Duration::from_millis(50));
-        myself.send_interval(period, || StreamMsg::IdleCheck);
         Ok(StreamState {
             args,
             pending: VecDeque::new(),
@@ -634,6 +634,17 @@ impl Registry {
         }
     }
 
+    /// The actors last active at least `idle` ago.
+    fn idle_for(&self, idle: Duration) -> Vec<ActorRef<StreamMsg>> {
+        let now = ticks();
+        let idle = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        self.lock()
+            .values()
+            .filter(|r| now.saturating_sub(r.active.load(Ordering::Relaxed)) >= idle)
+            .map(|r| r.actor.clone())
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }
@@ -641,6 +652,27 @@ impl Registry {
     pub fn all(&self) -> Vec<ActorRef<StreamMsg>> {
         self.lock().values().map(|r| r.actor.clone()).collect()
     }
+}
+
+/// Every half idle timeout, asks the actors idle that long to check themselves (each stops if
+/// nothing is queued or in flight): one timer for all actors, not one each. Ends once the
+/// engine and its actors are gone.
+pub(crate) fn sweep_idle(env: &Arc<ActorEnv>) {
+    let period = (env.limits.idle_timeout / 2).max(Duration::from_millis(50));
+    let env = Arc::downgrade(env);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(env) = env.upgrade() else {
+                return;
+            };
+            for actor in env.registry.idle_for(env.limits.idle_timeout) {
+                let _ = actor.send_message(StreamMsg::IdleCheck);
+            }
+        }
+    });
 }
 
 /// Spawns (or finds) the actor of a stream.

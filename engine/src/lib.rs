@@ -184,6 +184,7 @@ impl Engine {
             limits: config.actors,
             registry,
         });
+        actor::sweep_idle(&actors);
         Engine {
             inner: Arc::new(Inner {
                 store,
