@@ -43,33 +43,25 @@ impl Setup {
     async fn teardown(&self) {
         self.engine.shutdown().await;
         self.store.close().await;
-        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.admin)
-            .await
-            .expect("connect to PostgreSQL");
-        sqlx::Executor::execute(
-            &mut conn,
-            sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.database
-            )),
-        )
-        .await
-        .expect("drop database");
+        let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database);
+        admin_execute(&self.admin, drop).await;
     }
+}
+
+/// Runs one statement (creating or dropping a database) on the admin connection.
+async fn admin_execute(admin: &str, sql: String) {
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(admin)
+        .await
+        .expect("connect to PostgreSQL");
+    sqlx::Executor::execute(&mut conn, sqlx::AssertSqlSafe(sql.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
 async fn setup() -> Setup {
     let admin = admin_url();
     let name = format!("wp_bench_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
-        .await
-        .expect("connect to PostgreSQL");
-    sqlx::Executor::execute(
-        &mut conn,
-        sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")),
-    )
-    .await
-    .expect("create database");
+    admin_execute(&admin, format!("CREATE DATABASE {name}")).await;
     let mut url = url::Url::parse(&admin).expect("url");
     url.set_path(&name);
     let store = Store::connect(

@@ -108,6 +108,11 @@ fn ticks() -> u64 {
     EPOCH.elapsed().as_millis() as u64
 }
 
+/// Whether an actor last active at `active` ([`ticks`]) has been idle for `timeout`.
+fn idle_for(active: &AtomicU64, timeout: Duration) -> bool {
+    u128::from(ticks().saturating_sub(active.load(Ordering::Relaxed))) >= timeout.as_millis()
+}
+
 /// The committed end of a stream's chain as an actor last saw it, with the stream's child
 /// version (see [`ChainedBatch`]). Another instance may have moved it since: the fast path's
 /// compare-and-swap finds out.
@@ -184,8 +189,7 @@ impl Actor for StreamActor {
                 start_commit(&myself, state);
             }
             StreamMsg::IdleCheck => {
-                let since = ticks().saturating_sub(state.args.active.load(Ordering::Relaxed));
-                let idle = u128::from(since) >= state.args.env.limits.idle_timeout.as_millis();
+                let idle = idle_for(&state.args.active, state.args.env.limits.idle_timeout);
                 if idle && !state.committing && state.pending.is_empty() {
                     state
                         .args
@@ -634,13 +638,11 @@ impl Registry {
         }
     }
 
-    /// The actors last active at least `idle` ago.
-    fn idle_for(&self, idle: Duration) -> Vec<ActorRef<StreamMsg>> {
-        let now = ticks();
-        let idle = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    /// The actors idle for at least `timeout`.
+    fn idle(&self, timeout: Duration) -> Vec<ActorRef<StreamMsg>> {
         self.lock()
             .values()
-            .filter(|r| now.saturating_sub(r.active.load(Ordering::Relaxed)) >= idle)
+            .filter(|r| idle_for(&r.active, timeout))
             .map(|r| r.actor.clone())
             .collect()
     }
@@ -668,7 +670,7 @@ pub(crate) fn sweep_idle(env: &Arc<ActorEnv>) {
             let Some(env) = env.upgrade() else {
                 return;
             };
-            for actor in env.registry.idle_for(env.limits.idle_timeout) {
+            for actor in env.registry.idle(env.limits.idle_timeout) {
                 let _ = actor.send_message(StreamMsg::IdleCheck);
             }
         }
