@@ -8,9 +8,11 @@ use std::time::Duration;
 use sqlx::PgPool;
 use webpods_storage::{ChainedBatch, Head, RecordRow, Store, StoreOptions};
 
-use crate::support::{Backend, fresh_database};
+use crate::support::{Backend, TestDb, fresh_database};
 
 struct Fixture {
+    /// Kept while the fixture is.
+    _db: TestDb,
     store: Store,
     pool: PgPool,
     stream: i64,
@@ -38,6 +40,7 @@ async fn fixture() -> Fixture {
     .await
     .expect("stream");
     Fixture {
+        _db: url,
         store,
         pool,
         stream,

@@ -4,6 +4,7 @@
 //! restored).
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,9 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
 use crate::both_backends;
-use crate::support::{Backend, SECRET, TestApp, assert_valid_chain, error_code, fresh_database};
+use crate::support::{
+    Backend, SECRET, TestApp, TestDb, assert_valid_chain, error_code, fresh_database,
+};
 
 // ----- a `webpods` process ------------------------------------------------------------------
 
@@ -26,21 +29,22 @@ struct Process {
     child: Child,
     base: String,
     token: String,
+    /// Where the process writes its token; removed on drop.
+    token_file: PathBuf,
     logs: Arc<Mutex<String>>,
 }
 
 impl Process {
     async fn spawn(database_url: &str, extra: &[(&str, &str)]) -> Process {
+        let token_file =
+            std::env::temp_dir().join(format!("wp-{}.token", uuid::Uuid::new_v4().simple()));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_webpods"));
         cmd.env("WEBPODS_LISTEN", "127.0.0.1:0")
             .env("WEBPODS_PUBLIC_URL", "http://localhost")
             .env("WEBPODS_DATABASE_URL", database_url)
             .env("WEBPODS_JWT_SECRET", SECRET)
             .env("WEBPODS_LOG", "warn")
-            .env(
-                "WEBPODS_TOKEN_FILE",
-                std::env::temp_dir().join(format!("wp-{}.token", uuid::Uuid::new_v4().simple())),
-            )
+            .env("WEBPODS_TOKEN_FILE", &token_file)
             .env_remove("WEBPODS_CONFIG");
         for (k, v) in extra {
             cmd.env(k, v);
@@ -85,6 +89,7 @@ impl Process {
             child,
             base,
             token,
+            token_file,
             logs,
         }
     }
@@ -124,6 +129,12 @@ impl Process {
             .await
             .expect("create pod");
         assert_eq!(r.status(), 201);
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.token_file);
     }
 }
 
@@ -799,6 +810,8 @@ struct Proxy {
     up: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
+    /// The database behind the proxy, kept while the proxy is.
+    db: Option<TestDb>,
 }
 
 impl Proxy {
@@ -828,6 +841,7 @@ impl Proxy {
             up,
             conns,
             accept,
+            db: None,
         }
     }
 
@@ -852,13 +866,15 @@ impl Drop for Proxy {
 
 /// A fresh PostgreSQL database reached through a [`Proxy`].
 async fn proxied_database() -> (String, Proxy) {
-    let direct = url::Url::parse(&fresh_database(Backend::Postgres).await).expect("url");
+    let db = fresh_database(Backend::Postgres).await;
+    let direct = url::Url::parse(&db).expect("url");
     let target = format!(
         "{}:{}",
         direct.host_str().expect("host"),
         direct.port().unwrap_or(5432)
     );
-    let proxy = Proxy::start(target).await;
+    let mut proxy = Proxy::start(target).await;
+    proxy.db = Some(db);
     let mut via = direct.clone();
     via.set_host(Some("127.0.0.1")).expect("host");
     via.set_port(Some(proxy.port)).expect("port");
@@ -965,6 +981,7 @@ async fn startup_waits_for_the_database() {
     );
 
     let config = crate::support::test_config(&url, &[("WEBPODS_DB_CONNECT_RETRY_SECS", "30")]);
+    let token_file = config.token_file.clone();
     let build = tokio::spawn(webpods::startup::Server::build(config));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!build.is_finished(), "startup is still retrying");
@@ -975,6 +992,9 @@ async fn startup_waits_for_the_database() {
         .expect("task")
         .expect("server");
     assert!(server.local_addr().is_ok());
+    if let Some(f) = token_file {
+        let _ = std::fs::remove_file(f);
+    }
 }
 
 /// With a drain delay, a SIGTERM first turns `/ready` to 503 while requests are still served

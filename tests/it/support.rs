@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
 
 use reqwest::{Method, RequestBuilder, Response};
 use serde_json::Value;
@@ -49,14 +50,100 @@ pub fn pg_admin_url() -> String {
     })
 }
 
+/// A test database. It is removed (a PostgreSQL database dropped, a SQLite directory deleted)
+/// once its last holder is gone: this value, its clones, and every [`TestApp`] started on its
+/// URL. A test that fails keeps its database for inspection and prints where it is.
+#[derive(Clone)]
+pub struct TestDb(Arc<DbGuard>);
+
+struct DbGuard {
+    url: String,
+    place: Place,
+}
+
+enum Place {
+    Postgres { admin: String, name: String },
+    Sqlite(PathBuf),
+}
+
+/// Live test databases by URL, so that a [`TestApp`] started on one keeps it.
+static LIVE: Mutex<Vec<Weak<DbGuard>>> = Mutex::new(Vec::new());
+
+impl TestDb {
+    /// The handle of the live test database with this URL, if any.
+    fn find(url: &str) -> Option<TestDb> {
+        let live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        live.iter()
+            .filter_map(Weak::upgrade)
+            .find(|g| g.url == url)
+            .map(TestDb)
+    }
+}
+
+impl std::ops::Deref for TestDb {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0.url
+    }
+}
+
+impl std::fmt::Display for TestDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.url)
+    }
+}
+
+impl Drop for DbGuard {
+    fn drop(&mut self) {
+        LIVE.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|w| w.strong_count() > 0);
+        if std::thread::panicking() {
+            eprintln!("test failed: kept its database {}", self.url);
+            return;
+        }
+        match &self.place {
+            Place::Sqlite(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            Place::Postgres { admin, name } => {
+                // Drop may run on a runtime's worker: the statement gets a runtime of its own,
+                // and the test waits for it (a test process may exit right after).
+                let (admin, sql) = (
+                    admin.clone(),
+                    format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                );
+                let dropped = std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(async {
+                        let mut conn =
+                            <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await?;
+                        sqlx::Executor::execute(&mut conn, sqlx::AssertSqlSafe(sql)).await?;
+                        anyhow::Ok(())
+                    })
+                })
+                .join();
+                if let Ok(Err(e)) = dropped {
+                    eprintln!("could not drop test database {name}: {e:#}");
+                }
+            }
+        }
+    }
+}
+
 /// A fresh, empty database of the given backend.
-pub async fn fresh_database(backend: Backend) -> String {
+pub async fn fresh_database(backend: Backend) -> TestDb {
     let name = format!("wp_{}", uuid::Uuid::new_v4().simple());
-    match backend {
+    let guard = match backend {
         Backend::Sqlite => {
             let dir = std::env::temp_dir().join(&name);
             std::fs::create_dir_all(&dir).expect("temp dir");
-            format!("sqlite://{}", dir.join("webpods.db").display())
+            DbGuard {
+                url: format!("sqlite://{}", dir.join("webpods.db").display()),
+                place: Place::Sqlite(dir),
+            }
         }
         Backend::Postgres => {
             let admin = pg_admin_url();
@@ -71,9 +158,17 @@ pub async fn fresh_database(backend: Backend) -> String {
             .expect("create database");
             let mut url = url::Url::parse(&admin).expect("admin url");
             url.set_path(&name);
-            url.to_string()
+            DbGuard {
+                url: url.to_string(),
+                place: Place::Postgres { admin, name },
+            }
         }
-    }
+    };
+    let db = Arc::new(guard);
+    LIVE.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Arc::downgrade(&db));
+    TestDb(db)
 }
 
 /// The configuration tests run the server with; `extra` overrides any variable.
@@ -111,6 +206,9 @@ pub struct TestApp {
     pub http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
+    /// Kept until the server is gone.
+    _db: Option<TestDb>,
+    token_file: Option<PathBuf>,
 }
 
 impl TestApp {
@@ -127,6 +225,8 @@ impl TestApp {
 
     /// A server with this configuration. `token` is empty unless it runs in local mode.
     pub async fn spawn_with(config: Config) -> TestApp {
+        let db = TestDb::find(&config.database_url);
+        let token_file = config.token_file.clone();
         let server = Server::build(config).await.expect("build server");
         let addr = server.local_addr().expect("addr");
         let token = server.local_token.clone().unwrap_or_default();
@@ -145,6 +245,8 @@ impl TestApp {
                 .expect("client"),
             stop: Some(stop),
             task: Some(task),
+            _db: db,
+            token_file,
         }
     }
 
@@ -246,6 +348,9 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
+        }
+        if let Some(f) = &self.token_file {
+            let _ = std::fs::remove_file(f);
         }
     }
 }
