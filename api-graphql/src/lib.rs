@@ -3,9 +3,9 @@
 //! `/graphql/ws` (`graphql-transport-ws` subscriptions).
 //!
 //! It owns the GraphQL surface only: the schema and its resolvers, Relay pagination of
-//! records, batch loading of nested heads and users ([`loaders`], so nested lists cost a
+//! records, batch loading of nested heads and users (`loaders`, so nested lists cost a
 //! constant number of statements), query depth and complexity limits, and mapping engine
-//! errors to GraphQL errors with `extensions.code` ([`error`]). Tokens are read exactly as REST
+//! errors to GraphQL errors with `extensions.code` (`error`). Tokens are read exactly as REST
 //! reads them and every rule — permissions, names, the chain — is the engine's; this crate
 //! never sees storage. The exported SDL is committed as `schema.graphql` and a test fails when
 //! it drifts from the code.

@@ -127,7 +127,7 @@ pub(crate) fn is_system_route(path: &str) -> bool {
     EXACT.contains(&path) || PREFIXES.iter().any(|p| path.starts_with(p))
 }
 
-/// The pod a request addresses, set by [`dispatch`] for the pod router.
+/// The pod a request addresses, set by `dispatch` for the pod router.
 #[derive(Debug, Clone)]
 pub struct PodHost(pub String);
 

@@ -2,7 +2,7 @@
 //!
 //! Frontends (REST, GraphQL, WebSocket) authenticate a token into a [`Caller`] and call the
 //! engine; they never see storage or actor types. The engine owns:
-//! - **appends**: one ractor actor per active stream ([`actor`]) serializes appends with group
+//! - **appends**: one ractor actor per active stream (`actor`) serializes appends with group
 //!   commit; a receipt exists only after its batch committed; idle actors stop;
 //! - **the hash chain** ([`hash`]) exactly as SPEC §5.1, computed against the head the actor
 //!   holds and committed only if the stored head is still that one (compare-and-swap, several
@@ -10,7 +10,7 @@
 //!   several instances on one database never fork a chain;
 //! - **permissions** (SPEC §8), decided here for every frontend alike;
 //! - **reads**, which never go through the actors: from storage, or from memory
-//!   ([`read_cache`]) for the latest record by name, records by index and list pages.
+//!   (`read_cache`) for the latest record by name, records by index and list pages.
 //!
 //! Errors are one enum, [`Error`], whose [`ErrorKind`] frontends map to their transport.
 

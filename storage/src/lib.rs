@@ -582,7 +582,7 @@ impl Store {
     }
 
     /// Queues an append notice; it is sent soon after, with others, without waiting
-    /// (PostgreSQL; a no-op on SQLite). See [`notify`](crate::notify) for why.
+    /// (PostgreSQL; a no-op on SQLite). See the `notify` module for why.
     pub fn notify_appended(&self, notice: Notice) {
         if let Store::Postgres(s) = self {
             s.notify_appended(notice);
