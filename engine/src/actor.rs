@@ -589,16 +589,21 @@ impl Registry {
         self.lock().get(&stream_id).map(|r| r.actor.clone())
     }
 
-    /// Registers `actor` unless another one won the race; returns the registered one.
+    /// Registers `actor` unless another one won the race; returns the registered one, and how
+    /// many actors are registered now.
     fn insert_or_get(
         &self,
         stream_id: i64,
         actor: ActorRef<StreamMsg>,
         active: Arc<AtomicU64>,
-    ) -> ActorRef<StreamMsg> {
+    ) -> (ActorRef<StreamMsg>, usize) {
         let mut map = self.lock();
-        let entry = map.entry(stream_id).or_insert(Registered { actor, active });
-        entry.actor.clone()
+        let registered = map
+            .entry(stream_id)
+            .or_insert(Registered { actor, active })
+            .actor
+            .clone();
+        (registered, map.len())
     }
 
     /// Forgets `actor` if it is still the one registered for the stream.
@@ -695,13 +700,13 @@ pub(crate) async fn actor_for(
     let (actor, _join) = Actor::spawn(None, StreamActor, args)
         .await
         .map_err(|e| Error::Internal(format!("spawning a stream actor: {e}")))?;
-    let registered = registry.insert_or_get(ctx.stream_id, actor.clone(), active);
+    let (registered, alive) = registry.insert_or_get(ctx.stream_id, actor.clone(), active);
     if registered.get_id() != actor.get_id() {
         actor.stop(None);
     } else {
         // Over the cap: a tenth more than the excess goes, so that eviction is not a scan of
         // the registry per new actor.
-        let (alive, max) = (registry.len(), env.limits.max_alive.max(1));
+        let max = env.limits.max_alive.max(1);
         if alive > max {
             registry.evict(alive - max + max / 10);
         }
