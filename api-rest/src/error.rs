@@ -78,3 +78,38 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// 405 in the error envelope, with the `Allow` header RFC 9110 §15.5.6 requires.
+pub fn method_not_allowed(allow: &str) -> Response {
+    let mut resp = (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(json!({ "error": {
+            "code": "METHOD_NOT_ALLOWED",
+            "message": format!("this path takes {allow}"),
+        }})),
+    )
+        .into_response();
+    if let Ok(v) = axum::http::HeaderValue::from_str(allow) {
+        resp.headers_mut().insert(axum::http::header::ALLOW, v);
+    }
+    resp
+}
+
+/// axum answers a known route called with another method with a bare 405 (it does set
+/// `Allow`); this gives that answer the envelope every other error has (SPEC §4.7).
+pub async fn envelope_bare_405(resp: Response) -> Response {
+    if resp.status() != StatusCode::METHOD_NOT_ALLOWED
+        || resp
+            .headers()
+            .contains_key(axum::http::header::CONTENT_TYPE)
+    {
+        return resp;
+    }
+    let allow = resp
+        .headers()
+        .get(axum::http::header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    method_not_allowed(&allow)
+}

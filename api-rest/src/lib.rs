@@ -78,6 +78,10 @@ pub fn app_with_live(
     let main = main_routes::router(state.clone())
         .merge(auth_routes::router(state.clone()))
         .merge(extra_main_routes);
+    // Around the whole router: inside it, a route's own 405 has no `Allow` header yet.
+    let main = Router::new()
+        .fallback_service(main)
+        .layer(axum::middleware::map_response(error::envelope_bare_405));
     let mut pods = pod_routes::router(state.clone());
     if let Some(live) = pod_live {
         let reads = pods;

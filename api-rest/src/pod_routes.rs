@@ -73,13 +73,7 @@ async fn handle(
         Method::GET | Method::HEAD => read(&st, &caller, &pod, &path, &query, req.headers()).await,
         Method::POST => write(&st, &caller, &pod, &path, &query, req).await,
         Method::DELETE => delete(&st, &caller, &pod, &path, &query).await,
-        _ => Ok((
-            StatusCode::METHOD_NOT_ALLOWED,
-            Json(
-                json!({ "error": { "code": "METHOD_NOT_ALLOWED", "message": "use GET, POST or DELETE" } }),
-            ),
-        )
-            .into_response()),
+        _ => Ok(crate::error::method_not_allowed("GET, HEAD, POST, DELETE")),
     }
 }
 
@@ -723,8 +717,19 @@ fn record_headers(headers: &HeaderMap) -> Result<BTreeMap<String, String>, ApiEr
     Ok(out)
 }
 
-/// `If-Match: "<hash>"`, `X-Expected-Index: N` or `If-None-Match: *`.
+/// `If-Match: "<hash>"`, `X-Expected-Index: N` or `If-None-Match: *` — one of them, as in
+/// GraphQL: two would each be a condition, and honouring only one would ignore the other.
 fn precondition(headers: &HeaderMap) -> Result<Option<Precondition>, ApiError> {
+    let given = ["if-match", "x-expected-index", "if-none-match"]
+        .iter()
+        .filter(|h| headers.contains_key(**h))
+        .count();
+    if given > 1 {
+        return Err(ApiError::new(
+            ErrorKind::InvalidInput,
+            "give at most one of If-Match, X-Expected-Index and If-None-Match",
+        ));
+    }
     if let Some(v) = header_str(headers, "if-match")? {
         return Ok(Some(Precondition::LastHash(
             v.trim_matches('"').to_string(),

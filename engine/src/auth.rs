@@ -542,14 +542,6 @@ impl Engine {
             (Some(mine), None) => Some(mine.clone()),
             (None, asked) => asked,
         };
-        if let Some(list) = &pods
-            && (list.is_empty() || !list.iter().all(|p| crate::names::is_valid_pod_name(p)))
-        {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                "pods must be valid pod names",
-            ));
-        }
         let scope = scope.unwrap_or(user.scope);
         if (scope.read && !user.scope.read) || (scope.write && !user.scope.write) {
             return Err(wider("have a scope the current token lacks"));

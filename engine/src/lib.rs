@@ -70,6 +70,15 @@ const OWNER_STREAM: &str = ".config/owner";
 const OWNER_RECORD: &str = "owner";
 /// `.config` streams written only through their own endpoints.
 const ENDPOINT_STREAMS: [&str; 3] = [".config/owner", ".config/routing", ".config/domains"];
+
+/// Whether `path` is one of [`ENDPOINT_STREAMS`] or below one: neither records nor child
+/// streams are written there except through the endpoint.
+fn is_endpoint_path(path: &str) -> bool {
+    ENDPOINT_STREAMS.iter().any(|e| {
+        path.strip_prefix(e)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
+}
 /// Most records one append (a batch request) may carry.
 pub const MAX_APPEND_RECORDS: usize = 1000;
 
@@ -297,7 +306,7 @@ impl Engine {
         self.inner.rate.is_some()
     }
 
-    /// Signs a token for `user_id`.
+    /// Signs a token for `user_id`; `pods`, when given, must be valid pod names.
     pub fn issue_token(
         &self,
         user_id: &str,
@@ -305,6 +314,14 @@ impl Engine {
         scope: Scope,
         expires_in_secs: Option<i64>,
     ) -> Result<String> {
+        if let Some(list) = &pods
+            && (list.is_empty() || !list.iter().all(|p| names::is_valid_pod_name(p)))
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "pods must be valid pod names",
+            ));
+        }
         let claims = token::new_claims(user_id, now_ms() / 1000, expires_in_secs, pods, scope);
         self.inner.keys.sign(&claims)
     }
@@ -484,7 +501,7 @@ impl Engine {
         let pod = self.pod(pod).await?;
         let user = require_writer(caller)?;
         check_token_pod(user, &pod.name)?;
-        if ENDPOINT_STREAMS.contains(&stream_path) {
+        if is_endpoint_path(stream_path) {
             return Err(forbidden(format!(
                 "{stream_path} is written through its own endpoint"
             )));
@@ -545,7 +562,7 @@ impl Engine {
     ) -> Result<StreamRow> {
         let stream = match self.stream(pod, path).await? {
             Some(s) => s,
-            None => self.create_stream_path(pod, user, path, access).await?,
+            None => self.create_stream_path(pod, user, path, access).await?.0,
         };
         self.check_write(pod, &stream, user).await?;
         Ok(stream)
@@ -569,13 +586,26 @@ impl Engine {
         let pod = self.pod(pod).await?;
         let user = require_writer(caller)?;
         check_token_pod(user, &pod.name)?;
+        if is_endpoint_path(path) {
+            return Err(forbidden(format!(
+                "{path} is written through its own endpoint"
+            )));
+        }
         if self.stream(&pod, path).await?.is_some() {
             return Err(Error::new(
                 ErrorKind::StreamExists,
                 format!("stream {path:?} exists"),
             ));
         }
-        let row = self.create_stream_path(&pod, user, path, access).await?;
+        // Of concurrent creations of one stream exactly one succeeds: the others find it in the
+        // database (the check above raced) and are told so, not that theirs has their access.
+        let (row, created) = self.create_stream_path(&pod, user, path, access).await?;
+        if !created {
+            return Err(Error::new(
+                ErrorKind::StreamExists,
+                format!("stream {path:?} exists"),
+            ));
+        }
         Ok(stream_view(&row))
     }
 
@@ -590,8 +620,12 @@ impl Engine {
                 ),
             ));
         }
+        // JSON text is UTF-8 (RFC 8259 §8.1); `from_slice` alone lets bad bytes in strings by.
         if is_json_type(&r.content_type)
-            && serde_json::from_slice::<serde::de::IgnoredAny>(&r.content).is_err()
+            && std::str::from_utf8(&r.content)
+                .ok()
+                .and_then(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).ok())
+                .is_none()
         {
             return Err(Error::new(
                 ErrorKind::InvalidContent,
@@ -616,19 +650,22 @@ impl Engine {
     }
 
     /// Creates the streams of `path` that are missing, top-down. The last one gets `access`.
+    /// Returns the stream, and whether this call created it (false: it was there, or another
+    /// request created it first).
     async fn create_stream_path(
         &self,
         pod: &PodRow,
         user: &UserCaller,
         path: &str,
         access: Option<&str>,
-    ) -> Result<StreamRow> {
+    ) -> Result<(StreamRow, bool)> {
         let access = access.unwrap_or("public");
         check_access(access)?;
         if is_system_path(path) && pod.owner_id != user.user_id {
             return Err(forbidden(".config streams are owner-only"));
         }
         let mut parent = self.existing_stream(pod, "").await?;
+        let mut created = false;
         let mut end = 0;
         while end < path.len() {
             end = path[end..].find('/').map_or(path.len(), |i| end + i);
@@ -636,6 +673,7 @@ impl Engine {
             let is_leaf = end == path.len();
             if let Some(s) = self.stream(pod, prefix).await? {
                 parent = s;
+                created = false;
                 end += 1;
                 continue;
             }
@@ -655,8 +693,9 @@ impl Engine {
                 creator_id: user.user_id.clone(),
                 created_at: now_ms(),
             };
-            parent = match self.inner.store.create_stream(&new).await? {
-                CreateStream::Created(s) | CreateStream::Exists(s) => s,
+            (parent, created) = match self.inner.store.create_stream(&new).await? {
+                CreateStream::Created(s) => (s, true),
+                CreateStream::Exists(s) => (s, false),
                 CreateStream::NameConflict => {
                     return Err(Error::new(
                         ErrorKind::NameConflict,
@@ -666,7 +705,7 @@ impl Engine {
             };
             end += 1;
         }
-        Ok(parent)
+        Ok((parent, created))
     }
 
     /// Appends through the stream's actor; a stream deleted meanwhile is `STREAM_NOT_FOUND`.

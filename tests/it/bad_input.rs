@@ -7,12 +7,17 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::both_backends;
-use crate::support::{Backend, SECRET, TestApp, error_code, fresh_database};
+use crate::support::{Backend, SECRET, TestApp, error_code, fresh_database, json_of};
 
 both_backends!(
     bad_tokens_are_refused,
     bad_names_and_paths,
-    limits_and_conflicts
+    limits_and_conflicts,
+    concurrent_creations_of_one_stream_have_one_winner,
+    json_content_must_be_utf8,
+    wrong_methods_get_the_envelope_and_allow,
+    one_precondition_at_a_time,
+    endpoint_streams_have_no_children
 );
 
 fn sign(claims: serde_json::Value, secret: &str) -> String {
@@ -324,4 +329,186 @@ async fn limits_and_conflicts(backend: Backend) {
         .expect("header");
     assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()));
     app.stop().await;
+}
+
+/// 16 clients create the same stream at once, half asking for `private` and half for `public`:
+/// exactly one is told 201, every other one 409 `STREAM_EXISTS`, and the stream has the access
+/// the winner asked for (a loser must never be told its stream is private when it is not).
+async fn concurrent_creations_of_one_stream_have_one_winner(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("race").await;
+    for round in 0..5 {
+        let path = format!("/made-{round}");
+        let tries = (0..16).map(|i| {
+            let access = if i % 2 == 0 { "private" } else { "public" };
+            let req = app
+                .pod(Method::POST, "race", &format!("{path}?access={access}"))
+                .bearer_auth(&app.token);
+            async move { (access, req.send().await.expect("create")) }
+        });
+        let mut won = Vec::new();
+        for (access, r) in futures::future::join_all(tries).await {
+            match r.status().as_u16() {
+                201 => won.push(access),
+                _ => assert_eq!(error_code(r).await, (409, "STREAM_EXISTS".to_string())),
+            }
+        }
+        assert_eq!(won.len(), 1, "round {round}: winners {won:?}");
+        let streams = app.streams("race").await;
+        let stream = streams
+            .iter()
+            .find(|s| s["path"] == path.trim_start_matches('/'))
+            .unwrap_or_else(|| panic!("{path} in {streams:?}"));
+        assert_eq!(stream["accessPermission"], won[0], "{stream}");
+    }
+}
+
+/// JSON text is UTF-8: bytes that are not are `INVALID_CONTENT`, single or in a batch.
+async fn json_content_must_be_utf8(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("utf").await;
+    for body in [
+        &b"\"\xff\xfe\""[..],
+        b"{\"k\": \"\xc3\"}",
+        b"\xef\xbb\xbf{}",
+    ] {
+        let r = app
+            .pod(Method::POST, "utf", "/s/bad")
+            .bearer_auth(&app.token)
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(
+            error_code(r).await,
+            (400, "INVALID_CONTENT".to_string()),
+            "{body:?}"
+        );
+    }
+    let r = app
+        .pod(Method::POST, "utf", "/s/good")
+        .bearer_auth(&app.token)
+        .header("content-type", "application/json")
+        .body("\"h\u{e9}llo\"")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 201);
+    let listing = json_of(app.pod(Method::GET, "utf", "/s")).await;
+    assert_eq!(listing["records"][0]["content"], "h\u{e9}llo");
+    assert_eq!(listing["records"].as_array().map(Vec::len), Some(1));
+}
+
+/// A known path called with a method it does not take: 405 in the error envelope, with `Allow`,
+/// on the main domain and on pod hosts alike.
+async fn wrong_methods_get_the_envelope_and_allow(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("meth").await;
+    let cases = [
+        app.main(Method::POST, "/health"),
+        app.main(Method::DELETE, "/health"),
+        app.main(Method::PUT, "/api/pods").bearer_auth(&app.token),
+        app.pod(Method::PUT, "meth", "/s/x").bearer_auth(&app.token),
+        app.pod(Method::PATCH, "meth", "/s").bearer_auth(&app.token),
+    ];
+    for req in cases {
+        let r = req.send().await.expect("send");
+        let what = format!("{} {}", r.url(), r.status());
+        let allow = r
+            .headers()
+            .get("allow")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        assert!(allow.contains("GET"), "{what}: Allow {allow:?}");
+        assert_eq!(
+            error_code(r).await,
+            (405, "METHOD_NOT_ALLOWED".to_string()),
+            "{what}"
+        );
+    }
+}
+
+/// Two preconditions on one write would each be a condition; honouring one and ignoring the
+/// other is refused instead, as GraphQL refuses `expectedHash` with `expectedIndex`.
+async fn one_precondition_at_a_time(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("pre").await;
+    let head = app.append("pre", "/s/a", "a").await;
+    let hash = head["hash"].as_str().expect("hash").to_string();
+    let pairs = [
+        (
+            "if-match",
+            format!("\"{hash}\""),
+            "x-expected-index",
+            "0".to_string(),
+        ),
+        (
+            "if-match",
+            format!("\"{hash}\""),
+            "if-none-match",
+            "*".to_string(),
+        ),
+        (
+            "x-expected-index",
+            "1".to_string(),
+            "if-none-match",
+            "*".to_string(),
+        ),
+    ];
+    for (h1, v1, h2, v2) in pairs {
+        let r = app
+            .pod(Method::POST, "pre", "/s/b")
+            .bearer_auth(&app.token)
+            .header("content-type", "text/plain")
+            .header(h1, &v1)
+            .header(h2, &v2)
+            .body("b")
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(
+            error_code(r).await,
+            (400, "INVALID_INPUT".to_string()),
+            "{h1} with {h2}"
+        );
+    }
+    assert_eq!(
+        app.all_records("pre", "s").await.len(),
+        1,
+        "nothing written"
+    );
+}
+
+/// `.config/owner`, `.config/routing` and `.config/domains` are written only through their
+/// endpoints: no records in them, no streams below them, even for the owner.
+async fn endpoint_streams_have_no_children(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("ends").await;
+    for base in [".config/owner", ".config/routing", ".config/domains"] {
+        let cases = [
+            (format!("/{base}/x"), "text/plain", "x"),
+            (format!("/{base}/sub/x"), "text/plain", "x"),
+            (format!("/{base}/sub"), "", ""),
+        ];
+        for (path, ct, body) in cases {
+            let mut req = app.pod(Method::POST, "ends", &path).bearer_auth(&app.token);
+            if !ct.is_empty() {
+                req = req.header("content-type", ct);
+            }
+            let r = req.body(body.to_string()).send().await.expect("post");
+            assert_eq!(
+                error_code(r).await,
+                (403, "FORBIDDEN".to_string()),
+                "{path}"
+            );
+        }
+    }
+    let streams = app.streams("ends").await;
+    let paths: Vec<&str> = streams.iter().filter_map(|s| s["path"].as_str()).collect();
+    assert!(
+        paths.iter().all(|p| !p.contains("/sub")),
+        "no stream below an endpoint stream: {paths:?}"
+    );
 }

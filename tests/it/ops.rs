@@ -760,6 +760,37 @@ async fn the_binary_reads_its_config_file() {
     );
     assert!(db.exists(), "the database named in the file was created");
 
+    // `token issue` checks pod names as the API does.
+    let cfg = good.to_str().unwrap();
+    let out = run(
+        &[
+            "token", "issue", "ann", "--pods", "Bad Pod", "--config", cfg,
+        ],
+        &[],
+    );
+    assert!(!out.status.success(), "a bad pod name is refused");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("pods must be valid pod names"), "{stderr}");
+    let out = run(
+        &[
+            "token", "issue", "ann", "--pods", "good-pod", "--config", cfg,
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .split('.')
+            .count(),
+        3,
+        "a JWT"
+    );
+
     // The variable wins over the file; WEBPODS_CONFIG names the file.
     let db2 = dir.join("from-env.db");
     let url2 = format!("sqlite://{}", db2.display());

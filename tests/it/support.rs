@@ -315,6 +315,16 @@ impl TestApp {
         r.json().await.expect("receipt")
     }
 
+    /// The streams of a pod, as `/.config/api/streams` lists them to `local`.
+    pub async fn streams(&self, pod: &str) -> Vec<Value> {
+        let listing = json_of(
+            self.pod(Method::GET, pod, "/.config/api/streams")
+                .bearer_auth(&self.token),
+        )
+        .await;
+        listing["streams"].as_array().cloned().expect("streams")
+    }
+
     /// Every record of a stream, in order (pages through the list).
     pub async fn all_records(&self, pod: &str, stream: &str) -> Vec<Value> {
         let mut out = Vec::new();
@@ -353,6 +363,13 @@ impl Drop for TestApp {
             let _ = std::fs::remove_file(f);
         }
     }
+}
+
+/// The JSON body of a request that must succeed.
+pub async fn json_of(req: RequestBuilder) -> Value {
+    let r = req.send().await.expect("send");
+    assert!(r.status().is_success(), "{} {}", r.url(), r.status());
+    r.json().await.expect("json body")
 }
 
 /// The error code of an error response.
