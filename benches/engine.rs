@@ -22,6 +22,11 @@ use webpods_engine::{
 };
 use webpods_storage::{Store, StoreOptions};
 
+/// The allocator the `webpods` binary runs with (`src/main.rs`), so the engine is measured as it
+/// is shipped.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const RECORD: [u8; 256] = [b'x'; 256];
 
 fn admin_url() -> String {

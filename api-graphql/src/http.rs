@@ -4,7 +4,7 @@
 //!   a cross-site form or `text/plain` fetch cannot run mutations with the `token` cookie).
 //!   The body is read with a size limit. The token comes from the `token` cookie or the
 //!   `Authorization` header, as in REST; a bad token fails the request with its code.
-//! - `GET /graphql`: the GraphQL playground.
+//! - `GET /graphql`: GraphiQL.
 //! - `GET /graphql/ws`: `graphql-transport-ws` (and the legacy `graphql-ws`). The token comes
 //!   from the upgrade's `Authorization` header or `token` cookie (the cookie only when the
 //!   page's `Origin` is the main domain), or from the `connection_init` payload
@@ -14,7 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphQLPlaygroundConfig, playground_source};
+use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
 use async_graphql::{Data, Executor, Request, Response};
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::body::{Body, Bytes};
@@ -69,20 +69,28 @@ pub(crate) fn router(schema: WebPodsSchema, engine: Engine, config: GraphqlConfi
         config: Arc::new(config),
     };
     Router::new()
-        .route("/graphql", get(playground).post(post_graphql))
+        .route("/graphql", get(graphiql).post(post_graphql))
         .route("/graphql/ws", get(websocket))
         .with_state(state)
 }
 
-async fn playground() -> impl IntoResponse {
-    Html(playground_source(
-        GraphQLPlaygroundConfig::new("/graphql").subscription_endpoint("/graphql/ws"),
-    ))
+/// GraphiQL (SPEC §7), talking to this server's endpoints.
+async fn graphiql() -> impl IntoResponse {
+    Html(
+        GraphiQLSource::build()
+            .endpoint("/graphql")
+            .subscription_endpoint("/graphql/ws")
+            .title("WebPods GraphiQL")
+            .finish(),
+    )
 }
 
 /// A response carrying only request-level errors (`data: null`).
 fn error_response(status: StatusCode, err: async_graphql::Error) -> axum::response::Response {
-    let resp = Response::from_errors(vec![err.into_server_error(Default::default())]);
+    let mut err = err.into_server_error(Default::default());
+    // Not tied to a place in a query: no `locations` (they are 1-based; 0:0 is no place).
+    err.locations.clear();
+    let resp = Response::from_errors(vec![err]);
     (status, Json(resp)).into_response()
 }
 

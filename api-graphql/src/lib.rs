@@ -1,5 +1,5 @@
 //! The GraphQL frontend (SPEC §7): an async-graphql schema over [`webpods_engine::Engine`],
-//! served on the main domain at `POST /graphql`, `GET /graphql` (the playground) and
+//! served on the main domain at `POST /graphql`, `GET /graphql` (GraphiQL) and
 //! `/graphql/ws` (`graphql-transport-ws` subscriptions).
 //!
 //! It owns the GraphQL surface only: the schema and its resolvers, Relay pagination of

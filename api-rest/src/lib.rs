@@ -86,12 +86,14 @@ pub fn app_with_live(
     if let Some(live) = pod_live {
         let reads = pods;
         pods = Router::new().fallback(move |req: axum::extract::Request| {
-            let target =
-                if req.method() == axum::http::Method::GET && is_live_request(req.headers()) {
-                    live.clone()
-                } else {
-                    reads.clone()
-                };
+            let target = if req.method() == axum::http::Method::GET
+                && is_live_request(req.headers())
+                && !pod_routes::reserved_on_pod_host(req.uri().path())
+            {
+                live.clone()
+            } else {
+                reads.clone()
+            };
             async move {
                 match tower::ServiceExt::oneshot(target, req).await {
                     Ok(resp) => resp,

@@ -37,6 +37,13 @@ pub fn router(state: AppState) -> Router {
     Router::new().fallback(handle).with_state(state)
 }
 
+/// Paths under the names the main domain reserves (SPEC §2: `/auth/*`, `/api/*`, `/graphql*`,
+/// `/ws`): a pod host answers them 404 (but for its SSO steps), live tails included.
+pub(crate) fn reserved_on_pod_host(path: &str) -> bool {
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    matches!(first, "auth" | "api" | "graphql" | "ws")
+}
+
 async fn handle(
     State(st): State<AppState>,
     Extension(PodHost(pod)): Extension<PodHost>,
@@ -52,13 +59,12 @@ async fn handle(
         ));
     }
     // Names the main domain reserves (SPEC §2); a pod host serves only its SSO steps there.
-    let first = path.split('/').next().unwrap_or("");
     match (req.method(), path.trim_end_matches('/')) {
         (&Method::GET, "login") => return Ok(auth_routes::pod_login(&st, &pod, req.uri().query())),
         (&Method::GET, "auth/callback") => {
             return auth_routes::pod_callback(&st, &pod, req.uri().query());
         }
-        _ if matches!(first, "auth" | "api" | "graphql" | "ws") => {
+        _ if reserved_on_pod_host(&path) => {
             return Err(ApiError::new(
                 ErrorKind::NotFound,
                 "not served on a pod host",

@@ -829,6 +829,8 @@ async fn graphql_permissions_and_error_codes(backend: Backend) {
     let body = gql(&app, Some("not.a.token"), "{ me { id } }", json!({})).await;
     assert_eq!(code(&body), "INVALID_TOKEN");
     assert_eq!(body["data"], Value::Null);
+    // A request-level error has no place in the query: no `locations` (they are 1-based).
+    assert!(body["errors"][0].get("locations").is_none(), "{body}");
     let uid = app.engine.ensure_local_user("local").await.unwrap();
     let other_pod = app
         .engine
@@ -931,10 +933,14 @@ async fn graphql_limits_and_transport(backend: Backend) {
     )
     .await;
     assert_eq!(d["__schema"]["queryType"]["name"], "Query");
-    // The playground page, and the JSON-only POST (no cross-site text/plain requests).
+    // GraphiQL (SPEC §7), and the JSON-only POST (no cross-site text/plain requests).
     let r = app.main(Method::GET, "/graphql").send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.text().await.unwrap().contains("/graphql/ws"));
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("/graphql/ws") && page.contains("graphiql"),
+        "{page}"
+    );
     let r = app
         .main(Method::POST, "/graphql")
         .header("content-type", "text/plain")

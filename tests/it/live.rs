@@ -17,7 +17,7 @@ use webpods_engine::{AppendRequest, LiveEvent, LiveRequest, NewRecord, Scope};
 
 use crate::both_backends;
 use crate::multi_instance::spawn_process;
-use crate::support::{Backend, TestApp, fresh_database, terminate_backends};
+use crate::support::{Backend, TestApp, error_code, fresh_database, terminate_backends};
 
 both_backends!(
     thousand_records_twenty_subscribers,
@@ -36,6 +36,7 @@ both_backends!(
     recursive_stream_ends_alone,
     recursive_unsubscribe_stops_delivery,
     recursive_limits,
+    reserved_paths_are_not_tails_on_pod_hosts,
 );
 
 // ----- clients ----------------------------------------------------------------------------------
@@ -1735,4 +1736,41 @@ async fn recursive_across_processes_on_postgres() {
     quiet(&mut ws, Duration::from_millis(300)).await;
     drop(other);
     a.stop().await;
+}
+
+/// On a pod host the main domain's names (SPEC §2: `/auth/*`, `/api/*`, `/graphql*`, `/ws`)
+/// are 404 for live requests too: no WebSocket upgrade, no event stream.
+async fn reserved_paths_are_not_tails_on_pod_hosts(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("res").await;
+    for path in ["/graphql", "/graphql/ws", "/api/x", "/auth/x", "/ws"] {
+        let mut req = format!("ws://{}{}", app.addr, path)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("host", "res.localhost".parse().unwrap());
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", app.token).parse().unwrap(),
+        );
+        match tokio_tungstenite::connect_async(req).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status(), 404, "{path}");
+            }
+            Err(e) => panic!("{path}: {e}"),
+            Ok(_) => panic!("{path}: a WebSocket was accepted"),
+        }
+        let r = app
+            .pod(Method::GET, "res", path)
+            .bearer_auth(&app.token)
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            error_code(r).await,
+            (404, "NOT_FOUND".to_string()),
+            "{path}"
+        );
+    }
 }
