@@ -198,6 +198,10 @@ async fn websocket(
     data.insert(RequestCtx::new(&st.engine, auth, ip));
     let engine = st.engine.clone();
     let executor = st.executor.clone();
+    let transport_ws = chosen_protocol(&headers) == Some("graphql-transport-ws");
+    // Why `connection_init` was refused (`CODE: message`), for the close frame.
+    let init_refused: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let refused = init_refused.clone();
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| async move {
@@ -213,7 +217,11 @@ async fn websocket(
             });
             let (tx, mut rx) = futures::channel::mpsc::channel::<Message>(16);
             let writer = async move {
-                while let Some(m) = rx.next().await {
+                while let Some(mut m) = rx.next().await {
+                    if transport_ws {
+                        let refused = init_refused.lock().map(|r| r.clone()).unwrap_or_default();
+                        m = transport_ws_close(m, refused);
+                    }
                     if sink.send(m).await.is_err() {
                         return;
                     }
@@ -229,12 +237,56 @@ async fn websocket(
             };
             let protocol_side = GraphQLWebSocket::new_with_pair(tx, input, executor, protocol)
                 .with_data(data)
-                .on_connection_init(
-                    move |payload| async move { connection_init(&engine, &payload, ip) },
-                )
+                .on_connection_init(move |payload| async move {
+                    connection_init(&engine, &payload, ip).map_err(|e| {
+                        if let Ok(mut r) = refused.lock() {
+                            *r = Some(format!("{}: {}", e.kind().code(), e.public_message()));
+                        }
+                        gql(e)
+                    })
+                })
                 .serve();
             futures::join!(protocol_side, writer);
         })
+}
+
+/// The subprotocol the upgrade settles on: the client's first that the server speaks (as
+/// `GraphQLProtocol` picks it).
+fn chosen_protocol(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::SEC_WEBSOCKET_PROTOCOL)?
+        .to_str()
+        .ok()?
+        .split(',')
+        .map(str::trim)
+        .find(|p| matches!(*p, "graphql-transport-ws" | "graphql-ws"))
+}
+
+/// async-graphql closes `graphql-transport-ws` connections with generic codes; the protocol
+/// names its own: 4403 for a refused `connection_init` (the reason carries our error code),
+/// 4400 for a message that is not a valid protocol message, 4401 for a subscription before
+/// the connection was acknowledged.
+fn transport_ws_close(m: Message, init_refused: Option<String>) -> Message {
+    let Message::Close(Some(frame)) = &m else {
+        return m;
+    };
+    let (code, reason) = match (frame.code, init_refused) {
+        (1002, Some(refused)) => (4403, refused),
+        (1002, None) => (4400, frame.reason.to_string()),
+        (1011, _) if frame.reason.as_str() == "The handshake is not completed." => {
+            (4401, "Unauthorized".to_string())
+        }
+        _ => return m,
+    };
+    // A close reason holds at most 123 bytes.
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason[..end].into(),
+    }))
 }
 
 /// The `Authorization` header only (no cookie).
@@ -252,7 +304,7 @@ fn connection_init(
     engine: &Engine,
     payload: &serde_json::Value,
     ip: Option<IpAddr>,
-) -> async_graphql::Result<Data> {
+) -> Result<Data, webpods_engine::Error> {
     let auth = payload
         .as_object()
         .and_then(|o| {
@@ -267,14 +319,14 @@ fn connection_init(
     };
     let mut h = HeaderMap::new();
     let value = HeaderValue::from_str(auth).map_err(|_| {
-        gql(webpods_engine::Error::new(
+        webpods_engine::Error::new(
             ErrorKind::InvalidToken,
             "the Authorization value is not a header value",
-        ))
+        )
     })?;
     h.insert(header::AUTHORIZATION, value);
     let token = token_of(&h, false);
-    let auth = Authenticated::new(engine, token.as_deref()).map_err(gql)?;
+    let auth = Authenticated::new(engine, token.as_deref())?;
     data.insert(RequestCtx::new(engine, auth, ip));
     Ok(data)
 }
