@@ -320,6 +320,18 @@ async fn keep_alive(sink: &mut Sink, last_seen: tokio::time::Instant, cfg: &Live
     true
 }
 
+/// After a read error: a message over `max_message_bytes` is answered with close 1009
+/// (RFC 6455 §7.4.1) before the socket goes; other errors end it as they are.
+async fn close_after_read_error(sink: &mut Sink, e: axum::Error) {
+    let too_big = e
+        .into_inner()
+        .downcast::<tokio_tungstenite::tungstenite::Error>()
+        .is_ok_and(|e| matches!(*e, tokio_tungstenite::tungstenite::Error::Capacity(_)));
+    if too_big {
+        close(sink, 1009, "message too big").await;
+    }
+}
+
 /// Closes the socket with a code (best effort, bounded in time).
 async fn close(sink: &mut Sink, code: u16, reason: &'static str) {
     close_within(sink, code, reason, Duration::from_secs(2)).await;

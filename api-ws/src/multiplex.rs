@@ -42,8 +42,8 @@ use webpods_api_rest::token_of;
 use webpods_engine::{Caller, Engine, Error, ErrorKind, LiveRequest, RecursiveRequest};
 
 use crate::{
-    LiveState, Out, SocketGuard, Tail, authenticate, close, close_too_slow, error_frame,
-    keep_alive, pump, send_timed, subscribed_frame,
+    LiveState, Out, SocketGuard, Tail, authenticate, close, close_after_read_error, close_too_slow,
+    error_frame, keep_alive, pump, send_timed, subscribed_frame,
 };
 
 #[derive(Deserialize)]
@@ -153,7 +153,11 @@ async fn run(st: LiveState, socket: WebSocket, auth: Result<(Caller, Option<i64>
             msg = stream.next() => {
                 last_seen = Instant::now();
                 match msg {
-                    Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                    Some(Ok(Message::Close(_))) | None => break,
+                    Some(Err(e)) => {
+                        close_after_read_error(&mut sink, e).await;
+                        break;
+                    }
                     Some(Ok(Message::Text(text))) => {
                         if let Some(reply) = conn.on_message(text.as_str())
                             && !send_timed(&mut sink, Message::Text(reply.into()), &cfg).await

@@ -17,8 +17,8 @@ use webpods_api_rest::{ApiError, PodHost, token_of};
 use webpods_engine::{Error, ErrorKind, LiveEnd, LiveEvent, LiveRequest, Subscription};
 
 use crate::{
-    LiveState, Out, SocketGuard, authenticate, caught_up_frame, close, close_code, close_too_slow,
-    error_body, error_frame, keep_alive, pump, send_timed, to_json,
+    LiveState, Out, SocketGuard, authenticate, caught_up_frame, close, close_after_read_error,
+    close_code, close_too_slow, error_body, error_frame, keep_alive, pump, send_timed, to_json,
 };
 
 /// Where the tail starts: `?after=K&afterHash=H`.
@@ -140,7 +140,11 @@ async fn run_ws(st: LiveState, socket: WebSocket, sub: Result<Subscription, Erro
                 }
             },
             msg = stream.next() => match msg {
-                Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                Some(Ok(Message::Close(_))) | None => break,
+                    Some(Err(e)) => {
+                        close_after_read_error(&mut sink, e).await;
+                        break;
+                    }
                 Some(Ok(_)) => last_seen = Instant::now(),
             },
             _ = ping.tick() => {

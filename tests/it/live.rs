@@ -37,6 +37,7 @@ both_backends!(
     recursive_unsubscribe_stops_delivery,
     recursive_limits,
     reserved_paths_are_not_tails_on_pod_hosts,
+    oversized_messages_close_with_1009,
 );
 
 // ----- clients ----------------------------------------------------------------------------------
@@ -1772,5 +1773,28 @@ async fn reserved_paths_are_not_tails_on_pod_hosts(backend: Backend) {
             (404, "NOT_FOUND".to_string()),
             "{path}"
         );
+    }
+}
+
+/// A client message over the size limit (64 KiB by default) closes the socket with 1009
+/// (RFC 6455 §7.4.1), on `/ws` and on a single-stream tail, instead of dropping the connection.
+async fn oversized_messages_close_with_1009(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("big").await;
+    app.append("big", "/s/r", "x").await;
+    let huge = json!({ "type": "auth", "token": "x".repeat(70_000) }).to_string();
+    let mut multi = ws_connect(&app, "localhost", "/ws", Some(&app.token)).await;
+    let mut single = tail(&app, "big", "/s").await;
+    for (what, ws) in [("/ws", &mut multi), ("tail", &mut single)] {
+        ws.send(Message::text(huge.clone())).await.unwrap();
+        loop {
+            match next_frame(ws).await {
+                Frame::Json(_) => continue,
+                Frame::Closed(code) => {
+                    assert_eq!(code, Some(1009), "{what}");
+                    break;
+                }
+            }
+        }
     }
 }
