@@ -37,6 +37,34 @@ pub fn router(state: AppState) -> Router {
     Router::new().fallback(handle).with_state(state)
 }
 
+/// The request path without its leading `/`, percent-decoded segment by segment (`%41` is
+/// `A`, RFC 3986 §6.2.2.2), so a name is judged by what it says: `bad%20name` is
+/// `INVALID_NAME`, as in GraphQL. A segment that decodes to a `/` or to bytes that are not
+/// UTF-8 is `INVALID_PATH`.
+fn decoded_path(raw: &str) -> Result<String, ApiError> {
+    let raw = raw.trim_start_matches('/');
+    if !raw.contains('%') {
+        return Ok(raw.to_string());
+    }
+    let bad = || {
+        ApiError::new(
+            ErrorKind::InvalidPath,
+            "a percent-escape in the path decodes to no valid segment",
+        )
+    };
+    let mut segments = Vec::new();
+    for seg in raw.split('/') {
+        let decoded = percent_encoding::percent_decode_str(seg)
+            .decode_utf8()
+            .map_err(|_| bad())?;
+        if decoded.contains('/') {
+            return Err(bad());
+        }
+        segments.push(decoded.into_owned());
+    }
+    Ok(segments.join("/"))
+}
+
 /// Paths under the names the main domain reserves (SPEC §2: `/auth/*`, `/api/*`, `/graphql*`,
 /// `/ws`): a pod host answers them 404 (but for its SSO steps), live tails included.
 pub(crate) fn reserved_on_pod_host(path: &str) -> bool {
@@ -51,13 +79,7 @@ async fn handle(
     req: Request,
 ) -> Result<Response, ApiError> {
     let query = Query::parse(req.uri().query())?;
-    let path = req.uri().path().trim_start_matches('/').to_string();
-    if path.contains('%') {
-        return Err(ApiError::new(
-            ErrorKind::InvalidPath,
-            "paths may not contain escapes",
-        ));
-    }
+    let path = decoded_path(req.uri().path())?;
     // Names the main domain reserves (SPEC §2); a pod host serves only its SSO steps there.
     match (req.method(), path.trim_end_matches('/')) {
         (&Method::GET, "login") => return Ok(auth_routes::pod_login(&st, &pod, req.uri().query())),

@@ -196,6 +196,9 @@ async fn bad_names_and_paths(backend: Backend) {
         ("names", "/s/", 400, "MISSING_NAME"),
         ("names", "/a//b/c", 400, "INVALID_PATH"),
         ("names", "/a%20b/c", 400, "INVALID_PATH"),
+        ("names", "/s/bad%20name", 400, "INVALID_NAME"),
+        ("names", "/a%2Fb/c", 400, "INVALID_PATH"),
+        ("names", "/s/%FF", 400, "INVALID_PATH"),
         ("names", "/x/.config/c", 400, "INVALID_PATH"),
         ("nopod", "/s/x", 404, "POD_NOT_FOUND"),
     ];
@@ -207,6 +210,11 @@ async fn bad_names_and_paths(backend: Backend) {
             "{pod} {path}"
         );
     }
+    // An escaped unreserved character is that character (RFC 3986 §6.2.2.2).
+    let r = post("names", "/s/%41bc").send().await.expect("send");
+    assert_eq!(r.status(), 201);
+    let receipt: serde_json::Value = r.json().await.expect("receipt");
+    assert_eq!(receipt["name"], "Abc");
     let r = app
         .pod(Method::POST, "names", "/s/j")
         .bearer_auth(&app.token)
