@@ -10,7 +10,9 @@ use webpods_engine::{Action, AppendRequest, ErrorKind, NewRecord, Precondition};
 
 use crate::STREAMS_FACTOR;
 use crate::error::{OrGql, coded, invalid};
-use crate::types::{PodObj, ReceiptObj, StreamObj, UserObj, caller, charge, open_stream, parts};
+use crate::types::{
+    PodObj, ReceiptObj, StreamObj, UserObj, caller, charge, open_stream, parts, stream_arg,
+};
 
 pub struct QueryRoot;
 
@@ -193,7 +195,7 @@ impl MutationRoot {
     ) -> Result<StreamObj> {
         charge(ctx, Action::Write).await?;
         let (engine, rc) = parts(ctx)?;
-        let path = path.trim_matches('/').to_string();
+        let path = stream_arg(&path).to_string();
         let info = engine
             .create_stream(&rc.caller, &pod, &path, access.as_deref())
             .await
@@ -210,7 +212,7 @@ impl MutationRoot {
         charge(ctx, Action::Write).await?;
         let (engine, rc) = parts(ctx)?;
         engine
-            .delete_stream(&rc.caller, &pod, path.trim_matches('/'))
+            .delete_stream(&rc.caller, &pod, stream_arg(&path))
             .await
             .gql()?;
         Ok(true)
@@ -300,7 +302,7 @@ impl MutationRoot {
         let purge = purge.unwrap_or(false);
         let (engine, rc) = parts(ctx)?;
         engine
-            .delete_record(&rc.caller, &pod, stream.trim_matches('/'), &name, purge)
+            .delete_record(&rc.caller, &pod, stream_arg(&stream), &name, purge)
             .await
             .gql()?;
         Ok(true)
@@ -350,7 +352,7 @@ async fn append(
         .append(
             caller,
             pod,
-            stream.trim_matches('/'),
+            stream_arg(stream),
             AppendRequest {
                 records,
                 precondition,

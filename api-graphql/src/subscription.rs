@@ -8,7 +8,7 @@ use crate::GraphqlSettings;
 use crate::error::{OrGql, gql, invalid};
 use crate::loaders::SubscriptionSlot;
 use crate::tail;
-use crate::types::{RecordObj, charge, parts};
+use crate::types::{RecordObj, charge, parts, stream_arg};
 
 pub struct SubscriptionRoot;
 
@@ -42,7 +42,7 @@ impl SubscriptionRoot {
             token_expires_at: rc.token_expires_at,
         };
         let sub = engine
-            .subscribe(&rc.caller, &pod, stream.trim_matches('/'), req)
+            .subscribe(&rc.caller, &pod, stream_arg(&stream), req)
             .await
             .gql()?;
         Ok(tail::follow(sub).map(move |item| {

@@ -19,6 +19,12 @@ use crate::loaders::RequestCtx;
 use crate::{GraphqlSettings, STREAMS_FACTOR, page_complexity};
 
 /// The engine and the request context of a resolver.
+/// A stream path argument as the engine takes it: one leading `/` is allowed (`/blog/posts`),
+/// anything else is checked as given, so `a/`, `//` or `a//b` are `INVALID_PATH` as in REST.
+pub(crate) fn stream_arg(path: &str) -> &str {
+    path.strip_prefix('/').unwrap_or(path)
+}
+
 pub(crate) fn parts<'a>(ctx: &'a Context<'_>) -> Result<(&'a Engine, &'a RequestCtx)> {
     Ok((ctx.data::<Engine>()?, ctx.data::<RequestCtx>()?))
 }
@@ -122,7 +128,7 @@ impl PodObj {
 
 pub(crate) async fn open_stream(ctx: &Context<'_>, pod: &str, path: &str) -> Result<StreamObj> {
     let (engine, rc) = parts(ctx)?;
-    let path = path.trim_matches('/');
+    let path = stream_arg(path);
     let info = engine.open_stream(&rc.caller, pod, path).await.gql()?;
     Ok(StreamObj {
         pod: pod.to_string(),
@@ -139,7 +145,7 @@ async fn list_streams(
     recursive: bool,
 ) -> Result<Vec<StreamObj>> {
     let (_, rc) = parts(ctx)?;
-    let base = base.trim_matches('/');
+    let base = stream_arg(base);
     check_stream_path(base).gql()?;
     let all = rc.streams.load_one(pod.to_string()).await.gql()?;
     let prefix = format!("{base}/");

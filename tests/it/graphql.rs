@@ -881,10 +881,19 @@ async fn graphql_permissions_and_error_codes(backend: Backend) {
     .await;
     assert_eq!(code(&body), "RECORD_NOT_FOUND");
     assert_eq!(body["data"]["stream"]["path"], "open");
-    assert_eq!(
-        code(&gql(&app, None, read, json!({ "s": "a//b" })).await),
-        "INVALID_PATH"
-    );
+    // Empty segments are INVALID_PATH as in REST; one leading `/` is allowed.
+    for bad in ["a//b", "open/", "//", "//open"] {
+        assert_eq!(
+            code(&gql(&app, None, read, json!({ "s": bad })).await),
+            "INVALID_PATH",
+            "{bad}"
+        );
+    }
+    let body = gql(&app, None, read, json!({ "s": "/open" })).await;
+    assert!(body.get("errors").is_none(), "{body}");
+    let create = r#"mutation($p: String!) { createStream(pod: "perm", path: $p) { path } }"#;
+    let body = gql(&app, Some(&app.token), create, json!({ "p": "made/" })).await;
+    assert_eq!(code(&body), "INVALID_PATH", "{body}");
     // Errors never leak internals: every error has a code and a plain message.
     let body = gql(&app, None, "{ nosuchfield }", json!({})).await;
     assert_eq!(code(&body), "GRAPHQL_VALIDATION_FAILED");
