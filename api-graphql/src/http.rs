@@ -10,6 +10,7 @@
 //!   page's `Origin` is the main domain), or from the `connection_init` payload
 //!   `{"Authorization": "Bearer <token>"}`, which wins.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -211,13 +212,26 @@ async fn websocket(
             let closing = Arc::new(AtomicBool::new(false));
             let mut shutdown = engine.live_shutdown();
             let flag = closing.clone();
-            let input = input.take_until(async move {
-                shutdown.wait().await;
-                flag.store(true, Ordering::SeqCst);
-            });
+            let ids = SubscriptionIds::default();
+            let incoming = ids.clone();
+            let input = input
+                .take_until(async move {
+                    shutdown.wait().await;
+                    flag.store(true, Ordering::SeqCst);
+                })
+                .take_while(move |m| {
+                    let go_on = match m {
+                        Ok(Message::Text(t)) if transport_ws => incoming.client_sent(t),
+                        _ => true,
+                    };
+                    futures::future::ready(go_on)
+                });
             let (tx, mut rx) = futures::channel::mpsc::channel::<Message>(16);
             let writer = async move {
                 while let Some(mut m) = rx.next().await {
+                    if let (true, Message::Text(t)) = (transport_ws, &m) {
+                        ids.server_sent(t);
+                    }
                     if transport_ws {
                         let refused = init_refused.lock().map(|r| r.clone()).unwrap_or_default();
                         m = transport_ws_close(m, refused);
@@ -230,6 +244,12 @@ async fn websocket(
                     let frame = CloseFrame {
                         code: 1001,
                         reason: "server shutting down".into(),
+                    };
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                } else if let Some(id) = ids.duplicate() {
+                    let frame = CloseFrame {
+                        code: 4409,
+                        reason: format!("Subscriber for {id} already exists").into(),
                     };
                     let _ = sink.send(Message::Close(Some(frame))).await;
                 }
@@ -248,6 +268,62 @@ async fn websocket(
                 .serve();
             futures::join!(protocol_side, writer);
         })
+}
+
+/// The ids of a `graphql-transport-ws` connection's running subscriptions. async-graphql lets
+/// a second `subscribe` with a running id replace the first; the protocol closes the
+/// connection with 4409 instead, which this tracks: a `subscribe` adds its id, a `complete`
+/// from either side removes it.
+#[derive(Clone, Default)]
+struct SubscriptionIds(Arc<std::sync::Mutex<(HashSet<String>, Option<String>)>>);
+
+/// The part of a protocol message that names it.
+#[derive(serde::Deserialize)]
+struct Envelope {
+    #[serde(rename = "type")]
+    kind: String,
+    id: Option<String>,
+}
+
+impl SubscriptionIds {
+    /// A client message; false when it reuses a running id (the input then ends).
+    fn client_sent(&self, text: &str) -> bool {
+        let Ok(Envelope { kind, id: Some(id) }) = serde_json::from_str::<Envelope>(text) else {
+            return true;
+        };
+        let Ok(mut state) = self.0.lock() else {
+            return true;
+        };
+        match kind.as_str() {
+            "subscribe" if !state.0.insert(id.clone()) => {
+                state.1 = Some(id);
+                false
+            }
+            "complete" => {
+                state.0.remove(&id);
+                true
+            }
+            _ => true,
+        }
+    }
+
+    /// A server message: `complete` ends a subscription (checked by prefix first, so record
+    /// payloads are not parsed).
+    fn server_sent(&self, text: &str) {
+        if !text.starts_with(r#"{"type":"complete""#) {
+            return;
+        }
+        if let (Ok(Envelope { id: Some(id), .. }), Ok(mut state)) =
+            (serde_json::from_str::<Envelope>(text), self.0.lock())
+        {
+            state.0.remove(&id);
+        }
+    }
+
+    /// The id a client reused, if it did.
+    fn duplicate(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|s| s.1.clone())
+    }
 }
 
 /// The subprotocol the upgrade settles on: the client's first that the server speaks (as

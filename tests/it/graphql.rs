@@ -1376,6 +1376,26 @@ async fn graphql_subscription_over_websocket(backend: Backend) {
         (&json!("closed"), &json!(4401)),
         "{m}"
     );
+    // …a second subscription under a running id closes with 4409, while an id whose
+    // subscription completed may be used again…
+    let mut twice = ws_connect(
+        &app,
+        json!({ "Authorization": format!("Bearer {}", app.token) }),
+    )
+    .await;
+    subscribe(&mut twice, "gone", r#"pod: "live", stream: "nosuch""#).await;
+    let m = ws_next(&mut twice).await;
+    assert_eq!(code(&m["payload"]), "STREAM_NOT_FOUND", "{m}");
+    assert_eq!(ws_next(&mut twice).await["type"], "complete");
+    subscribe(&mut twice, "gone", r#"pod: "live", stream: "private""#).await;
+    subscribe(&mut twice, "gone", r#"pod: "live", stream: "private""#).await;
+    loop {
+        let m = ws_next(&mut twice).await;
+        if m["type"] == "closed" {
+            assert_eq!(m["code"], 4409, "{m}");
+            break;
+        }
+    }
     // …and a stream deleted while followed ends the subscription with its code.
     let mut owner = ws_connect(
         &app,
