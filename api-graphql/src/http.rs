@@ -200,9 +200,8 @@ async fn websocket(
     let engine = st.engine.clone();
     let executor = st.executor.clone();
     let transport_ws = chosen_protocol(&headers) == Some("graphql-transport-ws");
-    // Why `connection_init` was refused (`CODE: message`), for the close frame.
-    let init_refused: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
-    let refused = init_refused.clone();
+    let conn = TransportWs::default();
+    let refused = conn.clone();
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| async move {
@@ -212,8 +211,7 @@ async fn websocket(
             let closing = Arc::new(AtomicBool::new(false));
             let mut shutdown = engine.live_shutdown();
             let flag = closing.clone();
-            let ids = SubscriptionIds::default();
-            let incoming = ids.clone();
+            let incoming = conn.clone();
             let input = input
                 .take_until(async move {
                     shutdown.wait().await;
@@ -229,28 +227,19 @@ async fn websocket(
             let (tx, mut rx) = futures::channel::mpsc::channel::<Message>(16);
             let writer = async move {
                 while let Some(mut m) = rx.next().await {
-                    if let (true, Message::Text(t)) = (transport_ws, &m) {
-                        ids.server_sent(t);
-                    }
                     if transport_ws {
-                        let refused = init_refused.lock().map(|r| r.clone()).unwrap_or_default();
-                        m = transport_ws_close(m, refused);
+                        m = conn.server_sent(m);
                     }
                     if sink.send(m).await.is_err() {
                         return;
                     }
                 }
-                if closing.load(Ordering::SeqCst) {
-                    let frame = CloseFrame {
-                        code: 1001,
-                        reason: "server shutting down".into(),
-                    };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                } else if let Some(id) = ids.duplicate() {
-                    let frame = CloseFrame {
-                        code: 4409,
-                        reason: format!("Subscriber for {id} already exists").into(),
-                    };
+                let last = if closing.load(Ordering::SeqCst) {
+                    Some(close_frame(1001, "server shutting down".into()))
+                } else {
+                    conn.reused_id_close()
+                };
+                if let Some(frame) = last {
                     let _ = sink.send(Message::Close(Some(frame))).await;
                 }
                 let _ = sink.close().await;
@@ -259,9 +248,7 @@ async fn websocket(
                 .with_data(data)
                 .on_connection_init(move |payload| async move {
                     connection_init(&engine, &payload, ip).map_err(|e| {
-                        if let Ok(mut r) = refused.lock() {
-                            *r = Some(format!("{}: {}", e.kind().code(), e.public_message()));
-                        }
+                        refused.init_refused(&e);
                         gql(e)
                     })
                 })
@@ -270,12 +257,23 @@ async fn websocket(
         })
 }
 
-/// The ids of a `graphql-transport-ws` connection's running subscriptions. async-graphql lets
-/// a second `subscribe` with a running id replace the first; the protocol closes the
-/// connection with 4409 instead, which this tracks: a `subscribe` adds its id, a `complete`
-/// from either side removes it.
+/// What async-graphql leaves out of `graphql-transport-ws`, kept per connection: its closes
+/// carry generic codes, and a second `subscribe` under a running id silently replaces the
+/// first. The protocol's own codes: 4403 for a refused `connection_init` (the reason carries
+/// our error code), 4400 for a message that is not a valid protocol message, 4401 for a
+/// subscription before the connection was acknowledged, 4409 for a reused running id (a
+/// `subscribe` adds its id, a `complete` from either side removes it).
 #[derive(Clone, Default)]
-struct SubscriptionIds(Arc<std::sync::Mutex<(HashSet<String>, Option<String>)>>);
+struct TransportWs(Arc<std::sync::Mutex<TransportState>>);
+
+#[derive(Default)]
+struct TransportState {
+    running: HashSet<String>,
+    /// A running id the client subscribed under again.
+    reused: Option<String>,
+    /// Why `connection_init` was refused (`CODE: message`).
+    init_refused: Option<String>,
+}
 
 /// The part of a protocol message that names it.
 #[derive(serde::Deserialize)]
@@ -285,44 +283,79 @@ struct Envelope {
     id: Option<String>,
 }
 
-impl SubscriptionIds {
+impl TransportWs {
+    fn state(&self) -> std::sync::MutexGuard<'_, TransportState> {
+        // Each update is a single insert or assignment: a poisoned state is still valid.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A client message; false when it reuses a running id (the input then ends).
     fn client_sent(&self, text: &str) -> bool {
         let Ok(Envelope { kind, id: Some(id) }) = serde_json::from_str::<Envelope>(text) else {
             return true;
         };
-        let Ok(mut state) = self.0.lock() else {
-            return true;
-        };
+        let mut state = self.state();
         match kind.as_str() {
-            "subscribe" if !state.0.insert(id.clone()) => {
-                state.1 = Some(id);
+            "subscribe" if !state.running.insert(id.clone()) => {
+                state.reused = Some(id);
                 false
             }
             "complete" => {
-                state.0.remove(&id);
+                state.running.remove(&id);
                 true
             }
             _ => true,
         }
     }
 
-    /// A server message: `complete` ends a subscription (checked by prefix first, so record
-    /// payloads are not parsed).
-    fn server_sent(&self, text: &str) {
-        if !text.starts_with(r#"{"type":"complete""#) {
-            return;
-        }
-        if let (Ok(Envelope { id: Some(id), .. }), Ok(mut state)) =
-            (serde_json::from_str::<Envelope>(text), self.0.lock())
-        {
-            state.0.remove(&id);
+    fn init_refused(&self, e: &webpods_engine::Error) {
+        self.state().init_refused = Some(format!("{}: {}", e.kind().code(), e.public_message()));
+    }
+
+    /// A server message on its way out: a `complete` ends a subscription (checked by prefix
+    /// first, so record payloads are not parsed); a close gets the protocol's code.
+    fn server_sent(&self, m: Message) -> Message {
+        match &m {
+            Message::Text(t) if t.starts_with(r#"{"type":"complete""#) => {
+                if let Ok(Envelope { id: Some(id), .. }) = serde_json::from_str::<Envelope>(t) {
+                    self.state().running.remove(&id);
+                }
+                m
+            }
+            Message::Close(Some(frame)) => {
+                let (code, reason) = match (frame.code, self.state().init_refused.clone()) {
+                    (1002, Some(refused)) => (4403, refused),
+                    (1002, None) => (4400, frame.reason.to_string()),
+                    (1011, _) if frame.reason.as_str() == "The handshake is not completed." => {
+                        (4401, "Unauthorized".to_string())
+                    }
+                    _ => return m,
+                };
+                Message::Close(Some(close_frame(code, reason)))
+            }
+            _ => m,
         }
     }
 
-    /// The id a client reused, if it did.
-    fn duplicate(&self) -> Option<String> {
-        self.0.lock().ok().and_then(|s| s.1.clone())
+    /// The close for a client that reused a running id, if it did.
+    fn reused_id_close(&self) -> Option<CloseFrame> {
+        let id = self.state().reused.clone()?;
+        Some(close_frame(
+            4409,
+            format!("Subscriber for {id} already exists"),
+        ))
+    }
+}
+
+/// A close frame; the reason is cut to the 123 bytes a close frame holds.
+fn close_frame(code: u16, reason: String) -> CloseFrame {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    CloseFrame {
+        code,
+        reason: reason[..end].into(),
     }
 }
 
@@ -336,33 +369,6 @@ fn chosen_protocol(headers: &HeaderMap) -> Option<&str> {
         .split(',')
         .map(str::trim)
         .find(|p| matches!(*p, "graphql-transport-ws" | "graphql-ws"))
-}
-
-/// async-graphql closes `graphql-transport-ws` connections with generic codes; the protocol
-/// names its own: 4403 for a refused `connection_init` (the reason carries our error code),
-/// 4400 for a message that is not a valid protocol message, 4401 for a subscription before
-/// the connection was acknowledged.
-fn transport_ws_close(m: Message, init_refused: Option<String>) -> Message {
-    let Message::Close(Some(frame)) = &m else {
-        return m;
-    };
-    let (code, reason) = match (frame.code, init_refused) {
-        (1002, Some(refused)) => (4403, refused),
-        (1002, None) => (4400, frame.reason.to_string()),
-        (1011, _) if frame.reason.as_str() == "The handshake is not completed." => {
-            (4401, "Unauthorized".to_string())
-        }
-        _ => return m,
-    };
-    // A close reason holds at most 123 bytes.
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: reason[..end].into(),
-    }))
 }
 
 /// The `Authorization` header only (no cookie).

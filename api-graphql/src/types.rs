@@ -18,13 +18,13 @@ use crate::error::{OrGql, coded, gql, invalid};
 use crate::loaders::RequestCtx;
 use crate::{GraphqlSettings, STREAMS_FACTOR, page_complexity};
 
-/// The engine and the request context of a resolver.
 /// A stream path argument as the engine takes it: one leading `/` is allowed (`/blog/posts`),
 /// anything else is checked as given, so `a/`, `//` or `a//b` are `INVALID_PATH` as in REST.
 pub(crate) fn stream_arg(path: &str) -> &str {
     path.strip_prefix('/').unwrap_or(path)
 }
 
+/// The engine and the request context of a resolver.
 pub(crate) fn parts<'a>(ctx: &'a Context<'_>) -> Result<(&'a Engine, &'a RequestCtx)> {
     Ok((ctx.data::<Engine>()?, ctx.data::<RequestCtx>()?))
 }

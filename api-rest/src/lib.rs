@@ -22,6 +22,7 @@ use webpods_engine::Engine;
 
 pub use error::ApiError;
 pub use host::{HostKind, MainHost, PodHost, token_of};
+pub use pod_routes::decoded_path;
 pub use request_id::request_id_layer;
 
 /// Settings of the REST frontend, read once from configuration.
@@ -86,9 +87,11 @@ pub fn app_with_live(
     if let Some(live) = pod_live {
         let reads = pods;
         pods = Router::new().fallback(move |req: axum::extract::Request| {
+            // A path that does not decode goes to the pod routes, which say why.
             let target = if req.method() == axum::http::Method::GET
                 && is_live_request(req.headers())
-                && !pod_routes::reserved_on_pod_host(req.uri().path())
+                && decoded_path(req.uri().path())
+                    .is_ok_and(|p| !pod_routes::reserved_on_pod_host(&p))
             {
                 live.clone()
             } else {

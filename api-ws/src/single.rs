@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use webpods_api_rest::{ApiError, PodHost, token_of};
+use webpods_api_rest::{ApiError, PodHost, decoded_path, token_of};
 use webpods_engine::{Error, ErrorKind, LiveEnd, LiveEvent, LiveRequest, Subscription};
 
 use crate::{
@@ -56,15 +56,12 @@ pub(crate) async fn handle(
     let Some(Extension(PodHost(pod))) = pod else {
         return ApiError::new(ErrorKind::NotFound, "no pod is served on this host").into_response();
     };
-    let path = uri.path().trim_matches('/').to_string();
-    if path == "ws" {
-        // SPEC §2: the multiplexed `/ws` lives on the main domain only.
-        return ApiError::new(ErrorKind::NotFound, "no such route").into_response();
-    }
-    if path.contains('%') {
-        return ApiError::new(ErrorKind::InvalidPath, "paths may not contain escapes")
-            .into_response();
-    }
+    // As REST decodes it. Reserved paths (`/ws`, `/api/…`) never get here: `app_with_live`
+    // sends them to the pod routes, which answer 404.
+    let path = match decoded_path(uri.path()) {
+        Ok(p) => p.trim_end_matches('/').to_string(),
+        Err(e) => return e.into_response(),
+    };
     let query = match parse_query(uri.query()) {
         Ok(q) => q,
         Err(e) => return ApiError(e).into_response(),

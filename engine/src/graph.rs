@@ -9,7 +9,7 @@ use crate::clock::iso8601;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Caller, Pod, Record, StreamInfo};
 use crate::names::{check_stream_path, is_valid_pod_name};
-use crate::{OWNER_STREAM, check_token_pod, stream_view};
+use crate::{Engine, OWNER_STREAM, check_token_pod, stream_view};
 use webpods_storage::PodRow;
 
 /// A user as other users may see them. `email` is only filled for the caller themselves.
@@ -29,7 +29,7 @@ pub struct PodInfo {
     pub owner_id: Option<String>,
 }
 
-impl crate::Engine {
+impl Engine {
     /// A pod by name. Anyone may learn that a pod exists (its host serves it publicly); a token
     /// limited to other pods gets `POD_FORBIDDEN`. The owner is shown only to callers who may
     /// read `.config/owner`.
@@ -49,7 +49,7 @@ impl crate::Engine {
         })
     }
 
-    /// [`Engine::list_pods`](crate::Engine::list_pods) with owners.
+    /// [`Engine::list_pods`] with owners.
     pub async fn my_pods(&self, caller: &Caller) -> Result<Vec<PodInfo>> {
         let user_id = caller.user_id().map(str::to_string);
         Ok(self
@@ -74,7 +74,7 @@ impl crate::Engine {
     }
 
     /// Every stream (root excluded) of each of these pods that the caller may read, ordered by
-    /// path, with its record count — the selection of [`Engine::list_streams`](crate::Engine::list_streams), with the
+    /// path, with its record count — the selection of [`Engine::list_streams`], with the
     /// handles GraphQL resolves further fields on. Two statements for any number of pods (one
     /// when their rows are cached). Unknown pods, and pods the caller's token is not valid
     /// for, are absent.
@@ -133,7 +133,7 @@ impl crate::Engine {
     /// statement.
     ///
     /// The streams must come from [`StreamInfo`]s the caller obtained through a
-    /// permission-checked call (the same contract as [`Engine::read_by_index`](crate::Engine::read_by_index)).
+    /// permission-checked call (the same contract as [`Engine::read_by_index`]).
     pub async fn head_records(&self, streams: &[(i64, String)]) -> Result<HashMap<i64, Record>> {
         if streams.is_empty() {
             return Ok(HashMap::new());

@@ -70,15 +70,6 @@ const OWNER_STREAM: &str = ".config/owner";
 const OWNER_RECORD: &str = "owner";
 /// `.config` streams written only through their own endpoints.
 const ENDPOINT_STREAMS: [&str; 3] = [".config/owner", ".config/routing", ".config/domains"];
-
-/// Whether `path` is one of [`ENDPOINT_STREAMS`] or below one: neither records nor child
-/// streams are written there except through the endpoint.
-fn is_endpoint_path(path: &str) -> bool {
-    ENDPOINT_STREAMS.iter().any(|e| {
-        path.strip_prefix(e)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-    })
-}
 /// Most records one append (a batch request) may carry.
 pub const MAX_APPEND_RECORDS: usize = 1000;
 
@@ -501,11 +492,7 @@ impl Engine {
         let pod = self.pod(pod).await?;
         let user = require_writer(caller)?;
         check_token_pod(user, &pod.name)?;
-        if is_endpoint_path(stream_path) {
-            return Err(forbidden(format!(
-                "{stream_path} is written through its own endpoint"
-            )));
-        }
+        refuse_endpoint_path(stream_path)?;
         let access = req.access.as_deref();
         let stream = self
             .writable_stream(&pod, user, stream_path, access)
@@ -586,25 +573,15 @@ impl Engine {
         let pod = self.pod(pod).await?;
         let user = require_writer(caller)?;
         check_token_pod(user, &pod.name)?;
-        if is_endpoint_path(path) {
-            return Err(forbidden(format!(
-                "{path} is written through its own endpoint"
-            )));
-        }
+        refuse_endpoint_path(path)?;
         if self.stream(&pod, path).await?.is_some() {
-            return Err(Error::new(
-                ErrorKind::StreamExists,
-                format!("stream {path:?} exists"),
-            ));
+            return Err(stream_exists(path));
         }
         // Of concurrent creations of one stream exactly one succeeds: the others find it in the
         // database (the check above raced) and are told so, not that theirs has their access.
         let (row, created) = self.create_stream_path(&pod, user, path, access).await?;
         if !created {
-            return Err(Error::new(
-                ErrorKind::StreamExists,
-                format!("stream {path:?} exists"),
-            ));
+            return Err(stream_exists(path));
         }
         Ok(stream_view(&row))
     }
@@ -1063,6 +1040,25 @@ fn readable(stream: &StreamInfo, row: RecordRow) -> Result<Record> {
 
 fn forbidden(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::Forbidden, msg)
+}
+
+fn stream_exists(path: &str) -> Error {
+    Error::new(ErrorKind::StreamExists, format!("stream {path:?} exists"))
+}
+
+/// 403 for one of [`ENDPOINT_STREAMS`] or a path below one: neither records nor child streams
+/// are written there except through the endpoint.
+fn refuse_endpoint_path(path: &str) -> Result<()> {
+    let endpoint = ENDPOINT_STREAMS.iter().any(|e| {
+        path.strip_prefix(e)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    });
+    if endpoint {
+        return Err(forbidden(format!(
+            "{path} is written through its own endpoint"
+        )));
+    }
+    Ok(())
 }
 
 fn require_user(caller: &Caller) -> Result<&UserCaller> {

@@ -1116,8 +1116,8 @@ async fn graphql_rate_limits(backend: Backend) {
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// A `graphql-transport-ws` connection, initialised with `init` as payload.
-async fn ws_connect(app: &TestApp, init: Value) -> Ws {
+/// A `graphql-transport-ws` upgrade with extra headers, not yet initialised.
+async fn ws_open(app: &TestApp, headers: &[(&'static str, String)]) -> Ws {
     let mut req = format!("ws://{}/graphql/ws", app.addr)
         .into_client_request()
         .unwrap();
@@ -1125,13 +1125,22 @@ async fn ws_connect(app: &TestApp, init: Value) -> Ws {
         "sec-websocket-protocol",
         "graphql-transport-ws".parse().unwrap(),
     );
-    let (mut ws, resp) = tokio_tungstenite::connect_async(req)
+    for (k, v) in headers {
+        req.headers_mut().insert(*k, v.parse().unwrap());
+    }
+    let (ws, resp) = tokio_tungstenite::connect_async(req)
         .await
         .expect("ws connect");
     assert_eq!(
         resp.headers()["sec-websocket-protocol"],
         "graphql-transport-ws"
     );
+    ws
+}
+
+/// A `graphql-transport-ws` connection, initialised with `init` as payload.
+async fn ws_connect(app: &TestApp, init: Value) -> Ws {
+    let mut ws = ws_open(app, &[]).await;
     ws.send(Message::text(
         json!({ "type": "connection_init", "payload": init }).to_string(),
     ))
@@ -1321,14 +1330,7 @@ async fn graphql_subscription_over_websocket(backend: Backend) {
     let m = ws_next(&mut anon).await;
     assert_eq!(code(&m["payload"]), "UNAUTHORIZED", "{m}");
     // …a bad token in connection_init closes the connection…
-    let mut req = format!("ws://{}/graphql/ws", app.addr)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut().insert(
-        "sec-websocket-protocol",
-        "graphql-transport-ws".parse().unwrap(),
-    );
-    let (mut bad, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut bad = ws_open(&app, &[]).await;
     bad.send(Message::text(
         json!({ "type": "connection_init", "payload": { "Authorization": "Bearer junk" } })
             .to_string(),
@@ -1355,14 +1357,7 @@ async fn graphql_subscription_over_websocket(backend: Backend) {
         (&json!("closed"), &json!(4400)),
         "{m}"
     );
-    let mut req = format!("ws://{}/graphql/ws", app.addr)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut().insert(
-        "sec-websocket-protocol",
-        "graphql-transport-ws".parse().unwrap(),
-    );
-    let (mut early, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut early = ws_open(&app, &[]).await;
     early
         .send(Message::text(
             json!({ "id": "1", "type": "subscribe", "payload": { "query": "subscription { records(pod: \"live\", stream: \"private\") { index } }" } })
@@ -1460,19 +1455,7 @@ async fn graphql_subscription_over_websocket(backend: Backend) {
 
 /// A `graphql-transport-ws` connection with extra upgrade headers and no init payload.
 async fn ws_connect_with(app: &TestApp, headers: &[(&'static str, String)]) -> Ws {
-    let mut req = format!("ws://{}/graphql/ws", app.addr)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut().insert(
-        "sec-websocket-protocol",
-        "graphql-transport-ws".parse().unwrap(),
-    );
-    for (k, v) in headers {
-        req.headers_mut().insert(*k, v.parse().unwrap());
-    }
-    let (mut ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("ws connect");
+    let mut ws = ws_open(app, headers).await;
     ws.send(Message::text(
         json!({ "type": "connection_init" }).to_string(),
     ))

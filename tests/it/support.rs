@@ -87,12 +87,6 @@ impl std::ops::Deref for TestDb {
     }
 }
 
-impl std::fmt::Display for TestDb {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0.url)
-    }
-}
-
 impl Drop for DbGuard {
     fn drop(&mut self) {
         LIVE.lock()
@@ -114,15 +108,10 @@ impl Drop for DbGuard {
                     format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
                 );
                 let dropped = std::thread::spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
+                    tokio::runtime::Builder::new_current_thread()
                         .enable_all()
-                        .build()?;
-                    rt.block_on(async {
-                        let mut conn =
-                            <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await?;
-                        sqlx::Executor::execute(&mut conn, sqlx::AssertSqlSafe(sql)).await?;
-                        anyhow::Ok(())
-                    })
+                        .build()?
+                        .block_on(admin_execute(&admin, sql))
                 })
                 .join();
                 if let Ok(Err(e)) = dropped {
@@ -131,6 +120,13 @@ impl Drop for DbGuard {
             }
         }
     }
+}
+
+/// Runs one statement (creating or dropping a database) on the admin connection.
+async fn admin_execute(admin: &str, sql: String) -> anyhow::Result<()> {
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(admin).await?;
+    sqlx::Executor::execute(&mut conn, sqlx::AssertSqlSafe(sql)).await?;
+    Ok(())
 }
 
 /// A fresh, empty database of the given backend.
@@ -147,15 +143,9 @@ pub async fn fresh_database(backend: Backend) -> TestDb {
         }
         Backend::Postgres => {
             let admin = pg_admin_url();
-            let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+            admin_execute(&admin, format!("CREATE DATABASE {name}"))
                 .await
-                .expect("connect to the test PostgreSQL");
-            sqlx::Executor::execute(
-                &mut conn,
-                sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")),
-            )
-            .await
-            .expect("create database");
+                .expect("create a database on the test PostgreSQL");
             let mut url = url::Url::parse(&admin).expect("admin url");
             url.set_path(&name);
             DbGuard {

@@ -377,8 +377,8 @@ fn too_many(limit: usize, root: &str) -> Error {
 
 impl Engine {
     /// Opens a live tail of the stream at `path` and of every descendant stream the caller may
-    /// read, now or later (see the module documentation of `live::recursive`). The root must be readable,
-    /// exactly as for [`Engine::subscribe`].
+    /// read, now or later (see the module documentation of `live::recursive`). The root must be
+    /// readable, exactly as for [`Engine::subscribe`].
     pub async fn subscribe_recursive(
         &self,
         caller: &Caller,
