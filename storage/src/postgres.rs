@@ -668,6 +668,62 @@ async fn delete_streams(tx: &mut Transaction<'static, Postgres>, ids: &[i64]) ->
 
 /// Inserts a batch with one statement, whatever its size.
 impl PgStore {
+    /// The statement of [`PgStore::append_chained`]: `$1`–`$13` the records' columns, `$14`–`$20`
+    /// one entry per batch (stream id, expected head index, hash and child version, new head
+    /// index, hash and timestamp), `$21`–`$22` the (stream id, record name) pairs to check
+    /// against child streams. It returns the ids of the streams it moved.
+    ///
+    /// Every stream row is reached through a `LATERAL` probe keyed by one batch, and updated
+    /// through the `ctid` that probe locked, so the plan is an index lookup and a TID fetch per
+    /// batch whatever the table's size. (A locked row that had moved on since the statement's
+    /// snapshot carries a `ctid` the snapshot cannot see: it is not updated, and its batch is
+    /// stale like any other whose head moved.) The plain joins this replaced were planned
+    /// (generically: the arrays' lengths are unknown) as hash joins over a sequential scan of
+    /// `streams` while it held a few thousand rows: 1,000 rows read per statement at 1,000
+    /// streams, and PostgreSQL's CPU per appended record 64–71 µs instead of 48–51
+    /// (BENCHMARKS.md). Public so that a test can check that plan.
+    pub const APPEND_CHAINED: &'static str = concat!(
+        "WITH r AS ( \
+             SELECT * FROM ",
+        record_arrays!(),
+        " AS r(",
+        record_columns!(),
+        ") \
+         ), v AS ( \
+             SELECT * FROM UNNEST($14::bigint[], $15::bigint[], $16::text[], \
+                                  $17::bigint[], $18::bigint[], $19::text[], \
+                                  $20::bigint[]) \
+                 AS v(id, old_index, old_hash, old_version, new_index, new_hash, new_ts) \
+         ), taken AS MATERIALIZED ( \
+             SELECT DISTINCT n.sid FROM UNNEST($21::bigint[], $22::text[]) AS n(sid, name) \
+               CROSS JOIN LATERAL (SELECT 1 FROM streams c \
+                                    WHERE c.parent_id = n.sid AND c.name = n.name \
+                                    LIMIT 1) c \
+         ), locked AS ( \
+             SELECT l.ctid, v.* FROM v CROSS JOIN LATERAL ( \
+                 SELECT s.ctid FROM streams s \
+                  WHERE s.id = v.id AND s.head_index = v.old_index \
+                    AND s.head_hash IS NOT DISTINCT FROM v.old_hash \
+                    AND s.child_version = v.old_version \
+                 FOR UPDATE OF s SKIP LOCKED) l \
+              WHERE v.id NOT IN (SELECT sid FROM taken) \
+         ), moved AS ( \
+             UPDATE streams s \
+                SET head_index = l.new_index, head_hash = l.new_hash, \
+                    head_timestamp = l.new_ts \
+               FROM locked l \
+              WHERE s.ctid = l.ctid AND s.id = l.id \
+                AND s.head_index = l.old_index AND s.child_version = l.old_version \
+             RETURNING s.id \
+         ), ins AS ( \
+             INSERT INTO records (",
+        record_columns!(),
+        ") \
+             SELECT r.* FROM r WHERE r.stream_id IN (SELECT id FROM moved) \
+         ) \
+         SELECT id FROM moved"
+    );
+
     /// One autocommit statement for every batch: a compare-and-swap `UPDATE` of the heads whose
     /// `RETURNING` feeds the `INSERT` of the records, so only batches whose stream still has
     /// the expected head and child version (and no child named like one of the records) are
@@ -679,6 +735,7 @@ impl PgStore {
     /// autocommit statement left waiting would still commit after its client gave up — and a
     /// row committed after the statement's snapshot is re-checked as committed, so a concurrent
     /// append or child creation makes the swap fail instead of forking the chain.
+    /// The statement is [`PgStore::APPEND_CHAINED`].
     pub(crate) async fn append_chained(&self, batches: &[ChainedBatch]) -> Result<Vec<bool>> {
         let mut order: Vec<usize> = (0..batches.len()).collect();
         // Same lock order in every statement of every instance: fewer deadlocks between them.
@@ -703,44 +760,7 @@ impl PgStore {
             }
         }
         let moved: Vec<i64> = cols
-            .bind(sqlx::query_scalar(concat!(
-                "WITH r AS ( \
-                     SELECT * FROM ",
-                record_arrays!(),
-                " AS r(",
-                record_columns!(),
-                ") \
-                 ), v AS ( \
-                     SELECT * FROM UNNEST($14::bigint[], $15::bigint[], $16::text[], \
-                                          $17::bigint[], $18::bigint[], $19::text[], \
-                                          $20::bigint[]) \
-                         AS v(id, old_index, old_hash, old_version, new_index, new_hash, new_ts) \
-                 ), taken AS MATERIALIZED ( \
-                     SELECT DISTINCT n.sid FROM UNNEST($21::bigint[], $22::text[]) AS n(sid, name) \
-                       JOIN streams c ON c.parent_id = n.sid AND c.name = n.name \
-                 ), locked AS ( \
-                     SELECT s.id FROM streams s JOIN v ON v.id = s.id \
-                      WHERE s.head_index = v.old_index \
-                        AND s.head_hash IS NOT DISTINCT FROM v.old_hash \
-                        AND s.child_version = v.old_version \
-                        AND s.id NOT IN (SELECT sid FROM taken) \
-                     FOR UPDATE OF s SKIP LOCKED \
-                 ), moved AS ( \
-                     UPDATE streams s \
-                        SET head_index = v.new_index, head_hash = v.new_hash, \
-                            head_timestamp = v.new_ts \
-                       FROM v \
-                      WHERE s.id = v.id AND s.id IN (SELECT id FROM locked) \
-                        AND s.head_index = v.old_index AND s.child_version = v.old_version \
-                     RETURNING s.id \
-                 ), ins AS ( \
-                     INSERT INTO records (",
-                record_columns!(),
-                ") \
-                     SELECT r.* FROM r WHERE r.stream_id IN (SELECT id FROM moved) \
-                 ) \
-                 SELECT id FROM moved"
-            )))
+            .bind(sqlx::query_scalar(Self::APPEND_CHAINED))
             .bind(&heads.id)
             .bind(&heads.old_index)
             .bind(&heads.old_hash)

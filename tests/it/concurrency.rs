@@ -7,7 +7,7 @@ use reqwest::Method;
 use crate::both_backends;
 use crate::support::{
     Backend, TestApp, assert_valid_chain, batch_body, batch_first_index, follower_statements,
-    metric, sorted_firsts,
+    fresh_database, metric, sorted_firsts,
 };
 
 both_backends!(
@@ -180,5 +180,54 @@ async fn actors_over_the_cap_are_evicted(backend: Backend) {
         assert_eq!(record["hash"], receipt["hash"], "receipt {receipt}");
         assert_eq!(record["name"], receipt["name"]);
     }
+    app.stop().await;
+}
+
+/// The cross-stream write statement must reach each stream's row by its key however many
+/// streams the database holds. Its plan is generic (cached per connection, array lengths
+/// unknown); written as plain joins, PostgreSQL planned it as hash joins over a sequential scan
+/// of `streams` while the table held a few thousand rows, and every append statement then
+/// read every stream (BENCHMARKS.md). This checks the plan the server's connections get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_statement_never_scans_every_stream() {
+    use sqlx::{AssertSqlSafe, Connection, Row};
+
+    let url = fresh_database(Backend::Postgres).await;
+    let app = TestApp::spawn_on(&url, &[]).await;
+    app.create_pod("plans").await;
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::raw_sql(
+        "INSERT INTO streams (pod_id, parent_id, path, name, access, creator_id, created_at) \
+         SELECT p.id, NULL, 'filler' || g, 'filler' || g, 'public', p.owner_id, 0 \
+           FROM pods p, generate_series(1, 3000) g WHERE p.name = 'plans'; \
+         ANALYZE streams",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("fill streams");
+    let prepare = format!(
+        "SET plan_cache_mode = force_generic_plan; PREPARE w AS {}",
+        webpods_storage::PgStore::APPEND_CHAINED
+    );
+    sqlx::raw_sql(AssertSqlSafe(prepare))
+        .execute(&mut conn)
+        .await
+        .expect("prepare");
+    let explain = "EXPLAIN EXECUTE w('{1}', '{0}', '{a}', '{\"\\\\x00\"}', '{text/plain}', '{\"{}\"}', \
+                   '{1}', '{u}', '{0}', '{c}', '{h}', '{NULL}', '{f}', \
+                   '{1,2,3}', '{-1,-1,-1}', '{NULL,NULL,NULL}', '{0,0,0}', '{0,0,0}', \
+                   '{h,h,h}', '{0,0,0}', '{1}', '{a}')";
+    let plan: Vec<String> = sqlx::raw_sql(explain)
+        .fetch_all(&mut conn)
+        .await
+        .expect("explain")
+        .iter()
+        .map(|row| row.try_get::<String, _>(0).expect("plan line"))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(!plan.contains("Seq Scan on streams"), "{plan}");
+    assert!(plan.contains("Index Scan using streams_pkey"), "{plan}");
+    assert!(plan.contains("Tid Scan on streams"), "{plan}");
+    conn.close().await.expect("close");
     app.stop().await;
 }
