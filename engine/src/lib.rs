@@ -549,7 +549,13 @@ impl Engine {
     ) -> Result<StreamRow> {
         let stream = match self.stream(pod, path).await? {
             Some(s) => s,
-            None => self.create_stream_path(pod, user, path, access).await?.0,
+            // Boxed: creation is the rare path, and its future (lookups, rate limits, the
+            // insert) need not be carried, and copied on each move, by every append's.
+            None => {
+                Box::pin(self.create_stream_path(pod, user, path, access))
+                    .await?
+                    .0
+            }
         };
         self.check_write(pod, &stream, user).await?;
         Ok(stream)
@@ -579,7 +585,7 @@ impl Engine {
         }
         // Of concurrent creations of one stream exactly one succeeds: the others find it in the
         // database (the check above raced) and are told so, not that theirs has their access.
-        let (row, created) = self.create_stream_path(&pod, user, path, access).await?;
+        let (row, created) = Box::pin(self.create_stream_path(&pod, user, path, access)).await?;
         if !created {
             return Err(stream_exists(path));
         }

@@ -369,6 +369,15 @@ pub enum Store {
 }
 
 macro_rules! dispatch {
+    // A transaction's future is large (several kB per backend); boxed, so that the futures of
+    // the callers (every request's, up to the handler that axum boxes and moves) stay small.
+    ($self:ident, $s:ident => boxed $e:expr) => {{
+        $self.count_query();
+        match $self {
+            Store::Postgres($s) => Box::pin($e).await,
+            Store::Sqlite($s) => Box::pin($e).await,
+        }
+    }};
     ($self:ident, $s:ident => $e:expr) => {{
         $self.count_query();
         match $self {
@@ -402,7 +411,7 @@ impl Store {
 
     /// Applies the embedded migrations (idempotent; safe to run from several instances).
     pub async fn migrate(&self) -> Result<()> {
-        dispatch!(self, s => s.migrate().await)
+        dispatch!(self, s => boxed s.migrate())
     }
 
     /// Answers when the database is reachable.
@@ -426,7 +435,7 @@ impl Store {
 
     /// Stores `value` unless the key already has one; returns the value now stored.
     pub async fn put_setting_if_absent(&self, key: &str, value: &str) -> Result<String> {
-        dispatch!(self, s => s.put_setting_if_absent(key, value).await)
+        dispatch!(self, s => boxed s.put_setting_if_absent(key, value))
     }
 
     pub async fn get_user(&self, id: &str) -> Result<Option<UserRow>> {
@@ -443,7 +452,7 @@ impl Store {
         new_user_id: &str,
         now: i64,
     ) -> Result<UserRow> {
-        dispatch!(self, s => s.upsert_identity_user(provider, provider_id, email, name, new_user_id, now).await)
+        dispatch!(self, s => boxed s.upsert_identity_user(provider, provider_id, email, name, new_user_id, now))
     }
 
     /// Creates a pod with its initial streams `(path, name, access)` — a chain, each the parent
@@ -457,7 +466,7 @@ impl Store {
         streams: &[(&str, &str, &str)],
         first_record: &RecordRow,
     ) -> Result<Option<PodRow>> {
-        dispatch!(self, s => s.create_pod(name, owner_id, created_at, streams, first_record).await)
+        dispatch!(self, s => boxed s.create_pod(name, owner_id, created_at, streams, first_record))
     }
 
     pub async fn get_pod(&self, name: &str) -> Result<Option<PodRow>> {
@@ -474,7 +483,7 @@ impl Store {
 
     /// Creates a stream under an existing parent, checking the parent's record names.
     pub async fn create_stream(&self, stream: &NewStream) -> Result<CreateStream> {
-        dispatch!(self, s => s.create_stream(stream).await)
+        dispatch!(self, s => boxed s.create_stream(stream))
     }
 
     /// Locks the stream, shows `build` the real head and probe answers, writes its plan and
@@ -489,7 +498,7 @@ impl Store {
         F: FnOnce(BatchContext) -> (BatchPlan, T) + Send,
         T: Send,
     {
-        dispatch!(self, s => s.append_batch(stream_id, probe, build).await)
+        dispatch!(self, s => boxed s.append_batch(stream_id, probe, build))
     }
 
     /// Commits several streams' [`ChainedBatch`]es in one statement (PostgreSQL) or one
@@ -554,17 +563,17 @@ impl Store {
 
     /// Deletes a stream, its descendants and all their records. Returns how many streams went.
     pub async fn delete_stream_tree(&self, pod_id: i64, path: &str) -> Result<u64> {
-        dispatch!(self, s => s.delete_stream_tree(pod_id, path).await)
+        dispatch!(self, s => boxed s.delete_stream_tree(pod_id, path))
     }
 
     /// Deletes a pod with everything in it.
     pub async fn delete_pod(&self, pod_id: i64) -> Result<()> {
-        dispatch!(self, s => s.delete_pod(pod_id).await)
+        dispatch!(self, s => boxed s.delete_pod(pod_id))
     }
 
     /// Replaces the custom domains of a pod (all or nothing).
     pub async fn set_domains(&self, pod_id: i64, domains: &[String]) -> Result<DomainsOutcome> {
-        dispatch!(self, s => s.set_domains(pod_id, domains).await)
+        dispatch!(self, s => boxed s.set_domains(pod_id, domains))
     }
 
     /// The pod a custom domain serves.
