@@ -17,7 +17,8 @@
 //! PostgreSQL's global notify lock (it writes no WAL of its own, so it waits for no flush): one
 //! statement per commit would serialize thousands of commits a second on that lock and tie up
 //! pooled connections waiting for it. One statement per burst costs one, and the notices of one
-//! stream in a burst collapse to the highest head.
+//! stream in a burst collapse to the highest head. Statements are at least
+//! [`OUTBOX_INTERVAL`] apart, so a burst is whatever queued meanwhile.
 //!
 //! SQLite serves one instance, so it has no listener and notifying is a no-op.
 
@@ -95,13 +96,23 @@ impl Notice {
 /// Most notices per outbox statement.
 const OUTBOX_BATCH: usize = 4096;
 
+/// Least time between two outbox statements. A notice that finds the outbox idle for longer
+/// goes at once; under load, notices wait at most this long and share one statement, instead
+/// of one statement (a transaction, and a turn on the global notify lock) per commit.
+const OUTBOX_INTERVAL: Duration = Duration::from_millis(2);
+
 /// The sending end of the append-notice outbox (see the module docs).
 pub(crate) type Outbox = mpsc::UnboundedSender<Notice>;
 
 fn start_outbox(pool: sqlx::PgPool) -> Outbox {
     let (tx, mut rx) = mpsc::unbounded_channel::<Notice>();
     tokio::spawn(async move {
+        let mut last_sent: Option<tokio::time::Instant> = None;
         while let Some(first) = rx.recv().await {
+            if let Some(at) = last_sent {
+                // Let the rest of this burst gather (see OUTBOX_INTERVAL).
+                tokio::time::sleep_until(at + OUTBOX_INTERVAL).await;
+            }
             // (origin, stream) → highest head in this burst; other notices kept as they are.
             let mut heads: HashMap<(u64, i64), i64> = HashMap::new();
             let mut payloads: Vec<String> = Vec::new();
@@ -131,6 +142,7 @@ fn start_outbox(pool: sqlx::PgPool) -> Outbox {
                 }
                 .encode()
             }));
+            last_sent = Some(tokio::time::Instant::now());
             let sent = sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p")
                 .bind(CHANNEL)
                 .bind(&payloads)
