@@ -33,7 +33,10 @@ pub fn iso8601(ms: i64) -> String {
     put_digits(&mut out[14..16], ((sod % 3600) / 60) as u32);
     put_digits(&mut out[17..19], (sod % 60) as u32);
     put_digits(&mut out[20..23], millis as u32);
-    out.iter().map(|&b| char::from(b)).collect()
+    // ASCII digits and separators only: this never falls back.
+    std::str::from_utf8(&out)
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 fn hms(sod: i64) -> String {
