@@ -668,10 +668,11 @@ async fn delete_streams(tx: &mut Transaction<'static, Postgres>, ids: &[i64]) ->
 
 /// Inserts a batch with one statement, whatever its size.
 impl PgStore {
-    /// The statement of [`PgStore::append_chained`]: `$1`–`$13` the records' columns, `$14`–`$20`
-    /// one entry per batch (stream id, expected head index, hash and child version, new head
-    /// index, hash and timestamp), `$21`–`$22` the (stream id, record name) pairs to check
-    /// against child streams. It returns the ids of the streams it moved.
+    /// The statement of [`crate::Store::append_chained`] on PostgreSQL: `$1`–`$13` the
+    /// records' columns, `$14`–`$20` one entry per batch (stream id, expected head index, hash
+    /// and child version, new head index, hash and timestamp), `$21`–`$22` the (stream id,
+    /// record name) pairs to check against child streams. It returns the ids of the streams it
+    /// moved.
     ///
     /// Every stream row is reached through a `LATERAL` probe keyed by one batch, and updated
     /// through the `ctid` that probe locked, so the plan is an index lookup and a TID fetch per
