@@ -7,25 +7,12 @@
 # A release `webpods` on a fresh PostgreSQL database (postgres://postgres@127.0.0.1:5432 unless
 # WEBPODS_BENCH_ADMIN_URL says otherwise); wrk sends one append per stream over 64 connections.
 set -euo pipefail
-root=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.." && pwd)
-cd "$root"
-admin=${WEBPODS_BENCH_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+. "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib.sh"
 streams=${STREAMS:-100000}
-command -v wrk >/dev/null || { echo "installing wrk" >&2; apt-get install -y wrk >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y wrk >/dev/null); }
 
-db="wp_mem_$(date +%s)"
-psql "$admin" -qAtc "CREATE DATABASE $db" >/dev/null
-url=$(python3 -c "import sys,urllib.parse as u; p=u.urlparse(sys.argv[1]); print(p._replace(path='/'+sys.argv[2]).geturl())" "$admin" "$db")
-cargo build --release -q --bin webpods
-log=$(mktemp)
-WEBPODS_LISTEN=127.0.0.1:0 WEBPODS_DATABASE_URL="$url" WEBPODS_RATE_LIMITS=off WEBPODS_LOG=warn \
-  WEBPODS_ACTOR_IDLE_SECS=5 WEBPODS_TOKEN_FILE="$log.token" target/release/webpods >"$log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -f "$log" "$log.token"; psql "$admin" -qAtc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true' EXIT
-for _ in $(seq 100); do grep -q "listening on" "$log" && [ -s "$log.token" ] && break; sleep 0.1; done
-base=$(grep -o 'http://127\.0\.0\.1:[0-9]*' "$log" | head -1)
-token=$(cat "$log.token")
-curl -fsS -X POST "$base/api/pods" -H "Host: localhost" -H "Authorization: Bearer $token" -d '{"name":"mem"}' >/dev/null
+bench_setup wp_mem
+start_server WEBPODS_ACTOR_IDLE_SECS=5 target/release/webpods
+create_pod mem
 # The streams exist before the run: what is measured is appending to 100,000 streams (an actor
 # each, then idle), not 100,000 stream creations — those are rate limited (100/h per user by
 # default) and serialized per parent. Same rows as the engine creates (`public`, owner-created).

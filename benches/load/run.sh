@@ -8,36 +8,20 @@
 #
 # Prints one line per scenario: throughput, p50 and p99 latency, and the ratio to pgbench.
 set -euo pipefail
-root=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.." && pwd)
-cd "$root"
-admin=${WEBPODS_BENCH_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+. "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib.sh"
 duration=${DURATION:-10}
 conns=${CONNECTIONS:-64}
 threads=${THREADS:-2}
-
-command -v wrk >/dev/null || { echo "installing wrk" >&2; apt-get install -y wrk >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y wrk >/dev/null); }
 command -v pgbench >/dev/null || { echo "pgbench is required (Debian: postgresql-client)" >&2; exit 1; }
 
-db="wp_load_$(date +%s)"
-psql "$admin" -qAtc "CREATE DATABASE $db" >/dev/null
-url=$(python3 -c "import sys,urllib.parse as u; p=u.urlparse(sys.argv[1]); print(p._replace(path='/'+sys.argv[2]).geturl())" "$admin" "$db")
+bench_setup wp_load
 echo "database: $db — fsync=$(psql "$url" -Atc 'show fsync'), synchronous_commit=$(psql "$url" -Atc 'show synchronous_commit')"
 echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)); server, PostgreSQL and load generator share them"
-
-cargo build --release -q --bin webpods
-log=$(mktemp)
-WEBPODS_LISTEN=127.0.0.1:0 WEBPODS_DATABASE_URL="$url" WEBPODS_RATE_LIMITS=off WEBPODS_LOG=warn \
-  WEBPODS_TOKEN_FILE="$log.token" target/release/webpods >"$log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -f "$log" "$log.token"; psql "$admin" -qAtc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true' EXIT
-for _ in $(seq 100); do grep -q "listening on" "$log" && [ -s "$log.token" ] && break; sleep 0.1; done
-base=$(grep -o 'http://127\.0\.0\.1:[0-9]*' "$log" | head -1)
-token=$(cat "$log.token")
+start_server target/release/webpods
 H=(-H "Host: bench.localhost" -H "Authorization: Bearer $token")
-curl -fsS -X POST "$base/api/pods" -H "Host: localhost" -H "Authorization: Bearer $token" -d '{"name":"bench"}' >/dev/null
+create_pod bench
 # Data for the read scenarios: 200 records in load/read.
-for i in $(seq 200); do echo "{\"name\":\"r$i\",\"content\":\"$(head -c 128 /dev/zero | tr '\0' 'y')\"}"; done \
-  | curl -fsS -X POST "$base/load/read?batch=true" "${H[@]}" --data-binary @- >/dev/null
+seed_reads
 
 declare -A RPS P50 P99
 run() { # name, records per request, wrk args…

@@ -681,7 +681,7 @@ impl PgStore {
     /// stale like any other whose head moved.) The plain joins this replaced were planned
     /// (generically: the arrays' lengths are unknown) as hash joins over a sequential scan of
     /// `streams` while it held a few thousand rows: 1,000 rows read per statement at 1,000
-    /// streams, and PostgreSQL's CPU per appended record 64–71 µs instead of 48–51
+    /// streams, and PostgreSQL's CPU per appended record 64–71 µs instead of 48–49
     /// (BENCHMARKS.md). Public so that a test can check that plan.
     pub const APPEND_CHAINED: &'static str = concat!(
         "WITH r AS ( \
