@@ -135,5 +135,7 @@ fn parse_duration(s: &str) -> anyhow::Result<i64> {
         "d" => 86_400,
         _ => bail!("bad duration unit in {s:?}: use s, m, h or d"),
     };
-    Ok(n * mult)
+    n.checked_mul(mult)
+        .filter(|secs| (1..=webpods_engine::MAX_EXPIRES_IN_SECS).contains(secs))
+        .with_context(|| format!("duration {s:?} out of range (1s to 100 years)"))
 }

@@ -5,7 +5,7 @@
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -46,6 +46,19 @@ fn set_cookie(resp: &mut Response, st: &AppState, name: &str, value: &str, max_a
     }
     if let Ok(v) = HeaderValue::from_str(&c) {
         resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+}
+
+/// A `302 Found` to `location` (SPEC §3.2 names 302 for the login redirect; the other steps of
+/// the flow answer the same way).
+fn found(location: &str) -> Response {
+    match HeaderValue::try_from(location) {
+        Ok(v) => (StatusCode::FOUND, [(header::LOCATION, v)]).into_response(),
+        Err(_) => ApiError::new(
+            ErrorKind::Internal,
+            "the redirect target is not a valid header",
+        )
+        .into_response(),
     }
 }
 
@@ -116,7 +129,7 @@ async fn login_start(
         .engine
         .login_start(&provider, q.redirect.as_deref())
         .await?;
-    Ok(Redirect::to(&url).into_response())
+    Ok(found(&url).into_response())
 }
 
 #[derive(Deserialize)]
@@ -155,7 +168,7 @@ async fn login_callback(
         Some(r) if st.engine.is_allowed_redirect(&r).await => r,
         _ => "/auth/success".to_string(),
     };
-    let mut resp = Redirect::to(&target).into_response();
+    let mut resp = found(&target).into_response();
     let ttl = st.engine.config().auth.session_ttl.as_secs();
     set_cookie(&mut resp, &st, SESSION_COOKIE, &login.session_id, Some(ttl));
     set_cookie(&mut resp, &st, "token", &login.token, None);
@@ -193,7 +206,7 @@ async fn authorize(
             enc(&token),
             enc(&redirect)
         );
-        return Ok(Redirect::to(&url).into_response());
+        return Ok(found(&url).into_response());
     }
     let back = format!(
         "/auth/authorize?pod={}&redirect={}",
@@ -205,10 +218,8 @@ async fn authorize(
             ErrorKind::InvalidProvider,
             "no login provider is configured",
         )),
-        [only] => {
-            Ok(Redirect::to(&format!("/auth/{}?redirect={}", only.id, enc(&back))).into_response())
-        }
-        _ => Ok(Redirect::to(&format!("/login?redirect={}", enc(&back))).into_response()),
+        [only] => Ok(found(&format!("/auth/{}?redirect={}", only.id, enc(&back))).into_response()),
+        _ => Ok(found(&format!("/login?redirect={}", enc(&back))).into_response()),
     }
 }
 
@@ -334,7 +345,7 @@ pub fn pod_login(st: &AppState, pod: &str, query: Option<&str>) -> Response {
         .as_str()
         .trim_end_matches('/')
         .to_string();
-    Redirect::to(&format!(
+    found(&format!(
         "{main}/auth/authorize?pod={}&redirect={}",
         enc(pod),
         enc(&redirect)
@@ -367,7 +378,7 @@ pub fn pod_callback(st: &AppState, pod: &str, query: Option<&str>) -> Result<Res
             ));
         }
     }
-    let mut resp = Redirect::to(&redirect).into_response();
+    let mut resp = found(&redirect).into_response();
     set_cookie(&mut resp, st, "pod_token", &token, None);
     Ok(resp)
 }

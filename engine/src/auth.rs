@@ -224,7 +224,9 @@ pub struct WhoAmI {
     pub name: Option<String>,
 }
 
-/// A session as clients see it.
+/// A session as clients see it. Its `id` is [`public_session_id`], never the secret that the
+/// `session` cookie holds: that secret mints tokens (`/auth/authorize`), so showing it to any
+/// token would let a narrowed token grow back into a full one.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionInfo {
@@ -237,13 +239,38 @@ pub struct SessionInfo {
 impl From<&SessionRow> for SessionInfo {
     fn from(s: &SessionRow) -> Self {
         SessionInfo {
-            id: s.id.clone(),
+            id: public_session_id(&s.id),
             user_id: s.user_id.clone(),
             created_at: iso8601(s.created_at),
             expires_at: iso8601(s.expires_at),
         }
     }
 }
+
+/// The name a session is listed and revoked by: the first 128 bits of the SHA-256 of its
+/// secret, in hex. It identifies the session without granting anything.
+pub fn public_session_id(secret: &str) -> String {
+    let digest = crate::hash::content_hash(secret.as_bytes());
+    let hex = digest.strip_prefix("sha256:").unwrap_or(&digest);
+    hex.chars().take(32).collect()
+}
+
+/// Session management reads and revokes logins, so it takes a token without pod or scope
+/// limits (as the login issued): a narrowed or pod-only token is for data, not the account.
+fn require_account_token(caller: &Caller) -> Result<&crate::model::UserCaller> {
+    let user = require_user(caller)?;
+    if user.pods.is_some() || user.scope != Scope::ALL {
+        return Err(Error::new(
+            ErrorKind::Forbidden,
+            "managing sessions needs a token without pod or scope limits",
+        ));
+    }
+    Ok(user)
+}
+
+/// The longest life a token may be asked for: 100 years. Past it, `iat + expiresIn` would
+/// leave the range of a JWT `exp` (and wrap around).
+pub const MAX_EXPIRES_IN_SECS: i64 = 100 * 366 * 24 * 3600;
 
 fn random_id() -> String {
     format!(
@@ -473,7 +500,7 @@ impl Engine {
 
     /// The caller's live sessions.
     pub async fn sessions(&self, caller: &Caller) -> Result<Vec<SessionInfo>> {
-        let user = require_user(caller)?;
+        let user = require_account_token(caller)?;
         let rows = self
             .inner
             .store
@@ -482,13 +509,28 @@ impl Engine {
         Ok(rows.iter().map(SessionInfo::from).collect())
     }
 
-    /// Revokes one of the caller's sessions.
+    /// Revokes one of the caller's sessions, named by its [`public_session_id`].
     pub async fn revoke_session(&self, caller: &Caller, id: &str) -> Result<()> {
-        let user = require_user(caller)?;
-        if self.inner.store.delete_session(id, &user.user_id).await? {
+        let user = require_account_token(caller)?;
+        let not_found = || Error::new(ErrorKind::NotFound, "no such session");
+        let sessions = self
+            .inner
+            .store
+            .list_sessions(&user.user_id, now_ms())
+            .await?;
+        let secret = sessions
+            .iter()
+            .find(|s| public_session_id(&s.id) == id)
+            .ok_or_else(not_found)?;
+        if self
+            .inner
+            .store
+            .delete_session(&secret.id, &user.user_id)
+            .await?
+        {
             Ok(())
         } else {
-            Err(Error::new(ErrorKind::NotFound, "no such session"))
+            Err(not_found())
         }
     }
 
@@ -547,10 +589,10 @@ impl Engine {
             return Err(wider("have a scope the current token lacks"));
         }
         let now = now_ms() / 1000;
-        if expires_in_secs.is_some_and(|e| e <= 0) {
+        if expires_in_secs.is_some_and(|e| e <= 0 || e > MAX_EXPIRES_IN_SECS) {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
-                "expiresIn must be positive",
+                format!("expiresIn must be between 1 and {MAX_EXPIRES_IN_SECS} seconds"),
             ));
         }
         let expires_in = match (user.expires_at, expires_in_secs) {

@@ -44,7 +44,10 @@ use moka::future::Cache;
 use webpods_storage::{CreateStream, NewStream, PodRow, RecordRange, RecordRow, Store, StreamRow};
 
 pub use actor::ActorLimits;
-pub use auth::{AuthSettings, Login, Provider, ProviderConfig, SessionInfo, WhoAmI, provider_list};
+pub use auth::{
+    AuthSettings, Login, MAX_EXPIRES_IN_SECS, Provider, ProviderConfig, SessionInfo, WhoAmI,
+    provider_list,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use graph::{PodInfo, UserInfo};
 pub use live::{
@@ -615,7 +618,15 @@ impl Engine {
                 format!("the content is not valid JSON ({})", r.content_type),
             ));
         }
-        for k in r.headers.keys() {
+        for (k, v) in &r.headers {
+            // Replayed as an HTTP header on raw reads: a control character (CR, LF, NUL…)
+            // could not be, and would be stored, hashed and then silently left out.
+            if v.chars().any(|c| c.is_control() && c != '\t') {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("record header {k:?} holds a control character"),
+                ));
+            }
             if !self
                 .inner
                 .config

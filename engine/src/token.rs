@@ -131,7 +131,7 @@ pub fn new_claims(
         sub: user_id.to_string(),
         iat: now_secs,
         token_type: TOKEN_TYPE.to_string(),
-        exp: expires_in_secs.map(|s| now_secs + s),
+        exp: expires_in_secs.map(|s| now_secs.saturating_add(s)),
         pods,
         scope: scope.claim(),
     }

@@ -69,7 +69,11 @@ async fn login(app: &TestApp, user: &str, redirect: Option<&str>) -> LoggedIn {
         None => "/auth/idp".to_string(),
     };
     let r = app.main(Method::GET, &start).send().await.expect("start");
-    assert_eq!(r.status(), 303, "login start redirects to the provider");
+    assert_eq!(
+        r.status(),
+        302,
+        "login start redirects to the provider (SPEC §3.2)"
+    );
     let authorize = location(&r);
     assert!(
         authorize.contains("code_challenge_method=S256"),
@@ -83,7 +87,7 @@ async fn login(app: &TestApp, user: &str, redirect: Option<&str>) -> LoggedIn {
         .expect("authorize");
     assert_eq!(r.status(), 303);
     let r = follow_callback(app, &location(&r)).await;
-    assert_eq!(r.status(), 303, "callback redirects");
+    assert_eq!(r.status(), 302, "callback redirects");
     let cookie = set_cookie(&r, "session").expect("session cookie");
     let all: Vec<&str> = r
         .headers()
@@ -262,7 +266,7 @@ async fn login_errors(backend: Backend) {
         .await
         .expect("authorize");
     let cb = location(&r);
-    assert_eq!(follow_callback(&app, &cb).await.status(), 303);
+    assert_eq!(follow_callback(&app, &cb).await.status(), 302);
     let r = follow_callback(&app, &cb).await;
     assert_eq!(error_code(r).await, (400, "INVALID_STATE".into()));
     app.stop().await;
@@ -290,7 +294,13 @@ async fn sessions_and_sso(backend: Backend) {
         .json()
         .await
         .expect("json");
-    assert_eq!(s["id"], alice.session.as_str());
+    // Named by a public id (32 hex digits), never by the cookie's secret.
+    let id = s["id"].as_str().expect("id");
+    assert_ne!(id, alice.session.as_str());
+    assert!(
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
 
     // SSO: pod host /login → main /auth/authorize → pod /auth/callback → pod_token cookie.
     let r = app
@@ -356,11 +366,70 @@ async fn sessions_and_sso(backend: Backend) {
         .await
         .expect("json");
     assert_eq!(list.as_array().map(Vec::len), Some(2));
+    // Listed by a public id, never by the cookie's secret: the secret mints tokens through
+    // /auth/authorize, so listing it would let any token grow into a full one.
+    let listed = list.to_string();
+    assert!(!listed.contains(&second.session), "{listed}");
+    assert!(
+        !listed.contains(&session_cookie["session=".len()..]),
+        "{listed}"
+    );
+    let current: Value = app
+        .main(Method::GET, "/auth/session")
+        .header("cookie", format!("session={}", second.session))
+        .send()
+        .await
+        .expect("current")
+        .json()
+        .await
+        .expect("json");
+    let second_id = current["id"].as_str().expect("id").to_string();
+    assert!(
+        list.as_array()
+            .is_some_and(|l| l.iter().any(|s| s["id"] == second_id.as_str())),
+        "{listed}"
+    );
+    // Sessions are the account's: a narrowed token may neither list nor revoke them.
+    let narrow = app
+        .main(Method::POST, "/api/tokens")
+        .bearer_auth(&alice.token)
+        .json(&json!({ "scope": "read", "pods": ["wiki"] }))
+        .send()
+        .await
+        .expect("narrow")
+        .json::<Value>()
+        .await
+        .expect("json")["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    for (method, path) in [
+        (Method::GET, "/auth/sessions".to_string()),
+        (Method::DELETE, format!("/auth/sessions/{second_id}")),
+    ] {
+        let r = app
+            .main(method, &path)
+            .bearer_auth(&narrow)
+            .send()
+            .await
+            .expect("narrow request");
+        assert_eq!(r.status(), 403, "{path}");
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(body["error"]["code"], "FORBIDDEN");
+    }
+    // The secret itself names no session.
     let r = app
         .main(
             Method::DELETE,
             &format!("/auth/sessions/{}", second.session),
         )
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .expect("revoke by secret");
+    assert_eq!(r.status(), 404);
+    let r = app
+        .main(Method::DELETE, &format!("/auth/sessions/{second_id}"))
         .bearer_auth(&alice.token)
         .send()
         .await
@@ -481,6 +550,13 @@ async fn narrower_tokens(backend: Backend) {
         .await
         .expect("shorter");
     assert_eq!(r.status(), 201);
+    // A life past any representable `exp` is refused, not wrapped around.
+    for expires in [json!(i64::MAX), json!(100_i64 * 366 * 24 * 3600 + 1)] {
+        let r = issue(&app.token, json!({ "expiresIn": expires }))
+            .await
+            .expect("huge expiresIn");
+        assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()));
+    }
     let r = issue(&app.token, json!({ "scope": "admin" }))
         .await
         .expect("bad scope");
@@ -709,7 +785,20 @@ async fn rate_limits_are_shared_and_durable() {
         .expect("retry-after")
         .parse()
         .expect("secs");
-    assert!((1..=60).contains(&retry));
+    // Every counted write is from this minute, so they all fill the sliding hour until they
+    // leave it: a client told to come back sooner would only be refused again.
+    assert!((3480..=3600).contains(&retry), "Retry-After {retry}");
+    let reset: u64 = r.headers()["x-ratelimit-reset"]
+        .to_str()
+        .expect("reset")
+        .parse()
+        .expect("secs");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    assert!(reset.abs_diff(now + retry) <= 2, "reset {reset}, now {now}");
+    assert_eq!(r.headers()["x-ratelimit-remaining"], "0");
     assert_eq!(error_code(r).await, (429, "RATE_LIMIT_EXCEEDED".into()));
     // B learns the count from the database within a flush interval.
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -747,4 +836,31 @@ async fn rate_limits_are_shared_and_durable() {
     }
     c.stop().await;
     c2.stop().await;
+    // A limit the engine counts inside a request (stream creation) answers with its own
+    // bucket's headers, not the request's write bucket.
+    let db3 = fresh_database(Backend::Postgres).await;
+    let c3 = TestApp::spawn_on(
+        &db3,
+        &[
+            ("WEBPODS_RATE_LIMITS", "on"),
+            ("WEBPODS_RATE_LIMIT_STREAM_CREATE", "1"),
+        ],
+    )
+    .await;
+    c3.create_pod("streamy").await;
+    let create = |stream: &str| {
+        c3.pod(Method::POST, "streamy", &format!("/{stream}/r"))
+            .bearer_auth(&c3.token)
+            .body("x")
+            .send()
+    };
+    assert_eq!(create("first").await.expect("first").status(), 201);
+    let r = create("second").await.expect("second");
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-ratelimit-limit"], "1");
+    assert_eq!(r.headers()["x-ratelimit-remaining"], "0");
+    assert!(r.headers().contains_key("retry-after"));
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["details"]["limit"], 1);
+    c3.stop().await;
 }
