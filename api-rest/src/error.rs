@@ -71,6 +71,22 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from_static("close"),
             );
         }
+        if kind == ErrorKind::RateLimitExceeded
+            && let Some(d) = e.details()
+        {
+            // The refused bucket's own figures (SPEC §9): the request-level bucket or one the
+            // engine counts itself (stream creation), never another's.
+            let num = |k: &str| d.get(k).and_then(serde_json::Value::as_i64).unwrap_or(0);
+            let h = resp.headers_mut();
+            for (name, value) in [
+                ("x-ratelimit-limit", num("limit")),
+                ("x-ratelimit-remaining", 0),
+                ("x-ratelimit-reset", num("reset")),
+                ("retry-after", num("retryAfter").max(1)),
+            ] {
+                h.insert(name, axum::http::HeaderValue::from(value));
+            }
+        }
         if kind == ErrorKind::Unavailable {
             resp.headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));

@@ -6,8 +6,8 @@ use axum::http::header::HOST;
 use std::net::SocketAddr;
 
 use axum::extract::ConnectInfo;
-use axum::http::{HeaderMap, HeaderValue, Method};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::IntoResponse;
 use tower::ServiceExt;
 use webpods_engine::Action;
 use webpods_engine::ErrorKind;
@@ -98,19 +98,6 @@ fn rate_headers(h: &mut HeaderMap, limit: u64, remaining: u64, reset: i64) {
     }
 }
 
-/// 429 with `Retry-After` and the limit headers.
-fn rate_limited(e: webpods_engine::Error) -> Response {
-    let d = e.details().cloned().unwrap_or_default();
-    let num = |k: &str| d.get(k).and_then(serde_json::Value::as_i64).unwrap_or(0);
-    let mut resp = ApiError(e).into_response();
-    let h = resp.headers_mut();
-    rate_headers(h, u64::try_from(num("limit")).unwrap_or(0), 0, num("reset"));
-    if let Ok(v) = HeaderValue::from_str(&num("retryAfter").max(1).to_string()) {
-        h.insert("retry-after", v);
-    }
-    resp
-}
-
 /// Paths the main domain keeps for itself even when a root pod is configured (SPEC §2).
 pub(crate) fn is_system_route(path: &str) -> bool {
     const EXACT: [&str; 8] = [
@@ -176,7 +163,8 @@ pub fn dispatch(state: AppState, main: Router, pods: Router) -> Router {
                         let key = rate_key(&st, &req, pod.is_some());
                         match st.engine.rate_limit(&key, action).await {
                             Ok(status) => status,
-                            Err(e) => return rate_limited(e),
+                            // 429 with `Retry-After` and the limit headers (`ApiError`).
+                            Err(e) => return ApiError(e).into_response(),
                         }
                     }
                 };
@@ -191,7 +179,10 @@ pub fn dispatch(state: AppState, main: Router, pods: Router) -> Router {
                     Ok(resp) => resp,
                     Err(never) => match never {},
                 };
-                if let Some(s) = rate {
+                // A 429 from inside (stream creation) carries its own bucket's headers.
+                if let Some(s) = rate
+                    && resp.status() != StatusCode::TOO_MANY_REQUESTS
+                {
                     rate_headers(resp.headers_mut(), s.limit, s.remaining, s.reset);
                 }
                 resp

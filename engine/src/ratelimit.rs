@@ -94,6 +94,9 @@ struct Counter {
     flushing: i64,
     /// Last slice this key was used in (keys idle for a whole window are dropped).
     last_slice: i64,
+    /// After a refusal: when the caller may try again (unix seconds), so that a caller who
+    /// keeps knocking costs no database read per refusal.
+    free_at: Option<i64>,
 }
 
 type Key = (String, Action);
@@ -150,28 +153,75 @@ impl RateLimiter {
         let limit = self.limits.limit(action);
         let slice = now_ms() / SLICE_MS;
         let reset = (slice + 1) * SLICE_MS / 1000;
-        let mut map = self.lock();
-        let c = map.entry(key).or_default();
-        c.last_slice = slice;
-        let used = c.global + c.flushing + c.pending.values().sum::<i64>();
-        let used = u64::try_from(used).unwrap_or(0);
-        if used >= limit {
-            let retry_after = (reset - now_ms() / 1000).max(1);
-            return Err(Error::with_details(
-                ErrorKind::RateLimitExceeded,
-                format!(
-                    "rate limit of {limit} {} requests per hour exceeded",
-                    action.as_str()
-                ),
-                serde_json::json!({ "limit": limit, "remaining": 0, "reset": reset, "retryAfter": retry_after }),
-            ));
-        }
-        *c.pending.entry(slice).or_default() += 1;
-        Ok(RateStatus {
-            limit,
-            remaining: limit - used - 1,
-            reset,
-        })
+        // Decided under the lock; a refusal then reads the database without it.
+        let refused = {
+            let mut map = self.lock();
+            let c = map.entry(key).or_default();
+            c.last_slice = slice;
+            let used = c.global + c.flushing + c.pending.values().sum::<i64>();
+            let used = u64::try_from(used).unwrap_or(0);
+            if used < limit {
+                *c.pending.entry(slice).or_default() += 1;
+                return Ok(RateStatus {
+                    limit,
+                    remaining: limit - used - 1,
+                    reset,
+                });
+            }
+            match c.free_at {
+                Some(at) if at > now_ms() / 1000 => Err(at),
+                // What this instance has not flushed yet, by slice (what is being flushed
+                // counts as now); the database has the rest.
+                _ => {
+                    let mut local: Vec<(i64, i64)> =
+                        c.pending.iter().map(|(s, n)| (*s, *n)).collect();
+                    local.push((slice, c.flushing));
+                    Ok(local)
+                }
+            }
+        };
+        let reset = match refused {
+            Err(known) => known,
+            Ok(local) => {
+                let at = self.reset_after_refusal(caller, action, limit, local).await;
+                if let Some(c) = self.lock().get_mut(&(caller.to_string(), action)) {
+                    c.free_at = Some(at);
+                }
+                at
+            }
+        };
+        let retry_after = (reset - now_ms() / 1000).max(1);
+        Err(Error::with_details(
+            ErrorKind::RateLimitExceeded,
+            format!(
+                "rate limit of {limit} {} requests per hour exceeded",
+                action.as_str()
+            ),
+            serde_json::json!({ "limit": limit, "remaining": 0, "reset": reset, "retryAfter": retry_after }),
+        ))
+    }
+
+    /// When a refused caller may try again (unix seconds): the end of the minute in which
+    /// enough of the counted requests have left the sliding hour for one more to fit. Reads
+    /// the caller's slices from the database (a refusal is the rare path); should that fail,
+    /// the whole window from now is the safe answer.
+    async fn reset_after_refusal(
+        &self,
+        caller: &str,
+        action: Action,
+        limit: u64,
+        local: Vec<(i64, i64)>,
+    ) -> i64 {
+        let slice = now_ms() / SLICE_MS;
+        let since = slice - WINDOW_SLICES + 1;
+        let stored = match self.store.rate_slices(caller, action.as_str(), since).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "rate-limit slices could not be read");
+                return (slice + WINDOW_SLICES) * SLICE_MS / 1000;
+            }
+        };
+        free_at(stored.into_iter().chain(local), limit, slice)
     }
 
     /// Adds local deltas to the database and refreshes the global totals.
@@ -237,6 +287,29 @@ impl RateLimiter {
     }
 }
 
+/// The unix second at which a caller with these (slice, count) pairs, counted in the window
+/// that ends with `now_slice`, has fewer than `limit` requests in the window again: the oldest
+/// slices leave first, each at the end of the window it opened.
+fn free_at(counts: impl Iterator<Item = (i64, i64)>, limit: u64, now_slice: i64) -> i64 {
+    let mut by_slice = std::collections::BTreeMap::<i64, i64>::new();
+    for (slice, n) in counts {
+        *by_slice.entry(slice).or_default() += n;
+    }
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut used: i64 = by_slice.values().sum();
+    // Once `slice` leaves the window (the minute after its last one), its count no longer
+    // counts; the first slice after which fewer than `limit` remain decides.
+    let mut free_slice = now_slice + 1;
+    for (slice, n) in by_slice {
+        if used < limit {
+            break;
+        }
+        used -= n;
+        free_slice = slice + WINDOW_SLICES;
+    }
+    free_slice.max(now_slice + 1) * SLICE_MS / 1000
+}
+
 impl crate::Engine {
     /// Counts a request of `caller` (a user id or `ip:…`) for `action`. `Ok(None)` when rate
     /// limiting is off.
@@ -245,5 +318,46 @@ impl crate::Engine {
             Some(l) => l.check(caller, action).await.map(Some),
             None => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SLICE_MS, WINDOW_SLICES, free_at};
+
+    #[test]
+    fn a_refused_caller_is_told_when_enough_requests_have_left_the_window() {
+        let now = 1_000;
+        let at = |slice: i64| slice * SLICE_MS / 1000;
+        // 5 requests 40 minutes ago and 5 now, limit 5: the recent 5 alone fill the window, so
+        // only their leaving frees it.
+        assert_eq!(
+            free_at([(now - 40, 5), (now, 5)].into_iter(), 5, now),
+            at(now + WINDOW_SLICES)
+        );
+        // Limit 6: free as soon as the old slice leaves the window.
+        assert_eq!(
+            free_at([(now - 40, 5), (now, 5)].into_iter(), 6, now),
+            at(now - 40 + WINDOW_SLICES)
+        );
+        // Counts of one slice from several sources add up.
+        assert_eq!(
+            free_at(
+                [(now - 59, 1), (now - 10, 2), (now - 10, 1)].into_iter(),
+                4,
+                now
+            ),
+            at(now - 59 + WINDOW_SLICES)
+        );
+        assert_eq!(
+            free_at(
+                [(now - 59, 1), (now - 10, 2), (now - 10, 1)].into_iter(),
+                3,
+                now
+            ),
+            at(now - 10 + WINDOW_SLICES)
+        );
+        // Never earlier than the next minute.
+        assert_eq!(free_at(std::iter::empty(), 1, now), at(now + 1));
     }
 }

@@ -98,6 +98,17 @@ impl Store {
     ) -> Result<Vec<(String, String, i64)>> {
         dispatch!(self, s => s.add_rate_counts(deltas, keys, since).await)
     }
+
+    /// One (caller, action)'s counts by slice over slices `>= since`, oldest first: when a
+    /// refused caller may try again.
+    pub async fn rate_slices(
+        &self,
+        caller: &str,
+        action: &str,
+        since: i64,
+    ) -> Result<Vec<(i64, i64)>> {
+        dispatch!(self, s => s.rate_slices(caller, action, since).await)
+    }
 }
 
 impl PgStore {
@@ -232,6 +243,34 @@ impl PgStore {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect())
+    }
+}
+
+impl PgStore {
+    async fn rate_slices(&self, caller: &str, action: &str, since: i64) -> Result<Vec<(i64, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT slice, count FROM rate_counts \
+             WHERE caller = $1 AND action = $2 AND slice >= $3 ORDER BY slice",
+        )
+        .bind(caller)
+        .bind(action)
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
+
+impl SqliteStore {
+    async fn rate_slices(&self, caller: &str, action: &str, since: i64) -> Result<Vec<(i64, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT slice, count FROM rate_counts \
+             WHERE caller = ? AND action = ? AND slice >= ? ORDER BY slice",
+        )
+        .bind(caller)
+        .bind(action)
+        .bind(since)
+        .fetch_all(&self.readers)
+        .await?)
     }
 }
 
