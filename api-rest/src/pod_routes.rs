@@ -348,12 +348,32 @@ async fn range(
         .iter()
         .map(|record| RecordView { record, format })
         .collect();
-    Ok(Json(json!({
-        "records": records,
-        "range": { "start": r.start, "end": r.end },
-        "total": r.total,
-    }))
+    // Serialized straight to bytes: going through `json!` (a `serde_json::Value`) would
+    // re-parse each JSON record's content, losing precision and duplicate keys, and fail on
+    // content deeper than its recursion limit or numbers beyond `f64`.
+    Ok(Json(RangeView {
+        records,
+        range: IndexRange {
+            start: r.start,
+            end: r.end,
+        },
+        total: r.total,
+    })
     .into_response())
+}
+
+/// The body of `?i=A:B` (SPEC §4.3).
+#[derive(Serialize)]
+struct RangeView<'a> {
+    records: Vec<RecordView<'a>>,
+    range: IndexRange,
+    total: i64,
+}
+
+#[derive(Serialize)]
+struct IndexRange {
+    start: i64,
+    end: i64,
 }
 
 fn if_none_match(headers: &HeaderMap, tag: &str) -> bool {
@@ -635,6 +655,14 @@ async fn delete(
     q: &Query,
 ) -> Result<Response, ApiError> {
     let engine = &st.engine;
+    // `DELETE /` is the pod; `DELETE /stream/` names no record, and must not fall back to the
+    // stream (SPEC §4.2: a trailing slash is a missing name).
+    if path.ends_with('/') && !path.trim_start_matches('/').is_empty() {
+        return Err(ApiError::new(
+            ErrorKind::MissingName,
+            "the URL must end with a record name (DELETE /{stream} removes a stream)",
+        ));
+    }
     let path = path.trim_end_matches('/');
     if path.is_empty() {
         engine.delete_pod(caller, pod).await?;

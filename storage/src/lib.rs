@@ -86,8 +86,17 @@ impl From<sqlx::Error> for Error {
             || match &e {
                 E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => true,
                 // 57014 = statement cancelled (statement_timeout): the database is too slow or
-                // a lock is held too long right now — retryable, not our bug.
-                E::Database(db) => db.code().as_deref() == Some("57014"),
+                // a lock is held too long right now — retryable, not our bug. The others refuse
+                // a new connection: class 53 (too many connections, disk full, out of memory),
+                // 55000 (the database does not accept connections now), 3D000 (no such
+                // database), 28xxx (authentication failed).
+                E::Database(db) => db.code().is_some_and(|c| {
+                    c == "57014"
+                        || c.starts_with("53")
+                        || c == "55000"
+                        || c == "3D000"
+                        || c.starts_with("28")
+                }),
                 _ => false,
             };
         if unavailable {

@@ -15,6 +15,9 @@ both_backends!(
     limits_and_conflicts,
     concurrent_creations_of_one_stream_have_one_winner,
     json_content_must_be_utf8,
+    json_content_reads_back_exactly_on_every_path,
+    delete_with_a_trailing_slash_names_no_record,
+    batch_record_headers_must_be_replayable,
     wrong_methods_get_the_envelope_and_allow,
     one_precondition_at_a_time,
     endpoint_streams_have_no_children
@@ -406,6 +409,120 @@ async fn json_content_must_be_utf8(backend: Backend) {
     let listing = json_of(app.pod(Method::GET, "utf", "/s")).await;
     assert_eq!(listing["records"][0]["content"], "h\u{e9}llo");
     assert_eq!(listing["records"].as_array().map(Vec::len), Some(1));
+}
+
+/// JSON content is stored byte-exact, and every read path gives it back so: list and range
+/// alike, with numbers beyond `f64`, duplicate keys and nesting deeper than a parser's default
+/// limit (the range read re-parsed content, then rounded it, or panicked on such records).
+async fn json_content_reads_back_exactly_on_every_path(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("exact").await;
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    let bodies = [
+        "1e400".to_string(),
+        r#"{"id":18446744073709551616,"p":0.1000000000000000055511151231257827,"a":1,"a":2}"#
+            .to_string(),
+        deep,
+    ];
+    for (i, body) in bodies.iter().enumerate() {
+        let r = app
+            .pod(Method::POST, "exact", &format!("/s/r{i}"))
+            .bearer_auth(&app.token)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status(), 201, "{body}");
+    }
+    for path in ["/s", "/s?i=0:3", "/s?i=-3:3", "/s?unique=true"] {
+        let r = app
+            .pod(Method::GET, "exact", path)
+            .send()
+            .await
+            .expect("read");
+        assert_eq!(r.status(), 200, "{path}");
+        let text = r.text().await.expect("body");
+        for body in &bodies {
+            assert!(
+                text.contains(&format!("\"content\":{body}")),
+                "{path}: {body} not found verbatim in {text}"
+            );
+        }
+    }
+}
+
+/// `DELETE /stream/` (an empty record name) is a missing name, not the stream: it once fell
+/// back to deleting the whole stream.
+async fn delete_with_a_trailing_slash_names_no_record(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("del").await;
+    let r = app
+        .pod(Method::POST, "del", "/keep/me")
+        .bearer_auth(&app.token)
+        .body("x")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 201);
+    for path in ["/keep/", "/keep//", "/keep/%2F"] {
+        let r = app
+            .pod(Method::DELETE, "del", path)
+            .bearer_auth(&app.token)
+            .send()
+            .await
+            .expect("delete");
+        let (status, code) = error_code(r).await;
+        assert_eq!(status, 400, "{path}");
+        assert!(
+            code == "MISSING_NAME" || code == "INVALID_PATH",
+            "{path}: {code}"
+        );
+    }
+    let r = app
+        .pod(Method::GET, "del", "/keep/me")
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(r.status(), 200, "the stream and its record are still there");
+}
+
+/// A record header is replayed as an HTTP header on raw reads, so a batch may not store one
+/// that no HTTP header can carry (a single POST cannot send one): CR, LF, NUL and other
+/// control characters are refused; tabs and non-ASCII text are kept and replayed.
+async fn batch_record_headers_must_be_replayable(backend: Backend) {
+    let url = fresh_database(backend).await;
+    let app = TestApp::spawn_on(&url, &[("WEBPODS_ALLOWED_RECORD_HEADERS", "x-source")]).await;
+    app.create_pod("hdr").await;
+    let batch = |value: &str| {
+        app.pod(Method::POST, "hdr", "/s?batch=true")
+            .bearer_auth(&app.token)
+            .header("content-type", "application/json")
+            .body(
+                json!([{ "name": "n", "content": "x", "headers": { "x-source": value } }])
+                    .to_string(),
+            )
+    };
+    for bad in ["a\r\nSet-Cookie: e=1", "nul\0", "bell\u{7}", "del\u{7f}"] {
+        let r = batch(bad).send().await.expect("batch");
+        assert_eq!(
+            error_code(r).await,
+            (400, "INVALID_INPUT".into()),
+            "{bad:?}"
+        );
+    }
+    let r = batch("caf\u{e9}\tok").send().await.expect("batch");
+    assert_eq!(r.status(), 201);
+    let r = app
+        .pod(Method::GET, "hdr", "/s/n")
+        .send()
+        .await
+        .expect("raw read");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-source"].as_bytes(),
+        "caf\u{e9}\tok".as_bytes()
+    );
 }
 
 /// A known path called with a method it does not take: 405 in the error envelope, with `Allow`,

@@ -995,6 +995,77 @@ async fn database_outage_fails_fast_and_recovers() {
     app.stop().await;
 }
 
+/// A database that is up but refuses new connections (here `ALLOW_CONNECTIONS false` with its
+/// sessions ended; likewise too many connections or a failed login) is an outage too: 503
+/// `UNAVAILABLE` with `Retry-After`, not a 500 that reads as our bug.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_refusing_connections_is_unavailable() {
+    let db = fresh_database(Backend::Postgres).await;
+    let app = TestApp::spawn_on(&db, &[("WEBPODS_DB_ACQUIRE_TIMEOUT_SECS", "2")]).await;
+    app.create_pod("refused").await;
+    app.append("refused", "/log/before", "1").await;
+    let name = url::Url::parse(&db)
+        .expect("url")
+        .path()
+        .trim_start_matches('/')
+        .to_string();
+    let admin = crate::support::pg_admin_url();
+    let refuse = |allow: bool| {
+        crate::support::admin_execute(
+            &admin,
+            format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS {allow}"),
+        )
+    };
+    refuse(false).await.expect("refuse connections");
+    crate::support::admin_execute(
+        &admin,
+        format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"),
+    )
+    .await
+    .expect("end sessions");
+    for _ in 0..3 {
+        let r = app
+            .pod(Method::POST, "refused", "/log/during")
+            .bearer_auth(&app.token)
+            .header("content-type", "text/plain")
+            .timeout(Duration::from_secs(30))
+            .body("x")
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(
+            r.headers().get("retry-after").map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+        assert_eq!(error_code(r).await, (503, "UNAVAILABLE".into()));
+    }
+    let r = app
+        .main(Method::GET, "/api/pods")
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .expect("pods");
+    assert_eq!(error_code(r).await, (503, "UNAVAILABLE".into()));
+    refuse(true).await.expect("allow connections");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = app
+            .pod(Method::POST, "refused", "/log/after")
+            .bearer_auth(&app.token)
+            .body("y")
+            .send()
+            .await
+            .expect("answered");
+        if r.status() == 201 {
+            break;
+        }
+        assert_eq!(error_code(r).await.0, 503);
+        assert!(Instant::now() < deadline, "appends did not recover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.stop().await;
+}
+
 /// A server started while its database is down keeps retrying (bounded) and starts once the
 /// database is reachable; with no retry budget it gives up at once with the cause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -123,7 +123,7 @@ impl Drop for DbGuard {
 }
 
 /// Runs one statement (creating or dropping a database) on the admin connection.
-async fn admin_execute(admin: &str, sql: String) -> anyhow::Result<()> {
+pub async fn admin_execute(admin: &str, sql: String) -> anyhow::Result<()> {
     let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(admin).await?;
     sqlx::Executor::execute(&mut conn, sqlx::AssertSqlSafe(sql)).await?;
     Ok(())
