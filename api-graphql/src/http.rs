@@ -181,10 +181,19 @@ fn same_origin(headers: &HeaderMap, config: &GraphqlConfig) -> bool {
 async fn websocket(
     State(st): State<GqlState>,
     ClientIp(ip): ClientIp,
-    protocol: GraphQLProtocol,
-    upgrade: WebSocketUpgrade,
+    protocol: Result<GraphQLProtocol, axum::http::StatusCode>,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
     headers: HeaderMap,
 ) -> axum::response::Response {
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(rejection) => return webpods_api_rest::upgrade_refused(rejection.body_text()),
+    };
+    let Ok(protocol) = protocol else {
+        return webpods_api_rest::upgrade_refused(
+            "Sec-WebSocket-Protocol must be graphql-transport-ws or graphql-ws",
+        );
+    };
     // A pod's pages are same-site with the main domain: never let them ride the cookie.
     let token = if same_origin(&headers, &st.config) {
         token_of(&headers, false)

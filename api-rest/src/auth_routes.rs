@@ -3,7 +3,7 @@
 //! Cookies: `session` (server-side session id), `token` (main domain), `pod_token` (pod host);
 //! all HttpOnly, SameSite=Lax, Secure when `public_url` is https.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -46,6 +46,28 @@ fn set_cookie(resp: &mut Response, st: &AppState, name: &str, value: &str, max_a
     }
     if let Ok(v) = HeaderValue::from_str(&c) {
         resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+}
+
+/// `axum::extract::Query` whose refusal (a repeated or malformed parameter) is a 400
+/// `INVALID_INPUT` in the error envelope, not axum's plain-text answer.
+struct ApiQuery<T>(T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(q)) => Ok(ApiQuery(q)),
+            Err(e) => Err(ApiError::new(ErrorKind::InvalidInput, e.body_text())),
+        }
     }
 }
 
@@ -123,7 +145,7 @@ struct RedirectQuery {
 async fn login_start(
     State(st): State<AppState>,
     Path(provider): Path<String>,
-    Query(q): Query<RedirectQuery>,
+    ApiQuery(q): ApiQuery<RedirectQuery>,
 ) -> Result<Response, ApiError> {
     let url = st
         .engine
@@ -142,7 +164,7 @@ struct CallbackQuery {
 async fn login_callback(
     State(st): State<AppState>,
     Path(provider): Path<String>,
-    Query(q): Query<CallbackQuery>,
+    ApiQuery(q): ApiQuery<CallbackQuery>,
 ) -> Result<Response, ApiError> {
     if let Some(err) = q.error {
         // The provider refused (e.g. the user denied access). Consume the state if any.
@@ -185,7 +207,7 @@ struct AuthorizeQuery {
 async fn authorize(
     State(st): State<AppState>,
     headers: HeaderMap,
-    Query(q): Query<AuthorizeQuery>,
+    ApiQuery(q): ApiQuery<AuthorizeQuery>,
 ) -> Result<Response, ApiError> {
     let pod = q
         .pod
@@ -242,7 +264,7 @@ async fn success(headers: HeaderMap) -> Response {
     Html(page("Logged in", &body)).into_response()
 }
 
-async fn login_page(State(st): State<AppState>, Query(q): Query<RedirectQuery>) -> Response {
+async fn login_page(State(st): State<AppState>, ApiQuery(q): ApiQuery<RedirectQuery>) -> Response {
     let suffix = q
         .redirect
         .map(|r| format!("?redirect={}", enc(&r)))

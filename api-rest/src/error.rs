@@ -95,6 +95,17 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A WebSocket endpoint asked without a valid upgrade (no `Upgrade`/`Connection` headers, no
+/// `Sec-WebSocket-Key`, an unknown subprotocol…): 400 `INVALID_INPUT` in the envelope, with the
+/// reason, instead of axum's plain-text or empty answer.
+pub fn upgrade_refused(reason: impl std::fmt::Display) -> Response {
+    ApiError::new(
+        ErrorKind::InvalidInput,
+        format!("this endpoint takes a WebSocket upgrade: {reason}"),
+    )
+    .into_response()
+}
+
 /// 405 in the error envelope, with the `Allow` header RFC 9110 §15.5.6 requires.
 pub fn method_not_allowed(allow: &str) -> Response {
     let mut resp = (

@@ -125,12 +125,18 @@ pub fn dispatch(state: AppState, main: Router, pods: Router) -> Router {
             let main = main.clone();
             let pods = pods.clone();
             async move {
-                let host = req
-                    .headers()
-                    .get(HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-                    .or_else(|| req.uri().authority().map(|a| a.to_string()));
+                // A Host that is not text names no host we serve: not the main domain either.
+                let host = match req.headers().get(HOST).map(|h| h.to_str()) {
+                    Some(Ok(h)) => Some(h.to_string()),
+                    Some(Err(_)) => {
+                        return ApiError::new(
+                            ErrorKind::InvalidInput,
+                            "the Host header is not a valid host name",
+                        )
+                        .into_response();
+                    }
+                    None => req.uri().authority().map(|a| a.to_string()),
+                };
                 let pod = match st.config.main_host.classify(host.as_deref()) {
                     HostKind::Main => match &st.config.root_pod {
                         Some(root) if !is_system_route(req.uri().path()) => Some(root.clone()),

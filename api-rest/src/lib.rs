@@ -20,7 +20,7 @@ use std::time::Instant;
 use axum::Router;
 use webpods_engine::Engine;
 
-pub use error::ApiError;
+pub use error::{ApiError, upgrade_refused};
 pub use host::{HostKind, MainHost, PodHost, token_of};
 pub use pod_routes::decoded_path;
 pub use request_id::request_id_layer;

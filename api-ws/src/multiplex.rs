@@ -30,6 +30,7 @@ use std::collections::HashMap;
 use std::future::Future;
 
 use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -74,8 +75,12 @@ enum ClientMsg {
 pub(crate) async fn handle(
     State(st): State<LiveState>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return webpods_api_rest::upgrade_refused(rejection.body_text()),
+    };
     let auth = authenticate(&st.engine, token_of(&headers, false).as_deref());
     st.upgrade(ws)
         .on_upgrade(move |socket| run(st, socket, auth))

@@ -85,7 +85,7 @@ pub(crate) async fn handle(
         }
         Err(rejection) => {
             if headers.contains_key(header::UPGRADE) {
-                return rejection.into_response();
+                return webpods_api_rest::upgrade_refused(rejection.body_text());
             }
             sse(st, &pod, &path, query, &headers, token.as_deref()).await
         }

@@ -801,11 +801,11 @@ impl Engine {
     }
 
     /// The record at `index` (negative counts from the end).
-    pub async fn read_by_index(&self, stream: &StreamInfo, index: i64) -> Result<Record> {
-        let index = if index < 0 {
-            self.cached_head(stream.id).await?.index + 1 + index
+    pub async fn read_by_index(&self, stream: &StreamInfo, asked: i64) -> Result<Record> {
+        let index = if asked < 0 {
+            self.cached_head(stream.id).await?.index + 1 + asked
         } else {
-            index
+            asked
         };
         let row = if index < 0 {
             None
@@ -817,7 +817,7 @@ impl Engine {
         let row = row.ok_or_else(|| {
             Error::new(
                 ErrorKind::RecordNotFound,
-                format!("no record at index {index}"),
+                format!("no record at index {asked}"),
             )
         })?;
         readable(stream, row)

@@ -18,6 +18,7 @@ both_backends!(
     json_content_reads_back_exactly_on_every_path,
     delete_with_a_trailing_slash_names_no_record,
     batch_record_headers_must_be_replayable,
+    odd_requests_get_the_envelope,
     wrong_methods_get_the_envelope_and_allow,
     one_precondition_at_a_time,
     endpoint_streams_have_no_children
@@ -522,6 +523,55 @@ async fn batch_record_headers_must_be_replayable(backend: Backend) {
     assert_eq!(
         r.headers()["x-source"].as_bytes(),
         "caf\u{e9}\tok".as_bytes()
+    );
+}
+
+/// Requests outside the usual shapes still get the spec's envelope (SPEC §4.7): WebSocket
+/// endpoints called without a valid upgrade, repeated query parameters on `/auth/*`, a Host
+/// that is not text (it was served as the main domain), a negative index past the start.
+async fn odd_requests_get_the_envelope(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("odd").await;
+    app.append("odd", "/s/one", "1").await;
+    let cases = [
+        app.main(Method::GET, "/ws"),
+        app.main(Method::GET, "/graphql/ws"),
+        app.main(Method::GET, "/graphql/ws")
+            .header("upgrade", "websocket")
+            .header("connection", "upgrade")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-protocol", "chat"),
+        app.pod(Method::GET, "odd", "/s")
+            .header("upgrade", "websocket")
+            .header("connection", "upgrade"),
+        app.main(Method::GET, "/auth/authorize?pod=a&pod=b"),
+        app.main(Method::GET, "/login?redirect=a&redirect=b"),
+        app.http.get(format!("http://{}/health", app.addr)).header(
+            "host",
+            reqwest::header::HeaderValue::from_bytes(b"\xe4lice.localhost").expect("bytes"),
+        ),
+    ];
+    for (i, req) in cases.into_iter().enumerate() {
+        let r = req.send().await.expect("send");
+        assert_eq!(
+            error_code(r).await,
+            (400, "INVALID_INPUT".into()),
+            "case {i}"
+        );
+    }
+    let r = app
+        .pod(Method::GET, "odd", "/s?i=-5")
+        .send()
+        .await
+        .expect("read");
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "RECORD_NOT_FOUND");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("-5")),
+        "{body}"
     );
 }
 
