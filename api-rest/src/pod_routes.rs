@@ -263,6 +263,15 @@ async fn read(
                     }
                 },
                 None if q.recursive => {
+                    // Records of several streams have no common index to page by: refused,
+                    // not silently ignored. Each stream pages on its own (`after=K`).
+                    if q.after.is_some() || q.before.is_some() || q.unique {
+                        return Err(ApiError::new(
+                            ErrorKind::InvalidInput,
+                            "recursive=true takes limit only: page each stream with after=K \
+                             (its streams: GET /.config/api/streams)",
+                        ));
+                    }
                     let page = engine.list_recursive(caller, pod, &stream, q.limit).await?;
                     Ok(Json(PageView::new(&page, &q.format)).into_response())
                 }

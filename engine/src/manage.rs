@@ -112,10 +112,14 @@ impl Engine {
             .clamp(1, self.inner.config.max_list_records);
         let prefix = format!("{}/", stream.path);
         let mut ids = Vec::new();
+        // Every record of the readable streams, not just this page: a stream's head index
+        // counts its records.
+        let mut total = 0;
         for s in self.inner.store.list_streams(pod.id).await? {
             let inside = s.id == stream.id || stream.path.is_empty() || s.path.starts_with(&prefix);
             if inside && self.check_read(&pod, &s, caller).await.is_ok() {
                 ids.push(s.id);
+                total += s.head.index + 1;
             }
         }
         let mut rows = self
@@ -125,7 +129,6 @@ impl Engine {
             .await?;
         let has_more = rows.len() as i64 > limit;
         rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-        let total = rows.len() as i64;
         Ok(RecordPage {
             records: rows
                 .into_iter()

@@ -195,6 +195,22 @@ async fn read_options(backend: Backend) {
         .filter_map(|r| r["path"].as_str())
         .collect();
     assert_eq!(paths, ["s/a", "s/b", "s/a", "s/c", "s/b", "s/sub/x"]);
+    assert_eq!(page["total"], 6);
+    assert_eq!(page["hasMore"], false);
+    // A page of it tells how many there are in all, and that more follow.
+    let page = get("/s?recursive=true&limit=2").await;
+    assert_eq!(page["records"].as_array().map(Vec::len), Some(2));
+    assert_eq!(page["total"], 6);
+    assert_eq!(page["hasMore"], true);
+    // Index cursors mean nothing across streams: refused, not silently ignored.
+    for q in ["after=1", "after=-2", "before=1", "unique=true"] {
+        let r = app
+            .pod(Method::GET, "opts", &format!("/s?recursive=true&{q}"))
+            .send()
+            .await
+            .expect("recursive with a cursor");
+        assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()), "{q}");
+    }
     // Stream listing with counts and hashes.
     let listing = get("/.config/api/streams?includeRecordCounts=true&includeHashes=true").await;
     assert_eq!(listing["pod"], "opts");
