@@ -441,7 +441,9 @@ impl Engine {
         let hub = &self.inner.live;
         let after = match at.after {
             Some(a) if a < 0 => (at.head + a).max(-1),
-            Some(a) => a,
+            // `next` is `after + 1`: i64::MAX would wrap to i64::MIN and spin the catch-up
+            // loop. No stream reaches that index; waiting just below it is the same wait.
+            Some(a) => a.min(i64::MAX - 1),
             None => -1,
         };
         let expires = at.token_expires_at.map(|exp| {

@@ -784,6 +784,14 @@ async fn sse_resumes_from_last_event_id(backend: Backend) {
     let r = app.pod(Method::GET, "sse", "/news").send().await.unwrap();
     let page: Value = r.json().await.unwrap();
     assert_eq!(page["total"], 6);
+    // A resume point at i64::MAX once wrapped `after + 1` around and spun the catch-up loop
+    // without ever answering: it catches up (nothing to send) like any other.
+    let mut s = SseReader::open(&app, "sse", "/news", Some(i64::MAX)).await;
+    let ev = tokio::time::timeout(std::time::Duration::from_secs(10), s.next())
+        .await
+        .expect("an answer, not a spinning server")
+        .unwrap();
+    assert_eq!(ev.event, "caughtUp");
 }
 
 async fn send(ws: &mut Ws, v: Value) {
