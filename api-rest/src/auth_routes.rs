@@ -151,7 +151,7 @@ async fn login_start(
         .engine
         .login_start(&provider, q.redirect.as_deref())
         .await?;
-    Ok(found(&url).into_response())
+    Ok(found(&url))
 }
 
 #[derive(Deserialize)]
@@ -190,7 +190,7 @@ async fn login_callback(
         Some(r) if st.engine.is_allowed_redirect(&r).await => r,
         _ => "/auth/success".to_string(),
     };
-    let mut resp = found(&target).into_response();
+    let mut resp = found(&target);
     let ttl = st.engine.config().auth.session_ttl.as_secs();
     set_cookie(&mut resp, &st, SESSION_COOKIE, &login.session_id, Some(ttl));
     set_cookie(&mut resp, &st, "token", &login.token, None);
@@ -228,7 +228,7 @@ async fn authorize(
             enc(&token),
             enc(&redirect)
         );
-        return Ok(found(&url).into_response());
+        return Ok(found(&url));
     }
     let back = format!(
         "/auth/authorize?pod={}&redirect={}",
@@ -240,8 +240,8 @@ async fn authorize(
             ErrorKind::InvalidProvider,
             "no login provider is configured",
         )),
-        [only] => Ok(found(&format!("/auth/{}?redirect={}", only.id, enc(&back))).into_response()),
-        _ => Ok(found(&format!("/login?redirect={}", enc(&back))).into_response()),
+        [only] => Ok(found(&format!("/auth/{}?redirect={}", only.id, enc(&back)))),
+        _ => Ok(found(&format!("/login?redirect={}", enc(&back)))),
     }
 }
 
@@ -400,7 +400,7 @@ pub fn pod_callback(st: &AppState, pod: &str, query: Option<&str>) -> Result<Res
             ));
         }
     }
-    let mut resp = found(&redirect).into_response();
+    let mut resp = found(&redirect);
     set_cookie(&mut resp, st, "pod_token", &token, None);
     Ok(resp)
 }

@@ -78,14 +78,12 @@ impl IntoResponse for ApiError {
             // engine counts itself (stream creation), never another's.
             let num = |k: &str| d.get(k).and_then(serde_json::Value::as_i64).unwrap_or(0);
             let h = resp.headers_mut();
-            for (name, value) in [
-                ("x-ratelimit-limit", num("limit")),
-                ("x-ratelimit-remaining", 0),
-                ("x-ratelimit-reset", num("reset")),
-                ("retry-after", num("retryAfter").max(1)),
-            ] {
-                h.insert(name, axum::http::HeaderValue::from(value));
-            }
+            let limit = u64::try_from(num("limit")).unwrap_or(0);
+            rate_headers(h, limit, 0, num("reset"));
+            h.insert(
+                "retry-after",
+                axum::http::HeaderValue::from(num("retryAfter").max(1)),
+            );
         }
         if kind == ErrorKind::Unavailable {
             resp.headers_mut()
@@ -93,6 +91,16 @@ impl IntoResponse for ApiError {
         }
         resp
     }
+}
+
+/// The `X-RateLimit-*` headers of SPEC §9.
+pub(crate) fn rate_headers(h: &mut axum::http::HeaderMap, limit: u64, remaining: u64, reset: i64) {
+    h.insert("x-ratelimit-limit", axum::http::HeaderValue::from(limit));
+    h.insert(
+        "x-ratelimit-remaining",
+        axum::http::HeaderValue::from(remaining),
+    );
+    h.insert("x-ratelimit-reset", axum::http::HeaderValue::from(reset));
 }
 
 /// A WebSocket endpoint asked without a valid upgrade (no `Upgrade`/`Connection` headers, no

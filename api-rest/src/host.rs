@@ -6,7 +6,7 @@ use axum::http::header::HOST;
 use std::net::SocketAddr;
 
 use axum::extract::ConnectInfo;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{Method, StatusCode};
 use axum::response::IntoResponse;
 use tower::ServiceExt;
 use webpods_engine::Action;
@@ -83,18 +83,6 @@ fn rate_key(st: &AppState, req: &Request, on_pod: bool) -> String {
             Some(ConnectInfo(addr)) => format!("ip:{}", addr.ip()),
             None => "ip:unknown".to_string(),
         },
-    }
-}
-
-fn rate_headers(h: &mut HeaderMap, limit: u64, remaining: u64, reset: i64) {
-    for (name, value) in [
-        ("x-ratelimit-limit", limit.to_string()),
-        ("x-ratelimit-remaining", remaining.to_string()),
-        ("x-ratelimit-reset", reset.to_string()),
-    ] {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            h.insert(name, v);
-        }
     }
 }
 
@@ -189,7 +177,7 @@ pub fn dispatch(state: AppState, main: Router, pods: Router) -> Router {
                 if let Some(s) = rate
                     && resp.status() != StatusCode::TOO_MANY_REQUESTS
                 {
-                    rate_headers(resp.headers_mut(), s.limit, s.remaining, s.reset);
+                    crate::error::rate_headers(resp.headers_mut(), s.limit, s.remaining, s.reset);
                 }
                 resp
             }

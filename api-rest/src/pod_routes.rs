@@ -664,9 +664,9 @@ async fn delete(
     q: &Query,
 ) -> Result<Response, ApiError> {
     let engine = &st.engine;
-    // `DELETE /` is the pod; `DELETE /stream/` names no record, and must not fall back to the
+    // `DELETE /` (path `""`) is the pod; `DELETE /stream/` names no record, and must not fall back to the
     // stream (SPEC §4.2: a trailing slash is a missing name).
-    if path.ends_with('/') && !path.trim_start_matches('/').is_empty() {
+    if path.ends_with('/') && !path.is_empty() {
         return Err(ApiError::new(
             ErrorKind::MissingName,
             "the URL must end with a record name (DELETE /{stream} removes a stream)",

@@ -168,21 +168,15 @@ impl RateLimiter {
                     reset,
                 });
             }
-            match c.free_at {
-                Some(at) if at > now_ms() / 1000 => Err(at),
-                // What this instance has not flushed yet, by slice (what is being flushed
-                // counts as now); the database has the rest.
-                _ => {
-                    let mut local: Vec<(i64, i64)> =
-                        c.pending.iter().map(|(s, n)| (*s, *n)).collect();
-                    local.push((slice, c.flushing));
-                    Ok(local)
-                }
-            }
+            // What this instance has not flushed yet, by slice (what is being flushed counts
+            // as now); the database has the rest.
+            let mut local: Vec<(i64, i64)> = c.pending.iter().map(|(s, n)| (*s, *n)).collect();
+            local.push((slice, c.flushing));
+            (c.free_at.filter(|at| *at > now_ms() / 1000), local)
         };
         let reset = match refused {
-            Err(known) => known,
-            Ok(local) => {
+            (Some(known), _) => known,
+            (None, local) => {
                 let at = self.reset_after_refusal(caller, action, limit, local).await;
                 if let Some(c) = self.lock().get_mut(&(caller.to_string(), action)) {
                     c.free_at = Some(at);

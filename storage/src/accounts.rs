@@ -244,9 +244,7 @@ impl PgStore {
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect())
     }
-}
 
-impl PgStore {
     async fn rate_slices(&self, caller: &str, action: &str, since: i64) -> Result<Vec<(i64, i64)>> {
         Ok(sqlx::query_as(
             "SELECT slice, count FROM rate_counts \
@@ -256,20 +254,6 @@ impl PgStore {
         .bind(action)
         .bind(since)
         .fetch_all(&self.pool)
-        .await?)
-    }
-}
-
-impl SqliteStore {
-    async fn rate_slices(&self, caller: &str, action: &str, since: i64) -> Result<Vec<(i64, i64)>> {
-        Ok(sqlx::query_as(
-            "SELECT slice, count FROM rate_counts \
-             WHERE caller = ? AND action = ? AND slice >= ? ORDER BY slice",
-        )
-        .bind(caller)
-        .bind(action)
-        .bind(since)
-        .fetch_all(&self.readers)
         .await?)
     }
 }
@@ -394,5 +378,17 @@ impl SqliteStore {
         }
         tx.commit().await?;
         Ok(totals)
+    }
+
+    async fn rate_slices(&self, caller: &str, action: &str, since: i64) -> Result<Vec<(i64, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT slice, count FROM rate_counts \
+             WHERE caller = ? AND action = ? AND slice >= ? ORDER BY slice",
+        )
+        .bind(caller)
+        .bind(action)
+        .bind(since)
+        .fetch_all(&self.readers)
+        .await?)
     }
 }

@@ -89,13 +89,15 @@ impl From<sqlx::Error> for Error {
                 // a lock is held too long right now — retryable, not our bug. The others refuse
                 // a new connection: class 53 (too many connections, disk full, out of memory),
                 // 55000 (the database does not accept connections now), 3D000 (no such
-                // database), 28xxx (authentication failed).
+                // database), 28xxx (authentication failed). Only PostgreSQL's five-character
+                // SQLSTATEs: SQLite's codes are numbers of at most four digits.
                 E::Database(db) => db.code().is_some_and(|c| {
-                    c == "57014"
-                        || c.starts_with("53")
-                        || c == "55000"
-                        || c == "3D000"
-                        || c.starts_with("28")
+                    c.len() == 5
+                        && (c == "57014"
+                            || c.starts_with("53")
+                            || c == "55000"
+                            || c == "3D000"
+                            || c.starts_with("28"))
                 }),
                 _ => false,
             };
