@@ -11,6 +11,7 @@
 //! it drifts from the code.
 
 mod error;
+mod field_order;
 mod http;
 mod loaders;
 mod query;
@@ -94,6 +95,7 @@ pub fn schema(engine: Engine, config: &GraphqlConfig) -> WebPodsSchema {
         .data(settings)
         .limit_depth(config.max_depth)
         .limit_complexity(config.max_complexity)
+        .extension(field_order::FieldOrder)
         .finish()
 }
 

@@ -233,6 +233,26 @@ async fn graphql_reads_pods_streams_and_records(backend: Backend) {
     assert_eq!(d["stream"]["path"], "");
     assert_eq!(d["stream"]["recordCount"], 1);
     assert_eq!(d["stream"]["record"]["path"], "index.html");
+
+    // Fields come back in the order they were selected (GraphQL spec §7.2.2), also when the
+    // later ones were resolved first (storage reads finish after plain fields).
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    let d = ok(
+        &app,
+        t,
+        r#"{ stream(pod: "alice", path: "blog/posts") { recordCount head { hash index } path
+               createdAt n: name } me { id } ...P }
+           fragment P on Query { myPods { createdAt name } }"#,
+        json!({}),
+    )
+    .await;
+    assert_eq!(keys(&d), ["stream", "me", "myPods"]);
+    assert_eq!(
+        keys(&d["stream"]),
+        ["recordCount", "head", "path", "createdAt", "n"]
+    );
+    assert_eq!(keys(&d["stream"]["head"]), ["hash", "index"]);
+    assert_eq!(keys(&d["myPods"][0]), ["createdAt", "name"]);
     app.stop().await;
 }
 
@@ -1255,6 +1275,12 @@ async fn graphql_subscription_over_websocket(backend: Backend) {
         assert_eq!(pair[1]["previousHash"], pair[0]["hash"]);
     }
     assert!(got[0]["author"]["id"].is_string());
+    // In selection order, the author (a storage read) included.
+    let keys: Vec<_> = got[0].as_object().unwrap().keys().cloned().collect();
+    assert_eq!(
+        keys,
+        ["index", "name", "text", "hash", "previousHash", "author"]
+    );
     let all = app.all_records("live", "feed").await;
     assert_eq!(all.len(), 43);
     assert_eq!(got.last().unwrap()["hash"], all[42]["hash"]);
