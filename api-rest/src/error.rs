@@ -46,6 +46,7 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         RateLimitExceeded => StatusCode::TOO_MANY_REQUESTS,
         ForkDetected => StatusCode::CONFLICT,
         TooSlow => StatusCode::SERVICE_UNAVAILABLE,
+        IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
     }
 }
 

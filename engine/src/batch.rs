@@ -87,14 +87,18 @@ pub(crate) fn build(
     let mut outcomes = Vec::with_capacity(entries.len());
     for entry in entries {
         if let Some(key) = entry.idempotency_key.as_deref() {
-            if let Some(rows) = ctx.existing_keys.get(key) {
-                outcomes.push(Ok(EntryOutcome::Replayed(rows.clone())));
-                continue;
-            }
-            if let Some(range) = keys_in_batch.get(key) {
-                outcomes.push(Ok(EntryOutcome::Replayed(
-                    plan.records[range.clone()].to_vec(),
-                )));
+            let earlier = match ctx.existing_keys.get(key) {
+                Some(rows) => Some(rows.as_slice()),
+                None => keys_in_batch
+                    .get(key)
+                    .map(|range| &plan.records[range.clone()]),
+            };
+            if let Some(rows) = earlier {
+                outcomes.push(if is_retry_of(entry, rows) {
+                    Ok(EntryOutcome::Replayed(rows.to_vec()))
+                } else {
+                    Err(key_reused(key))
+                });
                 continue;
             }
         }
@@ -170,6 +174,33 @@ fn check_precondition(p: &Precondition, head: &Head) -> Result<(), Error> {
 }
 
 /// The record that extends `head` with `rec`. Timestamps never go backwards.
+/// Whether `entry` is the same request as the append that wrote `rows` under its idempotency
+/// key: the same author, and the same records (name, content, content type, headers, delete
+/// flag). Content is compared by its hash, which survives a purge.
+fn is_retry_of(entry: &Entry, rows: &[RecordRow]) -> bool {
+    entry.records.len() == rows.len()
+        && entry.records.iter().zip(rows).all(|(new, old)| {
+            old.author == entry.author
+                && old.name == new.name
+                && old.content_type == new.content_type
+                && old.deleted == new.deleted
+                && old.headers == headers_json(&new.headers)
+                && old.content_hash == content_hash(&new.content)
+        })
+}
+
+/// An idempotency key sent again with a different request (IETF draft
+/// `draft-ietf-httpapi-idempotency-key-header` §2.7: 422).
+fn key_reused(key: &str) -> Error {
+    Error::new(
+        ErrorKind::IdempotencyKeyReused,
+        format!(
+            "the Idempotency-Key {key:?} was used on this stream for a different request; \
+             a retry must repeat the original request exactly"
+        ),
+    )
+}
+
 pub(crate) fn chain_record(
     stream: &StreamCtx,
     head: &Head,

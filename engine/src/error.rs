@@ -42,6 +42,8 @@ pub enum ErrorKind {
     ForkDetected,
     /// A live subscriber fell too far behind to catch up (WebSocket close 4008).
     TooSlow,
+    /// An `Idempotency-Key` sent again with a different request (422).
+    IdempotencyKeyReused,
 }
 
 impl ErrorKind {
@@ -83,6 +85,7 @@ impl ErrorKind {
             RateLimitExceeded => "RATE_LIMIT_EXCEEDED",
             ForkDetected => "FORK_DETECTED",
             TooSlow => "TOO_SLOW",
+            IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
         }
     }
 }

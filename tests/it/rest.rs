@@ -372,6 +372,30 @@ async fn preconditions_and_idempotency(backend: Backend) {
     assert_eq!(r.headers()["idempotent-replay"], "true");
     let replay: Value = r.json().await.expect("receipt");
     assert_eq!(replay, original);
+    // The same key on a different request is refused (IETF idempotency-key draft: 422), be it
+    // another name, other content, another content type or another author.
+    let other = app.user("other-writer").await.1;
+    let reuses = [
+        post("e"),
+        post("d").body("w"),
+        post("d").header("x-content-type", "text/markdown"),
+        app.pod(Method::POST, "cond", "/log/d")
+            .bearer_auth(&other)
+            .header("content-type", "text/plain")
+            .body("v"),
+    ];
+    for (case, req) in reuses.into_iter().enumerate() {
+        let r = req
+            .header("idempotency-key", "key-1")
+            .send()
+            .await
+            .expect("reuse");
+        assert_eq!(
+            error_code(r).await,
+            (422, "IDEMPOTENCY_KEY_REUSED".into()),
+            "case {case}"
+        );
+    }
     let records = app.all_records("cond", "log").await;
     assert_eq!(records.len(), 4);
     assert_valid_chain("cond", "log", &records);
