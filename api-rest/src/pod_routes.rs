@@ -40,9 +40,10 @@ pub fn router(state: AppState) -> Router {
 /// A pod host's request path without its leading `/`, percent-decoded segment by segment
 /// (`%41` is `A`, RFC 3986 §6.2.2.2), so a name is judged by what it says: `bad%20name` is
 /// `INVALID_NAME`, as in GraphQL. A segment that decodes to a `/` or to bytes that are not
-/// UTF-8 is `INVALID_PATH`. Reads, writes and live tails all take their path from here.
+/// UTF-8 is `INVALID_PATH`, and so is an empty segment (`//a`, `a//b`): the engine judges the
+/// path as given. Reads, writes and live tails all take their path from here.
 pub fn decoded_path(raw: &str) -> Result<String, ApiError> {
-    let raw = raw.trim_start_matches('/');
+    let raw = raw.strip_prefix('/').unwrap_or(raw);
     if !raw.contains('%') {
         return Ok(raw.to_string());
     }
