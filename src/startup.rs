@@ -171,8 +171,10 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then drains (DESIGN §8): `/ready` turns 503, (after
     /// the optional `server.drain_delay_secs`, still serving) the listener stops accepting,
-    /// [`Engine::draining`] watchers are told, live tails close (WebSocket close 1001; SSE responses end), in-flight requests finish, every queued append is
-    /// committed and answered, and the pool is closed. `server.shutdown_timeout_secs`, counted
+    /// [`Engine::draining`] watchers are told, in-flight requests finish (every append they
+    /// queued is committed and answered), live tails deliver what was committed and close
+    /// (WebSocket close 1001; SSE responses end), the stream actors stop, and the pool is
+    /// closed. `server.shutdown_timeout_secs`, counted
     /// from the signal, bounds all of it; past it the remaining connections are dropped and
     /// `run` fails (the process exits non-zero). Whatever happens, nothing acknowledged is lost:
     /// a receipt is only ever sent after its commit.
@@ -197,6 +199,7 @@ impl Server {
         let delay = config.drain_delay;
         let (deadline_tx, mut deadline_rx) = watch::channel(None::<Instant>);
         let tails = engine.clone();
+        let in_flight = state.in_flight.clone();
         let app = router.into_make_service_with_connect_info::<SocketAddr>();
         // Without TCP_NODELAY, a response written in two segments waits for the client's
         // delayed ACK (~40 ms on Linux): every request would take that long.
@@ -218,8 +221,14 @@ impl Server {
                 tokio::time::sleep(delay).await;
             }
             draining_engine.start_draining();
-            // Tails are endless responses: they must end for the drain to finish.
-            tails.close_live();
+            // Tails are endless responses: they must end for the drain to finish. They end
+            // once every in-flight request was answered, so that each record acknowledged
+            // before the shutdown reaches them first (SPEC §10: flush, then close tails).
+            tokio::spawn(async move {
+                // A request that never finishes must not keep the tails open to the deadline.
+                let _ = tokio::time::timeout(grace / 2, in_flight.until_idle()).await;
+                tails.close_live();
+            });
             tracing::info!(
                 timeout_secs = grace.as_secs(),
                 "shutting down: draining requests and pending appends"

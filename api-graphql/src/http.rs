@@ -14,6 +14,7 @@ use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
 use async_graphql::{Data, Executor, Request, Response};
@@ -34,6 +35,10 @@ use webpods_engine::{Engine, ErrorKind};
 use crate::error::{add_codes, gql};
 use crate::loaders::{Authenticated, RequestCtx};
 use crate::{GraphqlConfig, WebPodsSchema};
+
+/// At shutdown, how long subscriptions may take to deliver the records they still hold (every
+/// append acknowledged before the tails close) before the socket closes with 1001 anyway.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 struct GqlState {
@@ -214,16 +219,19 @@ async fn websocket(
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| async move {
-            // The socket's input ends when the server starts shutting down; the protocol then
-            // stops, and the writer closes the socket with 1001 (SPEC §10).
+            // When the server starts shutting down, each subscription delivers what it still
+            // holds and completes; then (or after a grace) the socket's input ends, the
+            // protocol stops, and the writer closes the socket with 1001 (SPEC §10).
             let (mut sink, input) = socket.split();
             let closing = Arc::new(AtomicBool::new(false));
             let mut shutdown = engine.live_shutdown();
             let flag = closing.clone();
             let incoming = conn.clone();
+            let running = conn.clone();
             let input = input
                 .take_until(async move {
                     shutdown.wait().await;
+                    let _ = tokio::time::timeout(CLOSE_GRACE, running.until_idle()).await;
                     flag.store(true, Ordering::SeqCst);
                 })
                 .take_while(move |m| {
@@ -296,6 +304,15 @@ impl TransportWs {
     fn state(&self) -> std::sync::MutexGuard<'_, TransportState> {
         // Each update is a single insert or assignment: a poisoned state is still valid.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resolves once no operation runs on the connection (every subscription completed; on
+    /// the legacy `graphql-ws` protocol, which is not tracked, at once). Polled: it runs only
+    /// during a shutdown.
+    async fn until_idle(&self) {
+        while !self.state().running.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// A client message; false when it reuses a running id (the input then ends).

@@ -9,6 +9,7 @@ mod auth_routes;
 mod caller;
 mod error;
 mod host;
+mod in_flight;
 mod main_routes;
 mod pod_routes;
 mod request_id;
@@ -22,6 +23,7 @@ use webpods_engine::Engine;
 
 pub use error::{ApiError, upgrade_refused};
 pub use host::{HostKind, MainHost, PodHost, token_of};
+pub use in_flight::InFlight;
 pub use pod_routes::decoded_path;
 pub use request_id::request_id_layer;
 
@@ -46,6 +48,8 @@ pub struct AppState {
     pub started: Instant,
     /// `false` while starting or draining: `/ready` answers 503.
     pub ready: Arc<AtomicBool>,
+    /// Handlers running now (graceful shutdown waits for them before closing live tails).
+    pub in_flight: Arc<InFlight>,
 }
 
 impl AppState {
@@ -55,6 +59,7 @@ impl AppState {
             config: Arc::new(config),
             started: Instant::now(),
             ready: Arc::new(AtomicBool::new(false)),
+            in_flight: Arc::new(InFlight::default()),
         }
     }
 

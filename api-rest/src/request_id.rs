@@ -1,5 +1,6 @@
 //! `X-Request-Id` on every response (echoed when the client sent a sane one), one log line per
-//! request (request id, method, route, path, status, duration) and the request metrics.
+//! request (request id, method, route, path, status, duration), the request metrics, and the
+//! count of running handlers that a graceful shutdown waits for ([`crate::InFlight`]).
 //!
 //! **No secret is ever logged here**, by construction: the line is built from the method, the
 //! URI *path* and a fixed route name only — never the query string (which may carry
@@ -41,7 +42,9 @@ pub async fn request_id_layer(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let start = Instant::now();
+    let running = st.in_flight.start();
     let mut resp = next.run(req).await;
+    drop(running);
     let elapsed = start.elapsed();
     resp.headers_mut().insert(HEADER, value);
     let status = resp.status().as_u16();

@@ -288,6 +288,11 @@ fn close_code(e: &Error) -> u16 {
 
 type Sink = SplitSink<WebSocket, Message>;
 
+/// At shutdown, how long a socket's subscriptions may take to deliver the records they still
+/// hold (every append acknowledged before the tails close) before the socket closes with 1001
+/// anyway.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 /// What the socket writer does next.
 enum Out {
     /// A text frame, from subscription `(id, generation)` (`None`: the connection itself).
@@ -403,7 +408,13 @@ async fn pump<T: Tail>(
         let out = match sub.next_frame(id).await {
             Ok(frame) => Out::Text(tag.clone(), frame),
             Err(LiveEnd::Shutdown) => {
-                let _ = tx.send(Out::Close(1001, "server shutting down")).await;
+                // A single-stream socket closes now; a multiplexed one once all its
+                // subscriptions have delivered what they held.
+                let last = match tag {
+                    Some((i, g)) => Out::Ended(i, g),
+                    None => Out::Close(1001, "server shutting down"),
+                };
+                let _ = tx.send(last).await;
                 return;
             }
             Err(LiveEnd::Error(e)) => {

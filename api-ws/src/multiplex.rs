@@ -43,8 +43,8 @@ use webpods_api_rest::token_of;
 use webpods_engine::{Caller, Engine, Error, ErrorKind, LiveRequest, RecursiveRequest};
 
 use crate::{
-    LiveState, Out, SocketGuard, Tail, authenticate, close, close_after_read_error, close_too_slow,
-    error_frame, keep_alive, pump, send_timed, subscribed_frame,
+    CLOSE_GRACE, LiveState, Out, SocketGuard, Tail, authenticate, close, close_after_read_error,
+    close_too_slow, error_frame, keep_alive, pump, send_timed, subscribed_frame,
 };
 
 #[derive(Deserialize)]
@@ -124,16 +124,26 @@ async fn run(st: LiveState, socket: WebSocket, auth: Result<(Caller, Option<i64>
         generation: 0,
         tx,
     };
+    // At shutdown each subscription delivers what it still holds and ends; the socket closes
+    // with 1001 once none is left, or after the grace.
     let mut shutdown = st.engine.live_shutdown();
+    let mut shutting_down = false;
+    let grace = st.engine.live_shutdown().wait_then(CLOSE_GRACE);
+    tokio::pin!(grace);
     let mut ping = tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
     let mut last_seen = Instant::now();
     loop {
+        if shutting_down && conn.subs.is_empty() {
+            close(&mut sink, 1001, "server shutting down").await;
+            break;
+        }
         tokio::select! {
             biased;
-            () = shutdown.wait() => {
+            () = &mut grace => {
                 close(&mut sink, 1001, "server shutting down").await;
                 break;
             }
+            () = shutdown.wait(), if !shutting_down => shutting_down = true,
             out = rx.recv() => match out {
                 Some(Out::Text(tag, text)) => {
                     let current = tag.as_ref().is_none_or(|(id, g)| {

@@ -17,8 +17,9 @@ use webpods_api_rest::{ApiError, PodHost, decoded_path, token_of};
 use webpods_engine::{Error, ErrorKind, LiveEnd, LiveEvent, LiveRequest, Subscription};
 
 use crate::{
-    LiveState, Out, SocketGuard, authenticate, caught_up_frame, close, close_after_read_error,
-    close_code, close_too_slow, error_body, error_frame, keep_alive, pump, send_timed, to_json,
+    CLOSE_GRACE, LiveState, Out, SocketGuard, authenticate, caught_up_frame, close,
+    close_after_read_error, close_code, close_too_slow, error_body, error_frame, keep_alive, pump,
+    send_timed, to_json,
 };
 
 /// Where the tail starts: `?after=K&afterHash=H`.
@@ -109,14 +110,15 @@ async fn run_ws(st: LiveState, socket: WebSocket, sub: Result<Subscription, Erro
     };
     let (tx, mut rx) = mpsc::channel::<Out>(16);
     let pumping = tokio::spawn(pump(sub, None, tx, true));
-    let mut shutdown = st.engine.live_shutdown();
+    // At shutdown the subscription delivers what it still holds, then asks for the 1001 close
+    // itself; this bounds a writer stuck behind a full socket.
+    let shutdown = st.engine.live_shutdown().wait_then(CLOSE_GRACE);
+    tokio::pin!(shutdown);
     let mut ping = tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
     let mut last_seen = Instant::now();
     loop {
         tokio::select! {
-            // Normally the subscription reports the shutdown itself; this covers a writer stuck
-            // behind a full socket.
-            () = shutdown.wait() => {
+            () = &mut shutdown => {
                 close(&mut sink, 1001, "server shutting down").await;
                 break;
             }

@@ -252,6 +252,22 @@ impl LiveShutdown {
         // An error means the engine is gone: shutting down as well.
         let _ = self.0.wait_for(|closing| *closing).await;
     }
+
+    /// Resolves `grace` after the server started shutting down: time for subscriptions to
+    /// deliver what they still hold before their connection is closed anyway.
+    pub async fn wait_then(mut self, grace: Duration) {
+        self.wait().await;
+        tokio::time::sleep(grace).await;
+    }
+}
+
+/// Where a subscription is in its close (see [`Subscription::step_closing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    /// Delivering the buffer and the feed's queue.
+    Draining,
+    /// The last storage page was read; the buffer empties, then the subscription ends.
+    LastPage,
 }
 
 /// A live tail of one stream. Call [`Subscription::next`] in a loop; once it returns `Err`
@@ -280,6 +296,8 @@ pub struct Subscription {
     must_recheck: bool,
     /// The next index when the distance to the head was last measured.
     measured_at: i64,
+    /// Set once the server began closing tails: what is left is delivered, then it ends.
+    closing_up: Option<Closing>,
     ended: Option<LiveEnd>,
     /// Counts this subscription in the `live_subscriptions` gauge until it ends: set for what a
     /// client opened ([`Engine::subscribe`]), not for the parts of a recursive subscription.
@@ -477,6 +495,7 @@ impl Engine {
             lagged: false,
             must_recheck: false,
             measured_at: -1,
+            closing_up: None,
             ended: None,
             gauge: None,
         }
@@ -609,8 +628,8 @@ impl Subscription {
 
     async fn step(&mut self) -> Result<LiveEvent, LiveEnd> {
         loop {
-            if *self.closing.borrow() {
-                return Err(LiveEnd::Shutdown);
+            if self.closing_up.is_some() || *self.closing.borrow() {
+                return self.step_closing().await;
             }
             if self.must_recheck {
                 self.engine
@@ -666,6 +685,60 @@ impl Subscription {
             }
             self.wait().await?;
         }
+    }
+
+    /// While the server closes tails (after every acknowledged append was answered): deliver
+    /// what this subscription already holds, what its feed still queues, and at most one more
+    /// storage page, then end. A record acknowledged before the close so reaches the tail; a
+    /// tail far behind ends without reading everything and resumes elsewhere with `after`.
+    async fn step_closing(&mut self) -> Result<LiveEvent, LiveEnd> {
+        loop {
+            let closing = match self.closing_up {
+                Some(c) => c,
+                None => {
+                    self.drain_feed();
+                    self.closing_up = Some(Closing::Draining);
+                    Closing::Draining
+                }
+            };
+            if let Some(row) = self.buf.pop_front() {
+                return Ok(LiveEvent::Record(Record {
+                    stream_path: self.stream_path.clone(),
+                    row,
+                }));
+            }
+            if closing == Closing::Draining {
+                self.closing_up = Some(Closing::LastPage);
+                if self.lagged {
+                    // The feed lost messages: only storage knows the head.
+                    self.lagged = false;
+                    let head = self.stored_head().await?;
+                    self.known_head = self.known_head.max(head.index);
+                }
+                if self.known_head >= self.next {
+                    self.fill().await?;
+                }
+                continue;
+            }
+            return Err(LiveEnd::Shutdown);
+        }
+    }
+
+    /// Takes every message already queued on the feed, without waiting.
+    fn drain_feed(&mut self) {
+        use broadcast::error::TryRecvError;
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        loop {
+            match rx.try_recv() {
+                Ok(FeedMsg::Records(rows)) => self.accept(&rows),
+                Ok(FeedMsg::Head(h)) => self.known_head = self.known_head.max(h),
+                Err(TryRecvError::Lagged(_)) => self.lagged = true,
+                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+            }
+        }
+        self.rx = Some(rx);
     }
 
     async fn stored_head(&self) -> Result<Head, LiveEnd> {
@@ -740,9 +813,11 @@ impl Subscription {
         };
         use broadcast::error::RecvError;
         match woke {
-            Woke::Closing
-            | Woke::Perm(Err(RecvError::Closed))
-            | Woke::Feed(Err(RecvError::Closed)) => return Err(LiveEnd::Shutdown),
+            // `step` delivers what is left, then ends.
+            Woke::Closing => {}
+            Woke::Perm(Err(RecvError::Closed)) | Woke::Feed(Err(RecvError::Closed)) => {
+                return Err(LiveEnd::Shutdown);
+            }
             Woke::Expired => {
                 return Err(Error::new(ErrorKind::TokenExpired, "the token has expired").into());
             }

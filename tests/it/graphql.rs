@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::both_backends;
-use crate::support::{Backend, TestApp, fresh_database};
+use crate::support::{Backend, TestApp, fresh_database, writers_until_shutdown};
 
 both_backends!(
     graphql_reads_pods_streams_and_records,
@@ -25,6 +25,7 @@ both_backends!(
     graphql_subscription_over_websocket,
     graphql_websocket_authentication,
     graphql_rate_limits,
+    graphql_shutdown_delivers_acknowledged_records_first,
 );
 
 /// A GraphQL request to the main domain; returns the response body.
@@ -1604,6 +1605,55 @@ async fn graphql_websocket_authentication(backend: Backend) {
         assert_eq!(m["type"], "complete", "{m}");
     }
     stopping.await.unwrap();
+}
+
+/// A graceful shutdown answers in-flight appends before it ends subscriptions: each subscription
+/// receives every acknowledged record, completes, and the socket closes with 1001.
+async fn graphql_shutdown_delivers_acknowledged_records_first(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("gqlflush").await;
+    app.append("gqlflush", "/s/a", "x").await;
+    let mut ws = ws_connect(
+        &app,
+        json!({ "Authorization": format!("Bearer {}", app.token) }),
+    )
+    .await;
+    subscribe(&mut ws, "s", r#"pod: "gqlflush", stream: "s""#).await;
+    let m = ws_next(&mut ws).await;
+    assert_eq!(m["payload"]["data"]["records"]["index"], 0, "{m}");
+    let (acked, writers) = writers_until_shutdown(&app, "gqlflush", "s");
+    while acked.load(std::sync::atomic::Ordering::SeqCst) < 200 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stopping = tokio::spawn(app.stop());
+    let mut next = 1;
+    loop {
+        let m = ws_next(&mut ws).await;
+        match m["type"].as_str() {
+            Some("next") => {
+                assert_eq!(m["payload"]["data"]["records"]["index"], next, "{m}");
+                next += 1;
+            }
+            Some("complete") => {}
+            _ => {
+                assert_eq!(
+                    (&m["type"], &m["code"]),
+                    (&json!("closed"), &json!(1001)),
+                    "{m}"
+                );
+                break;
+            }
+        }
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    stopping.await.unwrap();
+    let acked = acked.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        next > acked,
+        "closed at index {next}, but index {acked} was acknowledged"
+    );
 }
 
 // ----- the committed schema --------------------------------------------------------------------

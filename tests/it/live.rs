@@ -17,7 +17,9 @@ use webpods_engine::{AppendRequest, LiveEvent, LiveRequest, NewRecord, Scope};
 
 use crate::both_backends;
 use crate::multi_instance::spawn_process;
-use crate::support::{Backend, TestApp, error_code, fresh_database, terminate_backends};
+use crate::support::{
+    Backend, TestApp, error_code, fresh_database, terminate_backends, writers_until_shutdown,
+};
 
 both_backends!(
     thousand_records_twenty_subscribers,
@@ -30,6 +32,7 @@ both_backends!(
     sse_resumes_from_last_event_id,
     multiplexed_ws,
     shutdown_closes_tails_with_1001,
+    shutdown_delivers_acknowledged_records_first,
     recursive_subscription_delivers_the_tree,
     recursive_subscription_picks_up_new_streams,
     recursive_subscription_skips_unreadable_streams,
@@ -953,6 +956,89 @@ async fn shutdown_closes_tails_with_1001(backend: Backend) {
         .await
         .expect("shutdown finishes")
         .unwrap();
+}
+
+/// Records acknowledged before a graceful shutdown reach every tail before it closes (SPEC §10:
+/// in-flight requests finish and pending batches flush, *then* tails close with 1001). With
+/// appends in flight at the signal, each tail receives an unbroken run of indices that reaches
+/// at least the highest acknowledged one: a single-stream socket, both kinds of `/ws`
+/// subscription on one socket, and SSE.
+async fn shutdown_delivers_acknowledged_records_first(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("flush").await;
+    app.append("flush", "/s/a", "x").await;
+    let mut ws = tail(&app, "flush", "/s").await;
+    assert_eq!(read_records(&mut ws, 0, 0).await, 1);
+    let mut mux = ws_connect(&app, "localhost", "/ws", Some(&app.token)).await;
+    for (id, recursive) in [("one", false), ("tree", true)] {
+        let sub =
+            json!({"type":"subscribe","id":id,"pod":"flush","stream":"s","recursive":recursive});
+        send(&mut mux, sub).await;
+    }
+    let mut sse = SseReader::open(&app, "flush", "/s", None).await;
+    assert_eq!(sse.read_records(0, 0).await, 1);
+
+    let (acked, writers) = writers_until_shutdown(&app, "flush", "s");
+    wait_until(&acked, 200).await;
+    let stopping = tokio::spawn(app.stop());
+
+    // Every tail: consecutive records from where it stands, then the shutdown close.
+    let mut last = HashMap::new();
+    let mut next = 1;
+    let ws_next = loop {
+        match next_frame(&mut ws).await {
+            Frame::Json(f) if f["type"] == "record" => {
+                assert_eq!(f["record"]["index"].as_i64(), Some(next), "{f}");
+                next += 1;
+            }
+            Frame::Json(f) => assert_eq!(f["type"], "caughtUp", "{f}"),
+            Frame::Closed(code) => {
+                assert_eq!(code, Some(1001));
+                break next;
+            }
+        }
+    };
+    last.insert("single socket", ws_next);
+    let mut mux_next = HashMap::from([("one", 0), ("tree", 0)]);
+    loop {
+        match next_frame(&mut mux).await {
+            Frame::Json(f) if f["type"] == "record" => {
+                let next = mux_next.get_mut(f["id"].as_str().unwrap()).unwrap();
+                assert_eq!(f["record"]["index"].as_i64(), Some(*next), "{f}");
+                *next += 1;
+            }
+            Frame::Json(f) => assert!(f["type"] == "subscribed" || f["type"] == "caughtUp", "{f}"),
+            Frame::Closed(code) => {
+                assert_eq!(code, Some(1001));
+                break;
+            }
+        }
+    }
+    last.insert("/ws subscription", mux_next["one"]);
+    last.insert("/ws recursive subscription", mux_next["tree"]);
+    let mut sse_next = 1;
+    while let Some(ev) = sse.next().await {
+        if ev.event == "record" {
+            assert_eq!(ev.id, Some(sse_next.to_string()));
+            sse_next += 1;
+        }
+    }
+    last.insert("SSE", sse_next);
+
+    for w in writers {
+        w.await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(20), stopping)
+        .await
+        .expect("shutdown finishes")
+        .unwrap();
+    let acked = acked.load(Ordering::SeqCst);
+    for (tail, next) in last {
+        assert!(
+            next > acked,
+            "{tail} closed at index {next}, but index {acked} was acknowledged"
+        );
+    }
 }
 
 /// A record appended through one instance reaches a tail on another instance of the same

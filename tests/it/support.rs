@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use reqwest::{Method, RequestBuilder, Response};
@@ -537,4 +538,47 @@ pub async fn terminate_backends(url: &str, query_like: Option<&str>) -> usize {
     .await
     .expect("terminate");
     killed.len()
+}
+
+/// 16 concurrent writers appending to `pod/stream` until the server stops answering (a
+/// shutdown), each sharing the highest index acknowledged so far (`-1`: none yet).
+pub fn writers_until_shutdown(
+    app: &TestApp,
+    pod: &str,
+    stream: &str,
+) -> (Arc<AtomicI64>, Vec<JoinHandle<()>>) {
+    let acked = Arc::new(AtomicI64::new(-1));
+    let writers = (0..16)
+        .map(|w| {
+            let (http, addr, token) = (app.http.clone(), app.addr, app.token.clone());
+            let (host, stream, acked) = (
+                format!("{pod}.localhost"),
+                stream.to_string(),
+                acked.clone(),
+            );
+            tokio::spawn(async move {
+                for i in 0.. {
+                    let sent = http
+                        .post(format!("http://{addr}/{stream}/w{w}-{i}"))
+                        .header("host", &host)
+                        .bearer_auth(&token)
+                        .header("content-type", "text/plain")
+                        .body("in flight")
+                        .send()
+                        .await;
+                    let Ok(r) = sent else { return };
+                    if r.status() != 201 {
+                        return;
+                    }
+                    let Ok(receipt) = r.json::<Value>().await else {
+                        return;
+                    };
+                    if let Some(index) = receipt["index"].as_i64() {
+                        acked.fetch_max(index, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    (acked, writers)
 }

@@ -492,7 +492,7 @@ impl RecursiveSubscription {
     async fn step(&mut self) -> Result<RecursiveEvent, LiveEnd> {
         loop {
             if *self.closing.borrow() {
-                return Err(LiveEnd::Shutdown);
+                return self.step_closing().await;
             }
             if !self.caught_up && self.catching_up.is_empty() {
                 self.caught_up = true;
@@ -508,6 +508,21 @@ impl RecursiveSubscription {
                 return Ok(event);
             }
         }
+    }
+
+    /// While the server closes tails: every part delivers what it has left (see
+    /// [`Subscription`]'s close) and ends; once all have, so does this subscription.
+    async fn step_closing(&mut self) -> Result<RecursiveEvent, LiveEnd> {
+        while let Some((part, event)) = self.parts.next().await {
+            let event = match event {
+                Err(LiveEnd::Shutdown) => continue, // this part is done
+                other => other,
+            };
+            if let Some(event) = self.on_part(part, event)? {
+                return Ok(event);
+            }
+        }
+        Err(LiveEnd::Shutdown)
     }
 
     /// Lists the pod's streams and follows the readable ones under the root not followed yet.
@@ -613,9 +628,9 @@ impl RecursiveSubscription {
         };
         use broadcast::error::RecvError;
         match woke {
-            Woke::Closing | Woke::Perm(Err(RecvError::Closed)) | Woke::Pod(false) => {
-                Err(LiveEnd::Shutdown)
-            }
+            // `step` lets the parts deliver what is left, then ends.
+            Woke::Closing => Ok(None),
+            Woke::Perm(Err(RecvError::Closed)) | Woke::Pod(false) => Err(LiveEnd::Shutdown),
             Woke::Expired => {
                 Err(Error::new(ErrorKind::TokenExpired, "the token has expired").into())
             }
