@@ -166,7 +166,9 @@ impl Engine {
                 format!("no record named {name:?}"),
             ));
         };
-        if latest.deleted && !purge {
+        // Idempotent (SPEC §4.4): deleting a deleted name appends nothing, and so does purging
+        // one whose content is already erased.
+        if latest.deleted && !(purge && self.inner.store.has_unpurged(stream.id, name).await?) {
             return Ok(());
         }
         let entry = Entry {

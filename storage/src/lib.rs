@@ -548,6 +548,12 @@ impl Store {
         dispatch!(self, s => s.latest_by_name(stream_id, name).await)
     }
 
+    /// Whether any record with this name still holds content a purge would erase (neither a
+    /// tombstone nor purged).
+    pub async fn has_unpurged(&self, stream_id: i64, name: &str) -> Result<bool> {
+        dispatch!(self, s => s.has_unpurged(stream_id, name).await)
+    }
+
     /// Records in index order within `range`.
     pub async fn list_records(&self, stream_id: i64, range: RecordRange) -> Result<Vec<RecordRow>> {
         dispatch!(self, s => s.list_records(stream_id, range).await)

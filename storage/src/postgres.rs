@@ -509,6 +509,18 @@ impl PgStore {
         Ok(row)
     }
 
+    pub(crate) async fn has_unpurged(&self, stream_id: i64, name: &str) -> Result<bool> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT 1::int8 FROM records WHERE stream_id = $1 AND name = $2 \
+             AND NOT deleted AND NOT purged LIMIT 1",
+        )
+        .bind(stream_id)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
+    }
+
     pub(crate) async fn list_records(
         &self,
         stream_id: i64,

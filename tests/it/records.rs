@@ -286,6 +286,12 @@ async fn tombstones_purge_and_verify(backend: Backend) {
         .await
         .expect("untouched");
     assert_eq!(r.text().await.expect("body"), "keep");
+    // Purging again has nothing left to erase: it appends nothing (length stays 5 below).
+    let r = del("/d/secret?purge=true")
+        .send()
+        .await
+        .expect("purge again");
+    assert_eq!(r.status(), 204);
 
     let v: Value = app
         .pod(Method::GET, "del", "/d?verify=true")
