@@ -532,7 +532,7 @@ impl Config {
             pod_create: rate("WEBPODS_RATE_LIMIT_POD_CREATE", 10, &mut errors),
             stream_create: rate("WEBPODS_RATE_LIMIT_STREAM_CREATE", 100, &mut errors),
         };
-        let allowed_record_headers = var("WEBPODS_ALLOWED_RECORD_HEADERS")
+        let allowed_record_headers: Vec<String> = var("WEBPODS_ALLOWED_RECORD_HEADERS")
             .map(|v| {
                 v.split(',')
                     .map(|h| h.trim().to_ascii_lowercase())
@@ -540,6 +540,15 @@ impl Config {
                     .collect()
             })
             .unwrap_or_default();
+        for h in &allowed_record_headers {
+            if webpods_engine::is_reserved_record_header(h) {
+                errors.push(format!(
+                    "WEBPODS_ALLOWED_RECORD_HEADERS (server.allowed_record_headers): {h:?} cannot \
+                     be a record header: it frames the response, sets cookies or is one the \
+                     server sends itself"
+                ));
+            }
+        }
         let token_file = var("WEBPODS_TOKEN_FILE")
             .map(PathBuf::from)
             .or_else(|| sqlite_path(&database_url).map(|p| p.with_extension("token")));
@@ -885,6 +894,25 @@ mod tests {
         assert!(!shown.contains("jwt-secret-value"), "{shown}");
         assert!(!shown.contains("db-password"), "{shown}");
         assert!(shown.contains("postgres://u:***@h/db"), "{shown}");
+    }
+
+    #[test]
+    fn framing_headers_cannot_be_record_headers() {
+        let errs = with(&[(
+            "WEBPODS_ALLOWED_RECORD_HEADERS",
+            "x-source, Content-Length,transfer-encoding,set-cookie,x-ratelimit-limit",
+        )])
+        .unwrap_err();
+        let all = errs.join("\n");
+        for h in [
+            "content-length",
+            "transfer-encoding",
+            "set-cookie",
+            "x-ratelimit-limit",
+        ] {
+            assert!(all.contains(&format!("{h:?} cannot")), "{all}");
+        }
+        assert_eq!(errs.len(), 4, "{all}");
     }
 
     #[test]

@@ -627,6 +627,12 @@ impl Engine {
                     format!("record header {k:?} holds a control character"),
                 ));
             }
+            if is_reserved_record_header(k) {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("{k:?} cannot be a record header: the server sends it itself"),
+                ));
+            }
             if !self
                 .inner
                 .config

@@ -132,6 +132,40 @@ pub struct Record {
     pub row: RecordRow,
 }
 
+/// Header names a record can never carry, whatever `server.allowed_record_headers` says:
+/// replayed on a raw read they would frame the HTTP response (`content-length`,
+/// `transfer-encoding` and the hop-by-hop headers: one record could inject a response into the
+/// reader's connection), change how its body is decoded, set cookies on the pod host, or stand
+/// for the headers the server itself sends with a record (SPEC §4.3).
+pub const RESERVED_RECORD_HEADERS: &[&str] = &[
+    "connection",
+    "content-encoding",
+    "content-length",
+    "content-type",
+    "etag",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "set-cookie",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "x-author",
+    "x-content-hash",
+    "x-hash",
+    "x-index",
+    "x-previous-hash",
+    "x-request-id",
+    "x-timestamp",
+];
+
+/// Whether `name` (lowercase) may never be a record header (see [`RESERVED_RECORD_HEADERS`]).
+pub fn is_reserved_record_header(name: &str) -> bool {
+    RESERVED_RECORD_HEADERS.contains(&name) || name.starts_with("x-ratelimit-")
+}
+
 /// How a record's content appears in JSON.
 pub enum JsonContent<'a> {
     Json(&'a RawValue),
@@ -145,8 +179,13 @@ impl Record {
         record_path(&self.stream_path, &self.row.name)
     }
 
+    /// The custom headers replayed on raw reads (names never allowed as record headers, which
+    /// an older configuration may have let in, are left out).
     pub fn headers(&self) -> BTreeMap<String, String> {
-        serde_json::from_str(&self.row.headers).unwrap_or_default()
+        let mut headers: BTreeMap<String, String> =
+            serde_json::from_str(&self.row.headers).unwrap_or_default();
+        headers.retain(|name, _| !is_reserved_record_header(name));
+        headers
     }
 
     /// The content as it is embedded in record JSON (SPEC §4.3).
@@ -312,4 +351,36 @@ pub struct StreamInfo {
     #[serde(skip)]
     pub creator_id: String,
     pub created_at: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_headers_are_never_replayed() {
+        let headers = r#"{"content-length":"0","set-cookie":"a=b","transfer-encoding":"x","x-ratelimit-limit":"1","x-source":"cli"}"#;
+        let record = Record {
+            stream_path: "s".into(),
+            row: RecordRow {
+                index: 0,
+                name: "r".into(),
+                content: b"x".to_vec(),
+                content_type: "text/plain".into(),
+                headers: headers.into(),
+                size: 1,
+                author: "u".into(),
+                timestamp: 0,
+                content_hash: String::new(),
+                hash: String::new(),
+                previous_hash: None,
+                deleted: false,
+                purged: false,
+            },
+        };
+        assert_eq!(
+            record.headers(),
+            BTreeMap::from([("x-source".to_string(), "cli".to_string())])
+        );
+    }
 }
