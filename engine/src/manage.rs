@@ -185,15 +185,14 @@ impl Engine {
             purge,
         };
         self.submit(&pod, &stream, entry).await?;
-        if purge {
-            // Erased content may have been a permission record: decisions drawn from this
-            // stream (if it is a permission stream) are made again, and its tails re-check.
-            self.changed(Change::Permissions {
-                pod: pod.name.clone(),
-                stream_id: stream.id,
-            })
-            .await;
-        }
+        // The deleted (or erased) record may have been a permission record: decisions drawn
+        // from this stream (if it is a permission stream) are made again, on every instance,
+        // and its tails re-check.
+        self.changed(Change::Permissions {
+            pod: pod.name.clone(),
+            stream_id: stream.id,
+        })
+        .await;
         Ok(())
     }
 

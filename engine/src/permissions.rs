@@ -4,14 +4,15 @@
 //! 2. `public`: anyone reads; any authenticated user appends.
 //! 3. `private`: the stream's creator and the owner.
 //! 4. `/perm-stream`: the latest record of that stream **written by the pod owner** whose
-//!    `userId` is the caller decides `{read, write}`; no such record → deny.
+//!    `userId` is the caller decides `{read, write}`; no such record → deny. A record whose
+//!    name was deleted since (a tombstone) or purged does not count.
 //! 5. Anonymous callers get nothing but public reads; `.config` is owner-only.
 //!
 //! A permission stream's decisions are computed once into a table cached by stream id; an
 //! append to that stream invalidates it here and, through the invalidation bus, on every
 //! other instance.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use webpods_storage::{PodRow, StreamRow};
@@ -54,14 +55,22 @@ impl Engine {
             Some(t) if t.owner == pod.owner_id => t,
             _ => {
                 let mut grants = HashMap::new();
-                // Newest first: the first record seen for a user is the one that counts.
+                // Names deleted by a tombstone newer than the records being looked at.
+                let mut deleted = HashSet::new();
+                // Newest first: the first live record seen for a user is the one that counts;
+                // a record whose name was deleted afterwards (DELETE of the grant) counts no
+                // more.
                 for r in self
                     .inner
                     .store
                     .records_by_author(ps.id, &pod.owner_id)
                     .await?
                 {
-                    if let Ok(g) = serde_json::from_slice::<Grant>(&r.content) {
+                    if r.deleted {
+                        deleted.insert(r.name);
+                    } else if !deleted.contains(&r.name)
+                        && let Ok(g) = serde_json::from_slice::<Grant>(&r.content)
+                    {
                         grants.entry(g.user_id).or_insert((g.read, g.write));
                     }
                 }

@@ -643,8 +643,8 @@ async fn room_tail(app: &TestApp, pod: &str, token: &str) -> Ws {
     }
 }
 
-/// SPEC §8 rule 4 records end tails at once (SPEC §6.1): a revoking record, and a purge of the
-/// granting record; over `/ws` as well.
+/// SPEC §8 rule 4 records end tails at once (SPEC §6.1): a revoking record, and a delete or a
+/// purge of the granting record; over `/ws` as well.
 async fn permission_record_revokes_tails(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (bob, bob_token) = club(&app, "perm").await;
@@ -685,17 +685,27 @@ async fn permission_record_revokes_tails(backend: Backend) {
     ));
     let f = forbidden_soon(&mut mux).await;
     assert_eq!(f["id"], "r", "{f}");
-    // Granted again, then the grant is purged: no record decides for bob any more → denied.
-    grant(&app, &app.token, "perm", &bob, true).await;
-    let mut ws = room_tail(&app, "perm", &bob_token).await;
-    let r = app
-        .pod(Method::DELETE, "perm", "/members/bob?purge=true")
-        .bearer_auth(&app.token)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
-    forbidden_soon(&mut ws).await;
+    // Granted again, then the grant is deleted (a tombstone), or purged: no record decides
+    // for bob any more → denied, for tails and for reads.
+    for delete in ["/members/bob", "/members/bob?purge=true"] {
+        grant(&app, &app.token, "perm", &bob, true).await;
+        let mut ws = room_tail(&app, "perm", &bob_token).await;
+        let r = app
+            .pod(Method::DELETE, "perm", delete)
+            .bearer_auth(&app.token)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+        forbidden_soon(&mut ws).await;
+        let r = app
+            .pod(Method::GET, "perm", "/room/hello")
+            .bearer_auth(&bob_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(r).await, (403, "FORBIDDEN".into()), "{delete}");
+    }
     app.stop().await;
 }
 
