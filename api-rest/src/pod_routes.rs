@@ -801,6 +801,9 @@ fn precondition(headers: &HeaderMap) -> Result<Option<Precondition>, ApiError> {
         ));
     }
     if let Some(v) = header_str(headers, "if-match")? {
+        if v.trim() == "*" {
+            return Ok(Some(Precondition::NotEmpty));
+        }
         return Ok(Some(Precondition::LastHash(
             v.trim_matches('"').to_string(),
         )));

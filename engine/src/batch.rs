@@ -157,11 +157,14 @@ pub(crate) fn build(
 }
 
 /// Refuses the entry unless the head satisfies its precondition; the details carry the head.
-fn check_precondition(p: &Precondition, head: &Head) -> Result<(), Error> {
+/// Whether a stream whose head is `head` meets `p` (412 `PRECONDITION_FAILED` with the head
+/// otherwise). A stream that does not exist yet has the head of an empty one.
+pub(crate) fn check_precondition(p: &Precondition, head: &Head) -> Result<(), Error> {
     let ok = match p {
         Precondition::LastHash(h) => head.hash.as_deref() == Some(h.as_str()),
         Precondition::NextIndex(n) => head.index + 1 == *n,
         Precondition::Empty => head.index < 0,
+        Precondition::NotEmpty => head.index >= 0,
     };
     if ok {
         return Ok(());
@@ -173,7 +176,6 @@ fn check_precondition(p: &Precondition, head: &Head) -> Result<(), Error> {
     ))
 }
 
-/// The record that extends `head` with `rec`. Timestamps never go backwards.
 /// Whether `entry` is the same request as the append that wrote `rows` under its idempotency
 /// key: the same author, and the same records (name, content, content type, headers, delete
 /// flag). Content is compared by its hash, which survives a purge.
@@ -201,6 +203,7 @@ fn key_reused(key: &str) -> Error {
     )
 }
 
+/// The record that extends `head` with `rec`. Timestamps never go backwards.
 pub(crate) fn chain_record(
     stream: &StreamCtx,
     head: &Head,

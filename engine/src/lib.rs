@@ -496,6 +496,18 @@ impl Engine {
         let user = require_writer(caller)?;
         check_token_pod(user, &pod.name)?;
         refuse_endpoint_path(stream_path)?;
+        // A write refused by its precondition changes nothing: it must not create the stream
+        // (or its parents) on the way.
+        if let Some(p) = &req.precondition
+            && self.stream(&pod, stream_path).await?.is_none()
+        {
+            let empty = webpods_storage::Head {
+                index: -1,
+                hash: None,
+                timestamp: 0,
+            };
+            batch::check_precondition(p, &empty)?;
+        }
         let access = req.access.as_deref();
         let stream = self
             .writable_stream(&pod, user, stream_path, access)

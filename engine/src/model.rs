@@ -65,6 +65,8 @@ pub enum Precondition {
     NextIndex(i64),
     /// `If-None-Match: *`: the stream is empty.
     Empty,
+    /// `If-Match: *`: the stream has a record (RFC 9110 §13.1.1: a current representation).
+    NotEmpty,
 }
 
 /// An append of one or more records (a batch is atomic).

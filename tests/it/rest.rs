@@ -355,6 +355,50 @@ async fn preconditions_and_idempotency(backend: Backend) {
         .expect("expected index");
     assert_eq!(r.status(), 201);
 
+    // `If-Match: *` asks for a stream that has a record (RFC 9110 §13.1.1).
+    let r = post("star")
+        .header("if-match", "*")
+        .send()
+        .await
+        .expect("if-match *");
+    assert_eq!(r.status(), 201);
+    // A precondition that fails on a stream that does not exist yet creates nothing: neither
+    // the stream nor its parents.
+    let fresh = |path: &str| {
+        app.pod(Method::POST, "cond", path)
+            .bearer_auth(&app.token)
+            .header("content-type", "text/plain")
+            .body("v")
+    };
+    let refused = [
+        fresh("/new1/deep/x").header("if-match", "\"sha256:abc\""),
+        fresh("/new2/deep/x").header("if-match", "*"),
+        fresh("/new3/deep/x").header("x-expected-index", "7"),
+        app.pod(Method::POST, "cond", "/new4/deep/x?batch=true")
+            .bearer_auth(&app.token)
+            .header("content-type", "application/json")
+            .body(r#"[{"name":"a","content":"x"}]"#)
+            .header("x-expected-index", "3"),
+    ];
+    for (i, req) in refused.into_iter().enumerate() {
+        let r = req.send().await.expect("refused");
+        assert_eq!(r.status(), 412, "case {i}");
+        let body: Value = r.json().await.expect("envelope");
+        assert_eq!(body["error"]["details"]["head"]["index"], -1, "{body}");
+        let r = app
+            .pod(Method::GET, "cond", &format!("/new{}", i + 1))
+            .send()
+            .await
+            .expect("not created");
+        assert_eq!(r.status(), 404, "case {i}: the stream was created");
+    }
+    let r = fresh("/new5/x")
+        .header("x-expected-index", "0")
+        .send()
+        .await
+        .expect("first record");
+    assert_eq!(r.status(), 201);
+
     // Idempotency: the retry returns the original receipt and appends nothing.
     let r = post("d")
         .header("idempotency-key", "key-1")
@@ -397,7 +441,7 @@ async fn preconditions_and_idempotency(backend: Backend) {
         );
     }
     let records = app.all_records("cond", "log").await;
-    assert_eq!(records.len(), 4);
+    assert_eq!(records.len(), 5);
     assert_valid_chain("cond", "log", &records);
     app.stop().await;
 }
