@@ -532,6 +532,12 @@ impl Config {
             pod_create: rate("WEBPODS_RATE_LIMIT_POD_CREATE", 10, &mut errors),
             stream_create: rate("WEBPODS_RATE_LIMIT_STREAM_CREATE", 100, &mut errors),
         };
+        let log = var("WEBPODS_LOG").unwrap_or_else(|| "info".into());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
+            errors.push(format!(
+                "WEBPODS_LOG (log.filter): {log:?} is not a log filter: {e}"
+            ));
+        }
         let allowed_record_headers: Vec<String> = var("WEBPODS_ALLOWED_RECORD_HEADERS")
             .map(|v| {
                 v.split(',')
@@ -587,7 +593,7 @@ impl Config {
             jwt_secret,
             jwt_expiry,
             providers,
-            log: var("WEBPODS_LOG").unwrap_or_else(|| "info".into()),
+            log,
             log_format,
             token_file,
             engine: EngineConfig {
@@ -894,6 +900,13 @@ mod tests {
         assert!(!shown.contains("jwt-secret-value"), "{shown}");
         assert!(!shown.contains("db-password"), "{shown}");
         assert!(shown.contains("postgres://u:***@h/db"), "{shown}");
+    }
+
+    #[test]
+    fn a_bad_log_filter_is_refused() {
+        let errs = with(&[("WEBPODS_LOG", "garbage===")]).unwrap_err();
+        assert!(errs[0].starts_with("WEBPODS_LOG (log.filter)"), "{errs:?}");
+        assert!(with(&[("WEBPODS_LOG", "info,sqlx=warn,webpods=trace")]).is_ok());
     }
 
     #[test]

@@ -10,12 +10,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::{SinkExt, StreamExt};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::both_backends;
 use crate::support::{
@@ -465,6 +468,56 @@ async fn logs_are_json_and_never_contain_tokens() {
         .await
         .expect("forged");
     assert_eq!(r.status(), 401);
+    // Tokens inside WebSocket messages: `/ws` auth messages (a forged one is answered with an
+    // error, the real one lets the subscription through) and GraphQL's connection_init.
+    let ws_url = |path: &str| {
+        let mut req = format!("{}{path}", p.base.replacen("http", "ws", 1))
+            .into_client_request()
+            .expect("ws url");
+        req.headers_mut()
+            .insert("host", "localhost".parse().expect("host"));
+        req
+    };
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url("/ws"))
+        .await
+        .expect("/ws");
+    for (token, sub) in [(&forged, "a"), (&p.token, "b")] {
+        let auth = json!({"type": "auth", "token": token}).to_string();
+        let subscribe = json!({"type":"subscribe","id":sub,"pod":"logs","stream":"diary"});
+        ws.send(Message::text(auth)).await.expect("auth");
+        ws.send(Message::text(subscribe.to_string()))
+            .await
+            .expect("subscribe");
+    }
+    let mut subscribed = false;
+    while !subscribed {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a frame")
+            .expect("open")
+            .expect("frame");
+        if let Message::Text(t) = m {
+            subscribed = t.contains("\"subscribed\"") && t.contains("\"b\"");
+        }
+    }
+    let mut req = ws_url("/graphql/ws");
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().expect("protocol"),
+    );
+    let (mut gql, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("/graphql/ws");
+    let init = json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {}", p.token)}});
+    gql.send(Message::text(init.to_string()))
+        .await
+        .expect("init");
+    let ack = tokio::time::timeout(Duration::from_secs(10), gql.next())
+        .await
+        .expect("ack")
+        .expect("open")
+        .expect("frame");
+    assert!(ack.to_string().contains("connection_ack"), "{ack}");
     p.signal("-TERM");
     assert_eq!(p.exit_code(Duration::from_secs(20)).await, Some(0));
 
