@@ -9,11 +9,11 @@ use anyhow::{Context, bail};
 use axum::Router;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use webpods_api_rest::{AppState, MainHost, RestConfig};
 use webpods_api_ws::LiveState;
-use webpods_engine::{Engine, Scope, TokenKeys};
+use webpods_engine::{CLOSE_GRACE, Engine, Scope, TokenKeys};
 use webpods_storage::Store;
 
 use crate::config::Config;
@@ -200,6 +200,8 @@ impl Server {
         let (deadline_tx, mut deadline_rx) = watch::channel(None::<Instant>);
         let tails = engine.clone();
         let in_flight = state.in_flight.clone();
+        let handlers = state.in_flight.clone();
+        let (tails_closed_tx, tails_closed_rx) = oneshot::channel::<Instant>();
         let app = router.into_make_service_with_connect_info::<SocketAddr>();
         // Without TCP_NODELAY, a response written in two segments waits for the client's
         // delayed ACK (~40 ms on Linux): every request would take that long.
@@ -228,6 +230,7 @@ impl Server {
                 // A request that never finishes must not keep the tails open to the deadline.
                 let _ = tokio::time::timeout(grace / 2, in_flight.until_idle()).await;
                 tails.close_live();
+                let _ = tails_closed_tx.send(Instant::now());
             });
             tracing::info!(
                 timeout_secs = grace.as_secs(),
@@ -246,9 +249,25 @@ impl Server {
             };
             tokio::time::sleep_until(deadline).await;
         };
+        // Once the tails were told to close, an SSE response whose client stopped reading can
+        // hold its connection open (its bytes wait in the socket): after the grace such
+        // connections are left behind, like WebSocket tails, once no handler runs.
+        let tails_left = async {
+            match tails_closed_rx.await {
+                Ok(at) => {
+                    tokio::time::sleep_until(at + CLOSE_GRACE).await;
+                    handlers.until_idle().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
         let http_drained = tokio::select! {
             served = serve.into_future() => {
                 served.context("serving HTTP")?;
+                true
+            }
+            () = tails_left => {
+                tracing::info!("dropping live-tail connections that did not close in time");
                 true
             }
             () = deadline_passed => false,
@@ -256,7 +275,16 @@ impl Server {
         let deadline = (*deadline_rx.borrow()).unwrap_or_else(|| Instant::now() + grace);
         let drain = async {
             engine.shutdown().await;
-            live.wait_closed().await;
+            // WebSocket tails close within the grace; a client that does not read is dropped.
+            if tokio::time::timeout(CLOSE_GRACE, live.wait_closed())
+                .await
+                .is_err()
+            {
+                tracing::info!(
+                    sockets = live.open_sockets(),
+                    "dropping WebSocket connections that did not close in time"
+                );
+            }
             store.close().await;
         };
         let flushed = tokio::time::timeout_at(deadline, drain).await.is_ok();

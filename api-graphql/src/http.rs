@@ -30,15 +30,11 @@ use axum::{Json, Router};
 use futures::stream::BoxStream;
 use futures::{SinkExt, StreamExt};
 use webpods_api_rest::{ApiError, HostKind, token_of};
-use webpods_engine::{Engine, ErrorKind};
+use webpods_engine::{CLOSE_GRACE, Engine, ErrorKind};
 
 use crate::error::{add_codes, gql};
 use crate::loaders::{Authenticated, RequestCtx};
 use crate::{GraphqlConfig, WebPodsSchema};
-
-/// At shutdown, how long subscriptions may take to deliver the records they still hold (every
-/// append acknowledged before the tails close) before the socket closes with 1001 anyway.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 struct GqlState {

@@ -288,11 +288,6 @@ fn close_code(e: &Error) -> u16 {
 
 type Sink = SplitSink<WebSocket, Message>;
 
-/// At shutdown, how long a socket's subscriptions may take to deliver the records they still
-/// hold (every append acknowledged before the tails close) before the socket closes with 1001
-/// anyway.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
 /// What the socket writer does next.
 enum Out {
     /// A text frame, from subscription `(id, generation)` (`None`: the connection itself).

@@ -40,11 +40,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use webpods_api_rest::token_of;
-use webpods_engine::{Caller, Engine, Error, ErrorKind, LiveRequest, RecursiveRequest};
+use webpods_engine::{
+    CLOSE_GRACE, Caller, Engine, Error, ErrorKind, LiveRequest, RecursiveRequest,
+};
 
 use crate::{
-    CLOSE_GRACE, LiveState, Out, SocketGuard, Tail, authenticate, close, close_after_read_error,
-    close_too_slow, error_frame, keep_alive, pump, send_timed, subscribed_frame,
+    LiveState, Out, SocketGuard, Tail, authenticate, close, close_after_read_error, close_too_slow,
+    error_frame, keep_alive, pump, send_timed, subscribed_frame,
 };
 
 #[derive(Deserialize)]

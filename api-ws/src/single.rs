@@ -14,12 +14,13 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use webpods_api_rest::{ApiError, PodHost, decoded_path, token_of};
-use webpods_engine::{Error, ErrorKind, LiveEnd, LiveEvent, LiveRequest, Subscription};
+use webpods_engine::{
+    CLOSE_GRACE, Error, ErrorKind, LiveEnd, LiveEvent, LiveRequest, Subscription,
+};
 
 use crate::{
-    CLOSE_GRACE, LiveState, Out, SocketGuard, authenticate, caught_up_frame, close,
-    close_after_read_error, close_code, close_too_slow, error_body, error_frame, keep_alive, pump,
-    send_timed, to_json,
+    LiveState, Out, SocketGuard, authenticate, caught_up_frame, close, close_after_read_error,
+    close_code, close_too_slow, error_body, error_frame, keep_alive, pump, send_timed, to_json,
 };
 
 /// Where the tail starts: `?after=K&afterHash=H`.

@@ -243,6 +243,11 @@ impl From<webpods_storage::Error> for LiveEnd {
     }
 }
 
+/// At shutdown, how long a live connection may take to deliver the records its subscriptions
+/// still hold (every append acknowledged before the tails close) and close; a client that does
+/// not read is dropped after it.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 /// Resolves when the server starts shutting down (for connections without subscriptions).
 #[derive(Clone)]
 pub struct LiveShutdown(watch::Receiver<bool>);

@@ -33,6 +33,7 @@ both_backends!(
     multiplexed_ws,
     shutdown_closes_tails_with_1001,
     shutdown_delivers_acknowledged_records_first,
+    shutdown_does_not_wait_for_clients_that_stopped_reading,
     recursive_subscription_delivers_the_tree,
     recursive_subscription_picks_up_new_streams,
     recursive_subscription_skips_unreadable_streams,
@@ -1049,6 +1050,36 @@ async fn shutdown_delivers_acknowledged_records_first(backend: Backend) {
             "{tail} closed at index {next}, but index {acked} was acknowledged"
         );
     }
+}
+
+/// Tails whose clients stopped reading (their bytes wait in full socket buffers) do not hold a
+/// graceful shutdown to its deadline: they are dropped after the close grace, and the server
+/// stops cleanly (a deadline would fail `stop`).
+async fn shutdown_does_not_wait_for_clients_that_stopped_reading(backend: Backend) {
+    let url = fresh_database(backend).await;
+    let app = TestApp::spawn_on(&url, &[("WEBPODS_SHUTDOWN_TIMEOUT_SECS", "20")]).await;
+    app.create_pod("stall").await;
+    app.append("stall", "/s/a", "x").await;
+    // An SSE response and a WebSocket tail, neither ever read.
+    let sse = app
+        .pod(Method::GET, "stall", "/s")
+        .bearer_auth(&app.token)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("sse");
+    assert_eq!(sse.status(), 200);
+    let ws = tail(&app, "stall", "/s").await;
+    let big = "x".repeat(1 << 20);
+    for i in 0..24 {
+        app.append("stall", &format!("/s/big{i}"), &big).await;
+    }
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(15), app.stop())
+        .await
+        .expect("the shutdown finishes long before its deadline");
+    eprintln!("shutdown took {:?}", started.elapsed());
+    drop((sse, ws));
 }
 
 /// A record appended through one instance reaches a tail on another instance of the same
