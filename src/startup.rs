@@ -28,7 +28,6 @@ pub struct Server {
     listener: TcpListener,
     router: Router,
     state: AppState,
-    live: LiveState,
     engine: Engine,
     store: Store,
     config: Config,
@@ -152,7 +151,6 @@ impl Server {
             listener,
             router,
             state,
-            live,
             engine,
             store,
             config,
@@ -186,7 +184,6 @@ impl Server {
             listener,
             router,
             state,
-            live,
             engine,
             store,
             config,
@@ -276,12 +273,12 @@ impl Server {
         let drain = async {
             engine.shutdown().await;
             // WebSocket tails close within the grace; a client that does not read is dropped.
-            if tokio::time::timeout(CLOSE_GRACE, live.wait_closed())
+            if tokio::time::timeout(CLOSE_GRACE, engine.live_connections_closed())
                 .await
                 .is_err()
             {
                 tracing::info!(
-                    sockets = live.open_sockets(),
+                    sockets = engine.live_connections(),
                     "dropping WebSocket connections that did not close in time"
                 );
             }

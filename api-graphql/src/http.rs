@@ -215,6 +215,7 @@ async fn websocket(
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| async move {
+            let _open = engine.live_connection();
             // When the server starts shutting down, each subscription delivers what it still
             // holds and completes; then (or after a grace) the socket's input ends, the
             // protocol stops, and the writer closes the socket with 1001 (SPEC §10).

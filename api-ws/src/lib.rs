@@ -23,7 +23,6 @@ mod single;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -34,7 +33,7 @@ use axum::routing::get;
 use futures::SinkExt;
 use futures::stream::SplitSink;
 use serde::Serialize;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use webpods_api_rest::ApiError;
 use webpods_engine::{
     Engine, Error, ErrorKind, LiveEnd, LiveEvent, Record, RecursiveEvent, RecursiveSubscription,
@@ -76,33 +75,6 @@ impl Default for LiveConfig {
 pub struct LiveState {
     pub engine: Engine,
     pub config: Arc<LiveConfig>,
-    sockets: Arc<Sockets>,
-}
-
-/// Open WebSocket connections (they outlive the HTTP server's graceful shutdown, which does not
-/// track upgraded connections).
-#[derive(Default)]
-struct Sockets {
-    open: AtomicUsize,
-    closed: Notify,
-}
-
-/// Counts one open socket for as long as it lives.
-struct SocketGuard(Arc<Sockets>);
-
-impl SocketGuard {
-    fn new(s: &Arc<Sockets>) -> Self {
-        s.open.fetch_add(1, Ordering::SeqCst);
-        SocketGuard(s.clone())
-    }
-}
-
-impl Drop for SocketGuard {
-    fn drop(&mut self) {
-        if self.0.open.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.closed.notify_waiters();
-        }
-    }
 }
 
 impl LiveState {
@@ -110,24 +82,6 @@ impl LiveState {
         LiveState {
             engine,
             config: Arc::new(config),
-            sockets: Arc::new(Sockets::default()),
-        }
-    }
-
-    /// WebSocket connections open now.
-    pub fn open_sockets(&self) -> usize {
-        self.sockets.open.load(Ordering::SeqCst)
-    }
-
-    /// Resolves once every WebSocket connection has closed (call after
-    /// [`Engine::close_live`], which makes them close with 1001).
-    pub async fn wait_closed(&self) {
-        loop {
-            let notified = self.sockets.closed.notified();
-            if self.open_sockets() == 0 {
-                return;
-            }
-            notified.await;
         }
     }
 

@@ -45,8 +45,8 @@ use webpods_engine::{
 };
 
 use crate::{
-    LiveState, Out, SocketGuard, Tail, authenticate, close, close_after_read_error, close_too_slow,
-    error_frame, keep_alive, pump, send_timed, subscribed_frame,
+    LiveState, Out, Tail, authenticate, close, close_after_read_error, close_too_slow, error_frame,
+    keep_alive, pump, send_timed, subscribed_frame,
 };
 
 #[derive(Deserialize)]
@@ -101,7 +101,7 @@ struct Conn {
 }
 
 async fn run(st: LiveState, socket: WebSocket, auth: Result<(Caller, Option<i64>), Error>) {
-    let _guard = SocketGuard::new(&st.sockets);
+    let _open = st.engine.live_connection();
     let cfg = st.config.clone();
     let (mut sink, mut stream) = socket.split();
     // A bad token at upgrade (say, an expired cookie) is reported, and the connection stays

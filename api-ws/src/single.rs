@@ -19,8 +19,8 @@ use webpods_engine::{
 };
 
 use crate::{
-    LiveState, Out, SocketGuard, authenticate, caught_up_frame, close, close_after_read_error,
-    close_code, close_too_slow, error_body, error_frame, keep_alive, pump, send_timed, to_json,
+    LiveState, Out, authenticate, caught_up_frame, close, close_after_read_error, close_code,
+    close_too_slow, error_body, error_frame, keep_alive, pump, send_timed, to_json,
 };
 
 /// Where the tail starts: `?after=K&afterHash=H`.
@@ -96,7 +96,7 @@ pub(crate) async fn handle(
 
 /// Drives a single-stream socket until the subscription ends or the client leaves.
 async fn run_ws(st: LiveState, socket: WebSocket, sub: Result<Subscription, Error>) {
-    let _guard = SocketGuard::new(&st.sockets);
+    let _open = st.engine.live_connection();
     let cfg = st.config.clone();
     let (mut sink, mut stream) = socket.split();
     let sub = match sub {

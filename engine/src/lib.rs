@@ -51,8 +51,8 @@ pub use auth::{
 pub use error::{Error, ErrorKind, Result};
 pub use graph::{PodInfo, UserInfo};
 pub use live::{
-    CLOSE_GRACE, LiveEnd, LiveEvent, LiveLimits, LiveRequest, LiveShutdown, RecursiveEvent,
-    RecursiveRequest, RecursiveSubscription, Subscription,
+    CLOSE_GRACE, LiveConnection, LiveEnd, LiveEvent, LiveLimits, LiveRequest, LiveShutdown,
+    RecursiveEvent, RecursiveRequest, RecursiveSubscription, Subscription,
 };
 pub use manage::{StreamListQuery, StreamListing, StreamSummary};
 pub use model::*;
