@@ -11,10 +11,10 @@
 //! it drifts from the code.
 
 mod error;
-mod field_order;
 mod http;
 mod loaders;
 mod query;
+mod response_shape;
 mod subscription;
 mod tail;
 mod types;
@@ -95,7 +95,7 @@ pub fn schema(engine: Engine, config: &GraphqlConfig) -> WebPodsSchema {
         .data(settings)
         .limit_depth(config.max_depth)
         .limit_complexity(config.max_complexity)
-        .extension(field_order::FieldOrder)
+        .extension(response_shape::ResponseShape)
         .finish()
 }
 

@@ -26,6 +26,7 @@ both_backends!(
     graphql_websocket_authentication,
     graphql_rate_limits,
     graphql_shutdown_delivers_acknowledged_records_first,
+    graphql_field_errors_are_null_in_place,
 );
 
 /// A GraphQL request to the main domain; returns the response body.
@@ -1654,6 +1655,89 @@ async fn graphql_shutdown_delivers_acknowledged_records_first(backend: Backend) 
         next > acked,
         "closed at index {next}, but index {acked} was acknowledged"
     );
+}
+
+/// GraphQL spec §6.4.4: a field that raised an error is `null` in place (its key present, in
+/// selection order); an error in a non-null field makes the nearest nullable parent `null`, up
+/// to `data`; `@skip` / `@include` still leave fields out.
+async fn graphql_field_errors_are_null_in_place(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let t = Some(app.token.as_str());
+    app.create_pod("errs").await;
+    app.append("errs", "/s/a", "x").await;
+    app.append("errs", "/s/gone", "secret").await;
+    let r = app
+        .pod(Method::DELETE, "errs", "/s/gone?purge=true")
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+
+    // A nullable field fails: null in place, the rest in order, the error beside.
+    let body = gql(
+        &app,
+        t,
+        r#"{ stream(pod: "errs", path: "s") { path record(name: "zzz") { index } recordCount } }"#,
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        keys(&body["data"]["stream"]),
+        ["path", "record", "recordCount"]
+    );
+    assert_eq!(body["data"]["stream"]["record"], Value::Null, "{body}");
+    assert_eq!(code(&body), "RECORD_NOT_FOUND");
+    assert_eq!(body["errors"][0]["path"], json!(["stream", "record"]));
+    // Its only selection failing does not make the (non-null) stream null.
+    let body = gql(
+        &app,
+        t,
+        r#"{ stream(pod: "errs", path: "s") { record(name: "zzz") { index } } }"#,
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        body["data"],
+        json!({ "stream": { "record": null } }),
+        "{body}"
+    );
+    // A purged record's text is null in place.
+    let body = gql(
+        &app,
+        t,
+        r#"{ stream(pod: "errs", path: "s") { records(first: 2) { edges { node { index text name } } } } }"#,
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        body["data"]["stream"]["records"]["edges"][1]["node"],
+        json!({ "index": 1, "text": null, "name": "gone" }),
+        "{body}"
+    );
+    assert_eq!(code(&body), "RECORD_PURGED");
+    // A non-null root field fails: `data` is null (§6.4.4 propagation).
+    let body = gql(
+        &app,
+        t,
+        r#"{ me { id } stream(pod: "errs", path: "nope") { path } }"#,
+        json!({}),
+    )
+    .await;
+    assert_eq!(body["data"], Value::Null, "{body}");
+    assert_eq!(code(&body), "STREAM_NOT_FOUND");
+    // @skip / @include leave fields out, with literals and variables.
+    let d = ok(
+        &app,
+        t,
+        r#"query Q($no: Boolean!) { stream(pod: "errs", path: "s") {
+               path @skip(if: true) name recordCount @include(if: $no) createdAt @include(if: true) } }"#,
+        json!({ "no": false }),
+    )
+    .await;
+    assert_eq!(keys(&d["stream"]), ["name", "createdAt"]);
+    app.stop().await;
 }
 
 // ----- the committed schema --------------------------------------------------------------------
