@@ -132,7 +132,10 @@ pub fn dispatch(state: AppState, main: Router, pods: Router) -> Router {
                     },
                     HostKind::Pod(pod) => Some(pod),
                     HostKind::Unknown => {
-                        let name = strip_port(host.as_deref().unwrap_or("")).to_ascii_lowercase();
+                        // `example.com.` (fully qualified) is `example.com`, as for pod hosts.
+                        let name = strip_port(host.as_deref().unwrap_or(""))
+                            .trim_end_matches('.')
+                            .to_ascii_lowercase();
                         match st.engine.pod_for_domain(&name).await {
                             Ok(Some(pod)) => Some(pod),
                             Ok(None) => {

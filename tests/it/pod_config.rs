@@ -146,6 +146,11 @@ async fn custom_domains_and_root_pod(backend: Backend) {
         .await
         .expect("custom domain");
     assert_eq!(r.text().await.expect("body"), "hello from blog");
+    // The fully qualified form (a trailing dot) and any port name the same host.
+    let r = get("Blog.Example.com.:8080", "/posts/hello")
+        .await
+        .expect("fully qualified");
+    assert_eq!(r.text().await.expect("body"), "hello from blog");
     let r = get("unknown.example.com", "/posts/hello")
         .await
         .expect("unknown domain");
