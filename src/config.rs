@@ -422,15 +422,22 @@ impl Config {
         };
         let (listen, origin) =
             lookup("WEBPODS_LISTEN").unwrap_or_else(|| ("127.0.0.1:3000".to_string(), Origin::Env));
+        // An IP address and port, or a host name that resolves (`localhost:3000`; IPv4 first).
         let listen = listen
             .parse::<SocketAddr>()
-            .map_err(|_| {
-                errors.push(format!(
-                    "{}: {listen:?} is not an address like 127.0.0.1:3000",
-                    name("WEBPODS_LISTEN", &origin)
-                ))
+            .ok()
+            .or_else(|| {
+                std::net::ToSocketAddrs::to_socket_addrs(listen.as_str())
+                    .ok()?
+                    .min_by_key(SocketAddr::is_ipv6)
             })
-            .ok();
+            .or_else(|| {
+                errors.push(format!(
+                    "{}: {listen:?} is not an address like 127.0.0.1:3000 or localhost:3000",
+                    name("WEBPODS_LISTEN", &origin)
+                ));
+                None
+            });
         let (public, origin) = lookup("WEBPODS_PUBLIC_URL")
             .unwrap_or_else(|| ("http://localhost:3000".to_string(), Origin::Env));
         let public_url = match Url::parse(&public) {
@@ -900,6 +907,15 @@ mod tests {
         assert!(!shown.contains("jwt-secret-value"), "{shown}");
         assert!(!shown.contains("db-password"), "{shown}");
         assert!(shown.contains("postgres://u:***@h/db"), "{shown}");
+    }
+
+    #[test]
+    fn a_host_name_listen_address_resolves() {
+        let c = with(&[("WEBPODS_LISTEN", "localhost:3312")]).expect("localhost resolves");
+        assert!(c.listen.ip().is_loopback(), "{}", c.listen);
+        assert_eq!(c.listen.port(), 3312);
+        let errs = with(&[("WEBPODS_LISTEN", "localhost")]).unwrap_err();
+        assert!(errs[0].contains("is not an address"), "{errs:?}");
     }
 
     #[test]
