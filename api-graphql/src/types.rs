@@ -446,12 +446,13 @@ fn wants_author(ctx: &Context<'_>) -> bool {
         || la.field("nodes").field("author").exists()
 }
 
-/// A cursor is a record index.
+/// A cursor is a record index (`last: N` asks for the end of a stream; a negative cursor is
+/// no record's).
 fn cursor(s: &str) -> Result<i64> {
-    s.parse::<i64>().map_err(|_| {
+    s.parse::<i64>().ok().filter(|i| *i >= 0).ok_or_else(|| {
         coded(
             ErrorKind::InvalidIndex.code(),
-            format!("invalid cursor {s:?}"),
+            format!("invalid cursor {s:?}: a cursor is a record index, 0 or more"),
         )
     })
 }
