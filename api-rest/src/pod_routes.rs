@@ -493,7 +493,7 @@ async fn write(
         }
         _ => {}
     }
-    if body.is_empty() || body.trim_ascii() == b"{}" {
+    if is_empty_object(&body) {
         let info = engine
             .create_stream(caller, pod, path.trim_end_matches('/'), q.access.as_deref())
             .await?;
@@ -771,6 +771,16 @@ fn parse_media_type(raw: &str) -> Result<String, ApiError> {
         ));
     }
     Ok(media)
+}
+
+/// An empty body, or a JSON empty object in any spacing (`{}`, `{ }`, `{\n}`): a stream
+/// creation (SPEC §4.2).
+fn is_empty_object(body: &[u8]) -> bool {
+    match body.trim_ascii() {
+        [] => true,
+        [b'{', inner @ .., b'}'] => inner.trim_ascii().is_empty(),
+        _ => false,
+    }
 }
 
 /// `X-Record-Header-{name}: value` → `{name (lowercase): value}`.

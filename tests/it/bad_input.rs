@@ -324,6 +324,18 @@ async fn limits_and_conflicts(backend: Backend) {
     assert_eq!(r.status(), 201);
     let r = create("/made").send().await.expect("create again");
     assert_eq!(error_code(r).await, (409, "STREAM_EXISTS".into()));
+    // `{}` in any spacing is a creation too, not a record named like the stream.
+    for (i, body) in ["{}", "{ }", " {\n\t} "].into_iter().enumerate() {
+        let r = create(&format!("/spaced{i}"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("create with {}");
+        assert_eq!(r.status(), 201, "{body:?}");
+        let info: serde_json::Value = r.json().await.expect("stream info");
+        assert_eq!(info["path"], format!("spaced{i}"), "{info}");
+    }
     let r = create("/other?access=everyone")
         .send()
         .await
