@@ -695,7 +695,12 @@ impl Engine {
             if !allowed {
                 return Err(forbidden("you may not create streams here"));
             }
-            self.rate_limit(&user.user_id, Action::StreamCreate).await?;
+            if let Err(e) = self.rate_limit(&user.user_id, Action::StreamCreate).await {
+                // Every frontend counted the request as a write before it came here; refused,
+                // it wrote nothing.
+                self.rate_refund(&user.user_id, Action::Write);
+                return Err(e);
+            }
             let new = NewStream {
                 pod_id: pod.id,
                 parent_id: Some(parent.id),

@@ -80,7 +80,9 @@ impl RateLimits {
 pub struct RateStatus {
     pub limit: u64,
     pub remaining: u64,
-    /// Unix seconds when the oldest counted slice leaves the window.
+    /// Unix seconds: after a counted request, when every request counted so far has left the
+    /// sliding window (the whole limit is free again unless more are made); after a refusal,
+    /// when one more request fits.
     pub reset: i64,
 }
 
@@ -152,7 +154,9 @@ impl RateLimiter {
         }
         let limit = self.limits.limit(action);
         let slice = now_ms() / SLICE_MS;
-        let reset = (slice + 1) * SLICE_MS / 1000;
+        // A sliding window has no moment when everything resets at once: the requests of this
+        // slice are the last to leave it.
+        let reset = (slice + WINDOW_SLICES) * SLICE_MS / 1000;
         // Decided under the lock; a refusal then reads the database without it.
         let refused = {
             let mut map = self.lock();
@@ -193,6 +197,17 @@ impl RateLimiter {
             ),
             serde_json::json!({ "limit": limit, "remaining": 0, "reset": reset, "retryAfter": retry_after }),
         ))
+    }
+
+    /// Takes back one request of `caller` for `action` counted in this window: the request was
+    /// refused by another limit after it was counted (a write whose stream creation was
+    /// refused), so it used nothing.
+    pub(crate) fn refund(&self, caller: &str, action: Action) {
+        let slice = now_ms() / SLICE_MS;
+        if let Some(c) = self.lock().get_mut(&(caller.to_string(), action)) {
+            // Flushed as a negative count when the request itself was flushed already.
+            *c.pending.entry(slice).or_default() -= 1;
+        }
     }
 
     /// When a refused caller may try again (unix seconds): the end of the minute in which
@@ -311,6 +326,13 @@ impl crate::Engine {
         match &self.inner.rate {
             Some(l) => l.check(caller, action).await.map(Some),
             None => Ok(None),
+        }
+    }
+
+    /// Takes back a request counted by [`Engine::rate_limit`] that another limit then refused.
+    pub(crate) fn rate_refund(&self, caller: &str, action: Action) {
+        if let Some(l) = &self.inner.rate {
+            l.refund(caller, action);
         }
     }
 }

@@ -768,12 +768,19 @@ async fn rate_limits_are_shared_and_durable() {
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["x-ratelimit-limit"], "4");
     assert_eq!(r.headers()["x-ratelimit-remaining"], "3");
+    // Reset: when this write has left the sliding hour (nothing resets at the next minute).
+    let reset: u64 = r.headers()["x-ratelimit-reset"]
+        .to_str()
+        .expect("reset")
+        .parse()
+        .expect("secs");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
     assert!(
-        r.headers()["x-ratelimit-reset"]
-            .to_str()
-            .expect("reset")
-            .parse::<i64>()
-            .is_ok()
+        (now + 3540..=now + 3600).contains(&reset),
+        "reset {reset}, now {now}"
     );
     for i in 1..4 {
         assert_eq!(write(&a, i).await.expect("write").status(), 201);
@@ -844,6 +851,7 @@ async fn rate_limits_are_shared_and_durable() {
         &[
             ("WEBPODS_RATE_LIMITS", "on"),
             ("WEBPODS_RATE_LIMIT_STREAM_CREATE", "1"),
+            ("WEBPODS_RATE_LIMIT_WRITE", "5"),
         ],
     )
     .await;
@@ -862,5 +870,20 @@ async fn rate_limits_are_shared_and_durable() {
     assert!(r.headers().contains_key("retry-after"));
     let body: serde_json::Value = r.json().await.expect("json");
     assert_eq!(body["error"]["details"]["limit"], 1);
+    // Refused stream creations wrote nothing: they do not use up the write limit.
+    for i in 0..4 {
+        let r = create(&format!("more{i}")).await.expect("refused");
+        assert_eq!(r.status(), 429);
+    }
+    for i in 0..4 {
+        let r = c3
+            .pod(Method::POST, "streamy", &format!("/first/w{i}"))
+            .bearer_auth(&c3.token)
+            .body("x")
+            .send()
+            .await
+            .expect("write");
+        assert_eq!(r.status(), 201, "write {i}");
+    }
     c3.stop().await;
 }
