@@ -743,9 +743,13 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>,
 
 /// `X-Content-Type`, else the media type of `Content-Type`, else `text/plain`.
 fn content_type(headers: &HeaderMap) -> Result<String, ApiError> {
-    let raw = match header_str(headers, "x-content-type")? {
+    // An empty header gives no type, as if it were absent.
+    let given = |name| -> Result<Option<&str>, ApiError> {
+        Ok(header_str(headers, name)?.filter(|v| !v.trim().is_empty()))
+    };
+    let raw = match given("x-content-type")? {
         Some(v) => v,
-        None => header_str(headers, "content-type")?.unwrap_or("text/plain"),
+        None => given("content-type")?.unwrap_or("text/plain"),
     };
     parse_media_type(raw)
 }

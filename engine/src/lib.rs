@@ -492,6 +492,11 @@ impl Engine {
                 "Idempotency-Key must be 1-128 characters",
             ));
         }
+        // `access` applies only when the write creates the stream, but a bad value is a bad
+        // request either way.
+        if let Some(access) = req.access.as_deref() {
+            check_access(access)?;
+        }
         let pod = self.pod(pod).await?;
         let user = require_writer(caller)?;
         check_token_pod(user, &pod.name)?;

@@ -336,6 +336,24 @@ async fn limits_and_conflicts(backend: Backend) {
         let info: serde_json::Value = r.json().await.expect("stream info");
         assert_eq!(info["path"], format!("spaced{i}"), "{info}");
     }
+    // Also on a write to an existing stream, where `access` would not apply.
+    let r = post("/s/again?access=everyone", b"x".to_vec())
+        .send()
+        .await
+        .expect("bad access on an existing stream");
+    assert_eq!(r.status(), 400);
+    // An empty Content-Type gives no type: text/plain.
+    let r = app
+        .pod(Method::POST, "lim", "/s/untyped")
+        .bearer_auth(&app.token)
+        .header("content-type", "")
+        .body("x")
+        .send()
+        .await
+        .expect("empty content type");
+    assert_eq!(r.status(), 201);
+    let receipt: serde_json::Value = r.json().await.expect("receipt");
+    assert_eq!(receipt["contentType"], "text/plain");
     let r = create("/other?access=everyone")
         .send()
         .await
