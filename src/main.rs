@@ -108,7 +108,20 @@ async fn main() -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let public_url = config.public_url.clone();
     let token_file = config.token_file.clone();
-    let server = Server::build(config).await?;
+    // Bound first: a port in use fails at once, and while the database connects and migrations
+    // run, probes get /live 200 and /ready 503 instead of a refused connection.
+    startup::preflight(&config)?;
+    let listener = startup::bind(&config)?;
+    let (starting, early) = startup::serve_while_starting(&listener)?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        "bound; /ready answers 503 until the database is connected and migrated"
+    );
+    let built = Server::build_on(config, listener).await;
+    drop(starting);
+    // The requests it took finish (a probe is quick); a client that hangs is not waited for.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), early).await;
+    let server = built?;
     let addr = server.local_addr()?;
     println!("webpods listening on http://{addr} (public URL {public_url})");
     if let Some(token) = &server.local_token {

@@ -85,20 +85,68 @@ pub async fn token_keys(config: &Config, store: &Store) -> anyhow::Result<TokenK
     Ok(TokenKeys::new(secret.as_bytes()))
 }
 
+/// The checks that need nothing but the configuration, made before anything is bound or
+/// opened.
+pub fn preflight(config: &Config) -> anyhow::Result<()> {
+    let local_mode = config.engine.auth.providers.is_empty();
+    if local_mode && !config.listen.ip().is_loopback() {
+        bail!(
+            "local mode (no login provider configured) only listens on a loopback address, \
+             not {}",
+            config.listen
+        );
+    }
+    if !local_mode && config.jwt_secret.is_none() {
+        bail!("WEBPODS_JWT_SECRET is required when login providers are configured");
+    }
+    Ok(())
+}
+
+/// Binds the listen address (first, so that a port in use fails before anything else).
+pub fn bind(config: &Config) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("binding {}", config.listen))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Answers on `listener` with [`webpods_api_rest::starting_router`] until the returned sender
+/// is dropped or fired (then finishes the requests it took and stops); the listener itself
+/// stays open for the real server.
+pub fn serve_while_starting(
+    listener: &std::net::TcpListener,
+) -> anyhow::Result<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)> {
+    let early = TcpListener::from_std(listener.try_clone()?)?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(early, webpods_api_rest::starting_router()).with_graceful_shutdown(
+            async move {
+                let _ = stopped.await;
+            },
+        );
+        if let Err(e) = serve.await {
+            tracing::warn!(error = %e, "serving while starting");
+        }
+    });
+    Ok((stop, task))
+}
+
 impl Server {
-    /// Binds the listener and builds everything; nothing is served until [`Server::run`].
+    /// Binds `config.listen` and builds everything (the database connected, migrations
+    /// applied); nothing is served until [`Server::run`].
     pub async fn build(config: Config) -> anyhow::Result<Server> {
+        preflight(&config)?;
+        let listener = bind(&config)?;
+        Server::build_on(config, listener).await
+    }
+
+    /// [`Server::build`] on a listener bound already.
+    pub async fn build_on(
+        config: Config,
+        listener: std::net::TcpListener,
+    ) -> anyhow::Result<Server> {
+        preflight(&config)?;
         let local_mode = config.engine.auth.providers.is_empty();
-        if local_mode && !config.listen.ip().is_loopback() {
-            bail!(
-                "local mode (no login provider configured) only listens on a loopback address, \
-                 not {}",
-                config.listen
-            );
-        }
-        if !local_mode && config.jwt_secret.is_none() {
-            bail!("WEBPODS_JWT_SECRET is required when login providers are configured");
-        }
         let store = open_store(&config).await?;
         let keys = token_keys(&config, &store).await?;
         let engine = Engine::new(store.clone(), config.engine.clone(), keys);
@@ -144,9 +192,7 @@ impl Server {
             state.clone(),
             webpods_api_rest::request_id_layer,
         ));
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
+        let listener = TcpListener::from_std(listener)?;
         Ok(Server {
             listener,
             router,

@@ -24,6 +24,7 @@ use webpods_engine::Engine;
 pub use error::{ApiError, upgrade_refused};
 pub use host::{HostKind, MainHost, PodHost, token_of};
 pub use in_flight::InFlight;
+pub use main_routes::starting_router;
 pub use pod_routes::decoded_path;
 pub use request_id::request_id_layer;
 

@@ -77,6 +77,43 @@ async fn metrics(State(st): State<AppState>) -> Response {
         .into_response()
 }
 
+/// What the listener answers while the server starts (connecting to the database, applying
+/// migrations): `/live` 200, `/ready` and `/health` 503 (`"status": "starting"`), anything
+/// else 503 `UNAVAILABLE` with `Retry-After`, so that probes and load balancers see a process
+/// that is up but not ready rather than a refused connection.
+pub fn starting_router() -> Router {
+    let started = std::time::Instant::now();
+    Router::new()
+        .route("/live", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route(
+            "/ready",
+            get(|| async {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({ "status": "starting" })),
+                )
+            }),
+        )
+        .route(
+            "/health",
+            get(move || async move {
+                let body = json!({
+                    "status": "starting",
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "uptimeSeconds": started.elapsed().as_secs(),
+                    "database": "connecting",
+                });
+                (StatusCode::SERVICE_UNAVAILABLE, Json(body))
+            }),
+        )
+        .fallback(|| async {
+            ApiError::new(
+                ErrorKind::Unavailable,
+                "the server is starting; retry in a moment",
+            )
+        })
+}
+
 async fn health(State(st): State<AppState>) -> Response {
     let db_ok = database_answers(&st).await;
     let body = json!({

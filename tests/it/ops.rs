@@ -1152,6 +1152,62 @@ async fn startup_waits_for_the_database() {
     }
 }
 
+/// While the database is awaited at startup, the process already answers on its port (SPEC
+/// §10): `/live` 200, `/ready` and `/health` 503, anything else 503 `UNAVAILABLE`; once the
+/// database is reachable it serves, and `/ready` turns 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn probes_answer_while_the_database_is_awaited() {
+    let (url, proxy) = proxied_database().await;
+    proxy.cut();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let starting = tokio::spawn(async move {
+        let listen = format!("127.0.0.1:{port}");
+        Process::spawn(
+            &url,
+            &[
+                ("WEBPODS_LISTEN", listen.as_str()),
+                ("WEBPODS_DB_CONNECT_RETRY_SECS", "60"),
+            ],
+        )
+        .await
+    });
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        http.get(format!("http://127.0.0.1:{port}{path}"))
+            .header("host", "localhost")
+            .send()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(get("/live").await, Ok(r) if r.status() == 200) {
+        assert!(
+            Instant::now() < deadline,
+            "/live never answered while starting"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get("/ready").await.expect("ready").status(), 503);
+    let r = get("/health").await.expect("health");
+    assert_eq!(r.status(), 503);
+    let health: Value = r.json().await.expect("health json");
+    assert_eq!(health["status"], "starting", "{health}");
+    let r = get("/api/pods").await.expect("pods");
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(error_code(r).await, (503, "UNAVAILABLE".into()));
+    assert!(!starting.is_finished(), "still waiting for the database");
+
+    proxy.restore();
+    let mut p = tokio::time::timeout(Duration::from_secs(30), starting)
+        .await
+        .expect("started once the database came back")
+        .expect("task");
+    assert_eq!(get("/ready").await.expect("ready").status(), 200);
+    p.signal("-TERM");
+    assert_eq!(p.exit_code(Duration::from_secs(20)).await, Some(0));
+}
+
 /// With a drain delay, a SIGTERM first turns `/ready` to 503 while requests are still served
 /// (so a load balancer can stop routing here), then the server drains and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
