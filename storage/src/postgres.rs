@@ -89,8 +89,25 @@ impl PgStore {
                     Ok(true)
                 })
             })
-            .connect_with(connect)
-            .await?;
+            .connect_with(connect.clone())
+            .await;
+        let pool = match pool {
+            Ok(pool) => pool,
+            Err(sqlx::Error::PoolTimedOut) => {
+                // The pool only says it timed out: one direct attempt names the cause
+                // (connection refused, unknown host, authentication…).
+                let attempt = tokio::time::timeout(
+                    options.acquire_timeout,
+                    sqlx::ConnectOptions::connect(&connect),
+                )
+                .await;
+                return Err(match attempt {
+                    Ok(Err(cause)) => Error::from(cause),
+                    _ => Error::from(sqlx::Error::PoolTimedOut),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         Ok(Self {
             pool,
             queries: Default::default(),
