@@ -138,17 +138,5 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
 /// `90`, `90s`, `30m`, `1h`, `7d` → seconds.
 fn parse_duration(s: &str) -> anyhow::Result<i64> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: i64 = num.parse().with_context(|| format!("bad duration {s:?}"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => bail!("bad duration unit in {s:?}: use s, m, h or d"),
-    };
-    n.checked_mul(mult)
-        .filter(|secs| (1..=webpods_engine::MAX_EXPIRES_IN_SECS).contains(secs))
-        .with_context(|| format!("duration {s:?} out of range (1s to 100 years)"))
+    Ok(webpods_engine::parse_expiry(s)?)
 }

@@ -305,7 +305,8 @@ fn page(title: &str, body: &str) -> String {
 struct TokenRequest {
     pods: Option<Vec<String>>,
     scope: Option<Value>,
-    expires_in: Option<i64>,
+    /// Seconds, or a duration such as `"12h"` (as `webpods token issue --expires`).
+    expires_in: Option<Value>,
 }
 
 async fn issue_token(
@@ -320,12 +321,22 @@ async fn issue_token(
             expires_in: None,
         }
     } else {
-        serde_json::from_slice(&body).map_err(|_| {
+        serde_json::from_slice(&body).map_err(|e| {
             ApiError::new(
                 ErrorKind::InvalidInput,
-                "expected {pods?, scope?, expiresIn?}",
+                format!("expected {{pods?, scope?, expiresIn?}}: {e}"),
             )
         })?
+    };
+    let expires_in = match &req.expires_in {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(webpods_engine::parse_expiry(s)?),
+        Some(v) => Some(v.as_i64().ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::InvalidInput,
+                "expiresIn: seconds (an integer) or a duration such as \"12h\"",
+            )
+        })?),
     };
     let scope = match &req.scope {
         None => None,
@@ -346,7 +357,7 @@ async fn issue_token(
     .transpose()?;
     let token = st
         .engine
-        .issue_narrower(&caller, req.pods, scope, req.expires_in)?;
+        .issue_narrower(&caller, req.pods, scope, expires_in)?;
     Ok((StatusCode::CREATED, Json(json!({ "token": token }))).into_response())
 }
 

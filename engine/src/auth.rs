@@ -272,6 +272,26 @@ fn require_account_token(caller: &Caller) -> Result<&crate::model::UserCaller> {
 /// leave the range of a JWT `exp` (and wrap around).
 pub const MAX_EXPIRES_IN_SECS: i64 = 100 * 366 * 24 * 3600;
 
+/// A token lifetime written `90`, `90s`, `15m`, `12h` or `30d`, in seconds (1 s to 100 years).
+pub fn parse_expiry(s: &str) -> Result<i64> {
+    let s = s.trim();
+    let bad = |why: &str| Error::new(ErrorKind::InvalidInput, format!("expiry {s:?}: {why}"));
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = num
+        .parse()
+        .map_err(|_| bad("expected a number and s, m, h or d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad("the unit must be s, m, h or d")),
+    };
+    n.checked_mul(mult)
+        .filter(|secs| (1..=MAX_EXPIRES_IN_SECS).contains(secs))
+        .ok_or_else(|| bad("out of range (1s to 100 years)"))
+}
+
 fn random_id() -> String {
     format!(
         "{}{}",

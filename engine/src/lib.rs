@@ -46,7 +46,7 @@ use webpods_storage::{CreateStream, NewStream, PodRow, RecordRange, RecordRow, S
 pub use actor::ActorLimits;
 pub use auth::{
     AuthSettings, Login, MAX_EXPIRES_IN_SECS, Provider, ProviderConfig, SessionInfo, WhoAmI,
-    provider_list, public_session_id,
+    parse_expiry, provider_list, public_session_id,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use graph::{PodInfo, UserInfo};

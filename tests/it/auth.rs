@@ -550,8 +550,31 @@ async fn narrower_tokens(backend: Backend) {
         .await
         .expect("shorter");
     assert_eq!(r.status(), 201);
-    // A life past any representable `exp` is refused, not wrapped around.
-    for expires in [json!(i64::MAX), json!(100_i64 * 366 * 24 * 3600 + 1)] {
+    // A duration as the CLI's --expires takes it.
+    let r = issue(&app.token, json!({ "expiresIn": "15m" }))
+        .await
+        .expect("15m");
+    assert_eq!(r.status(), 201);
+    let t: Value = r.json().await.expect("token");
+    let exp = app
+        .engine
+        .token_expiry(t["token"].as_str().expect("token"))
+        .expect("an expiry");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    assert!(
+        (now + 890..=now + 910).contains(&exp),
+        "exp {exp}, now {now}"
+    );
+    // A life past any representable `exp` is refused, not wrapped around; so are bad units.
+    for expires in [
+        json!(i64::MAX),
+        json!(100_i64 * 366 * 24 * 3600 + 1),
+        json!("1y"),
+        json!(1.5),
+    ] {
         let r = issue(&app.token, json!({ "expiresIn": expires }))
             .await
             .expect("huge expiresIn");
