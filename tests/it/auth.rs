@@ -792,15 +792,7 @@ async fn rate_limits_are_shared_and_durable() {
     assert_eq!(r.headers()["x-ratelimit-limit"], "4");
     assert_eq!(r.headers()["x-ratelimit-remaining"], "3");
     // Reset: when this write has left the sliding hour (nothing resets at the next minute).
-    let reset: u64 = r.headers()["x-ratelimit-reset"]
-        .to_str()
-        .expect("reset")
-        .parse()
-        .expect("secs");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
+    let (reset, now) = (header_secs(&r, "x-ratelimit-reset"), unix_now());
     assert!(
         (now + 3540..=now + 3600).contains(&reset),
         "reset {reset}, now {now}"
@@ -810,23 +802,11 @@ async fn rate_limits_are_shared_and_durable() {
     }
     let r = write(&a, 4).await.expect("over");
     assert_eq!(r.status(), 429);
-    let retry: u64 = r.headers()["retry-after"]
-        .to_str()
-        .expect("retry-after")
-        .parse()
-        .expect("secs");
+    let retry = header_secs(&r, "retry-after");
     // Every counted write is from this minute, so they all fill the sliding hour until they
     // leave it: a client told to come back sooner would only be refused again.
     assert!((3480..=3600).contains(&retry), "Retry-After {retry}");
-    let reset: u64 = r.headers()["x-ratelimit-reset"]
-        .to_str()
-        .expect("reset")
-        .parse()
-        .expect("secs");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
+    let (reset, now) = (header_secs(&r, "x-ratelimit-reset"), unix_now());
     assert!(reset.abs_diff(now + retry) <= 2, "reset {reset}, now {now}");
     assert_eq!(r.headers()["x-ratelimit-remaining"], "0");
     assert_eq!(error_code(r).await, (429, "RATE_LIMIT_EXCEEDED".into()));
@@ -909,4 +889,20 @@ async fn rate_limits_are_shared_and_durable() {
         assert_eq!(r.status(), 201, "write {i}");
     }
     c3.stop().await;
+}
+
+/// A header holding a number of seconds.
+fn header_secs(r: &reqwest::Response, name: &str) -> u64 {
+    r.headers()[name]
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name}: not a number of seconds"))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
 }
