@@ -516,9 +516,12 @@ impl RecordObj {
         }
         Ok(serde_json::from_slice(bytes).ok().map(Json))
     }
-    /// The content, base64 (standard alphabet, padded).
-    async fn base64(&self) -> Result<String> {
-        Ok(base64::engine::general_purpose::STANDARD.encode(self.content()?))
+    /// The content, base64 (standard alphabet, padded). `RECORD_PURGED` (and `null`, so that
+    /// the rest of a list survives) when the content was erased.
+    async fn base64(&self) -> Result<Option<String>> {
+        Ok(Some(
+            base64::engine::general_purpose::STANDARD.encode(self.content()?),
+        ))
     }
     /// Content length in bytes.
     async fn size(&self) -> i64 {

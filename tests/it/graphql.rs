@@ -1709,14 +1709,18 @@ async fn graphql_field_errors_are_null_in_place(backend: Backend) {
     let body = gql(
         &app,
         t,
-        r#"{ stream(pod: "errs", path: "s") { records(first: 2) { edges { node { index text name } } } } }"#,
+        r#"{ stream(pod: "errs", path: "s") { records(first: 2) { edges { node { index text name base64 } } } } }"#,
         json!({}),
     )
     .await;
     assert_eq!(
         body["data"]["stream"]["records"]["edges"][1]["node"],
-        json!({ "index": 1, "text": null, "name": "gone" }),
+        json!({ "index": 1, "text": null, "name": "gone", "base64": null }),
         "{body}"
+    );
+    assert_eq!(
+        body["data"]["stream"]["records"]["edges"][0]["node"]["base64"], "eA==",
+        "the other records of the page are whole: {body}"
     );
     assert_eq!(code(&body), "RECORD_PURGED");
     // A non-null root field fails: `data` is null (§6.4.4 propagation).
