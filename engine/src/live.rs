@@ -37,6 +37,13 @@
 //! ## Recursive subscriptions
 //! A stream and all its readable descendants, including streams created later: a set of the
 //! subscriptions above sharing one id, see [`recursive`].
+//!
+//! ## Shutdown
+//! The server calls [`Engine::close_live`] once every in-flight request has been answered, so
+//! every acknowledged record is committed and published by then. Each subscription then
+//! delivers what it holds, what its feed still queues and at most one more storage page, and
+//! ends with [`LiveEnd::Shutdown`]; transports close their connections (1001) within
+//! [`CLOSE_GRACE`], and the server waits for them through [`Engine::live_connection`] guards.
 
 mod recursive;
 
