@@ -110,11 +110,7 @@ impl Extension for Reshape {
         request: Request,
         next: NextPrepareRequest<'_>,
     ) -> ServerResult<Request> {
-        {
-            let mut parsed = lock(&self.0);
-            parsed.operation_name = request.operation_name.clone();
-            parsed.variables = request.variables.clone();
-        }
+        lock(&self.0).operation_name = request.operation_name.clone();
         next.run(ctx, request).await
     }
 
@@ -126,7 +122,12 @@ impl Extension for Reshape {
         next: NextParseQuery<'_>,
     ) -> ServerResult<ExecutableDocument> {
         let document = next.run(ctx, query, variables).await?;
-        lock(&self.0).document = Some(document.clone());
+        let mut parsed = lock(&self.0);
+        // Variables matter only to `@skip` / `@include`; a batch append's may be megabytes.
+        if query.contains("@skip") || query.contains("@include") {
+            parsed.variables = variables.clone();
+        }
+        parsed.document = Some(document.clone());
         Ok(document)
     }
 
