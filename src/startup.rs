@@ -140,12 +140,11 @@ impl Server {
         Server::build_on(config, listener).await
     }
 
-    /// [`Server::build`] on a listener bound already.
+    /// [`Server::build`] on a listener bound already (after [`preflight`]).
     pub async fn build_on(
         config: Config,
         listener: std::net::TcpListener,
     ) -> anyhow::Result<Server> {
-        preflight(&config)?;
         let local_mode = config.engine.auth.providers.is_empty();
         let store = open_store(&config).await?;
         let keys = token_keys(&config, &store).await?;

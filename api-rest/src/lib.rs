@@ -9,7 +9,6 @@ mod auth_routes;
 mod caller;
 mod error;
 mod host;
-mod in_flight;
 mod main_routes;
 mod pod_routes;
 mod request_id;
@@ -19,11 +18,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use axum::Router;
-use webpods_engine::Engine;
+use webpods_engine::{Engine, InFlight};
 
 pub use error::{ApiError, upgrade_refused};
 pub use host::{HostKind, MainHost, PodHost, token_of};
-pub use in_flight::InFlight;
 pub use main_routes::starting_router;
 pub use pod_routes::decoded_path;
 pub use request_id::request_id_layer;

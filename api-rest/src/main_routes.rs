@@ -21,7 +21,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/pods", get(list_pods).post(create_pod))
         .route("/health", get(health))
-        .route("/live", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/live", get(live))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
@@ -84,7 +84,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
 pub fn starting_router() -> Router {
     let started = std::time::Instant::now();
     Router::new()
-        .route("/live", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/live", get(live))
         .route(
             "/ready",
             get(|| async {
@@ -112,6 +112,11 @@ pub fn starting_router() -> Router {
                 "the server is starting; retry in a moment",
             )
         })
+}
+
+/// `/live`: 200 while the process serves, starting or not.
+async fn live() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
 }
 
 async fn health(State(st): State<AppState>) -> Response {

@@ -665,8 +665,8 @@ async fn delete(
     q: &Query,
 ) -> Result<Response, ApiError> {
     let engine = &st.engine;
-    // `DELETE /` (path `""`) is the pod; `DELETE /stream/` names no record, and must not fall back to the
-    // stream (SPEC §4.2: a trailing slash is a missing name).
+    // `DELETE /` (path `""`) is the pod; `DELETE /stream/` names no record, and must not fall
+    // back to the stream (SPEC §4.2: a trailing slash is a missing name).
     if path.ends_with('/') && !path.is_empty() {
         return Err(ApiError::new(
             ErrorKind::MissingName,

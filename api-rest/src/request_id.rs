@@ -1,6 +1,6 @@
 //! `X-Request-Id` on every response (echoed when the client sent a sane one), one log line per
 //! request (request id, method, route, path, status, duration), the request metrics, and the
-//! count of running handlers that a graceful shutdown waits for ([`crate::InFlight`]).
+//! count of running handlers that a graceful shutdown waits for ([`webpods_engine::InFlight`]).
 //!
 //! **No secret is ever logged here**, by construction: the line is built from the method, the
 //! URI *path* and a fixed route name only — never the query string (which may carry

@@ -156,9 +156,8 @@ pub(crate) fn build(
     (plan, outcomes)
 }
 
-/// Refuses the entry unless the head satisfies its precondition; the details carry the head.
-/// Whether a stream whose head is `head` meets `p` (412 `PRECONDITION_FAILED` with the head
-/// otherwise). A stream that does not exist yet has the head of an empty one.
+/// Refuses the entry unless the head satisfies its precondition (412 `PRECONDITION_FAILED`, the
+/// details carry the head). A stream that does not exist yet has the head of an empty one.
 pub(crate) fn check_precondition(p: &Precondition, head: &Head) -> Result<(), Error> {
     let ok = match p {
         Precondition::LastHash(h) => head.hash.as_deref() == Some(h.as_str()),

@@ -21,6 +21,7 @@ pub mod clock;
 mod error;
 mod graph;
 pub mod hash;
+mod in_flight;
 mod invalidation;
 mod live;
 mod manage;
@@ -50,9 +51,10 @@ pub use auth::{
 };
 pub use error::{Error, ErrorKind, Result};
 pub use graph::{PodInfo, UserInfo};
+pub use in_flight::{InFlight, Running};
 pub use live::{
-    CLOSE_GRACE, LiveConnection, LiveEnd, LiveEvent, LiveLimits, LiveRequest, LiveShutdown,
-    RecursiveEvent, RecursiveRequest, RecursiveSubscription, Subscription,
+    CLOSE_GRACE, LiveEnd, LiveEvent, LiveLimits, LiveRequest, LiveShutdown, RecursiveEvent,
+    RecursiveRequest, RecursiveSubscription, Subscription,
 };
 pub use manage::{StreamListQuery, StreamListing, StreamSummary};
 pub use model::*;
@@ -506,12 +508,7 @@ impl Engine {
         if let Some(p) = &req.precondition
             && self.stream(&pod, stream_path).await?.is_none()
         {
-            let empty = webpods_storage::Head {
-                index: -1,
-                hash: None,
-                timestamp: 0,
-            };
-            batch::check_precondition(p, &empty)?;
+            batch::check_precondition(p, &webpods_storage::Head::EMPTY)?;
         }
         let access = req.access.as_deref();
         let stream = self

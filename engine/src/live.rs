@@ -52,12 +52,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{broadcast, watch};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use webpods_storage::{Head, Notice, RecordRange, RecordRow, Store};
 
 use crate::clock::now_ms;
 use crate::error::{Error, ErrorKind, Result};
+use crate::in_flight::{InFlight, Running};
 use crate::metrics::LiveSubscription;
 use crate::model::{Caller, Record, Target};
 use crate::{Engine, Inner};
@@ -120,8 +121,7 @@ pub(crate) struct LiveHub {
     subscriptions: AtomicUsize,
     /// Open live connections (WebSocket and GraphQL sockets: they outlive the HTTP server's
     /// graceful shutdown, which does not track upgraded connections).
-    connections: AtomicUsize,
-    connections_closed: Notify,
+    connections: Arc<InFlight>,
     limits: LiveLimits,
     /// Which pod each appended stream belongs to, for recursive subscriptions.
     trees: recursive::Directory,
@@ -136,8 +136,7 @@ impl LiveHub {
             origin: uuid::Uuid::new_v4().as_u64_pair().0,
             listener_started: AtomicBool::new(false),
             subscriptions: AtomicUsize::new(0),
-            connections: AtomicUsize::new(0),
-            connections_closed: Notify::new(),
+            connections: Arc::default(),
             limits,
             trees: recursive::Directory::default(),
         }
@@ -260,18 +259,6 @@ impl From<webpods_storage::Error> for LiveEnd {
 /// still hold (every append acknowledged before the tails close) and close; a client that does
 /// not read is dropped after it.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-/// Counts one open live connection for as long as it lives ([`Engine::live_connection`]).
-pub struct LiveConnection(Engine);
-
-impl Drop for LiveConnection {
-    fn drop(&mut self) {
-        let hub = &self.0.inner.live;
-        if hub.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
-            hub.connections_closed.notify_waiters();
-        }
-    }
-}
 
 /// Resolves when the server starts shutting down (for connections without subscriptions).
 #[derive(Clone)]
@@ -419,26 +406,19 @@ impl Engine {
 
     /// Counts a live connection (a WebSocket or GraphQL socket) until the guard is dropped, so
     /// that a shutdown can wait for them ([`Engine::live_connections_closed`]).
-    pub fn live_connection(&self) -> LiveConnection {
-        self.inner.live.connections.fetch_add(1, Ordering::SeqCst);
-        LiveConnection(self.clone())
+    pub fn live_connection(&self) -> Running {
+        self.inner.live.connections.start()
     }
 
     /// Live connections open now.
     pub fn live_connections(&self) -> usize {
-        self.inner.live.connections.load(Ordering::SeqCst)
+        self.inner.live.connections.running()
     }
 
     /// Resolves once every live connection has closed (call after [`Engine::close_live`],
     /// which makes them close with 1001).
     pub async fn live_connections_closed(&self) {
-        loop {
-            let closed = self.inner.live.connections_closed.notified();
-            if self.live_connections() == 0 {
-                return;
-            }
-            closed.await;
-        }
+        self.inner.live.connections.until_idle().await;
     }
 
     /// Live subscriptions open in this instance, per stream: a recursive subscription counts

@@ -185,14 +185,16 @@ impl Engine {
             purge,
         };
         self.submit(&pod, &stream, entry).await?;
-        // The deleted (or erased) record may have been a permission record: decisions drawn
-        // from this stream (if it is a permission stream) are made again, on every instance,
-        // and its tails re-check.
-        self.changed(Change::Permissions {
-            pod: pod.name.clone(),
-            stream_id: stream.id,
-        })
-        .await;
+        // A deleted grant, or erased content (any earlier version may have been a grant):
+        // decisions drawn from this stream (if it is a permission stream) are made again, on
+        // every instance, and its tails re-check — as after an append of a grant.
+        if purge || crate::permissions::looks_like_grant(&latest.content) {
+            self.changed(Change::Permissions {
+                pod: pod.name.clone(),
+                stream_id: stream.id,
+            })
+            .await;
+        }
         Ok(())
     }
 

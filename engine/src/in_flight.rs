@@ -1,36 +1,38 @@
-//! Requests whose handlers are running, so that a graceful shutdown can tell when every
-//! in-flight request has been answered.
+//! Work in progress that a graceful shutdown waits for: HTTP handlers still running (the REST
+//! layer counts them) and open live connections (WebSocket and GraphQL sockets, which the
+//! HTTP server's own drain does not track once upgraded).
 //!
-//! A handler counts until it returns its response: a WebSocket upgrade or an SSE response
-//! counts only until its head is sent, so live tails never hold the count up.
+//! A [`Running`] guard counts one piece of work until it is dropped, also when the work is
+//! cancelled (a client that went away); [`InFlight::until_idle`] resolves once none is left.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
 
-/// The number of running handlers.
+/// A count of work in progress.
 #[derive(Debug, Default)]
 pub struct InFlight {
     running: AtomicUsize,
     idle: Notify,
 }
 
-/// Counts one handler until dropped (also when the client goes away and the handler is
-/// cancelled).
-pub(crate) struct Running<'a>(&'a InFlight);
+/// Counts one piece of work until dropped.
+#[derive(Debug)]
+pub struct Running(Arc<InFlight>);
 
 impl InFlight {
-    pub(crate) fn start(&self) -> Running<'_> {
+    pub fn start(self: &Arc<Self>) -> Running {
         self.running.fetch_add(1, Ordering::SeqCst);
-        Running(self)
+        Running(self.clone())
     }
 
-    /// Handlers running now.
+    /// Work in progress now.
     pub fn running(&self) -> usize {
         self.running.load(Ordering::SeqCst)
     }
 
-    /// Resolves once no handler runs.
+    /// Resolves once nothing is in progress.
     pub async fn until_idle(&self) {
         loop {
             let idle = self.idle.notified();
@@ -44,7 +46,7 @@ impl InFlight {
     }
 }
 
-impl Drop for Running<'_> {
+impl Drop for Running {
     fn drop(&mut self) {
         if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
