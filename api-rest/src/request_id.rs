@@ -1,6 +1,9 @@
 //! `X-Request-Id` on every response (echoed when the client sent a sane one), one log line per
 //! request (request id, method, route, path, status, duration), the request metrics, and the
 //! count of running handlers that a graceful shutdown waits for ([`webpods_engine::InFlight`]).
+//! Once the drain began, a request that was not yet counted is refused with 503 `UNAVAILABLE`
+//! (probes excepted): live tails take their last look at the log when the counted requests
+//! are done, and a record acknowledged after that look would never reach them.
 //!
 //! **No secret is ever logged here**, by construction: the line is built from the method, the
 //! URI *path* and a fixed route name only — never the query string (which may carry
@@ -12,13 +15,14 @@
 use std::time::Instant;
 
 use axum::extract::{Request, State};
-use axum::http::header::{ACCEPT, HOST, UPGRADE};
-use axum::http::{HeaderValue, Method};
+use axum::http::header::{ACCEPT, CONNECTION, HOST, UPGRADE};
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use webpods_engine::ErrorKind;
 
-use crate::AppState;
 use crate::host::{HostKind, is_system_route};
+use crate::{ApiError, AppState};
 
 const HEADER: &str = "x-request-id";
 
@@ -43,8 +47,26 @@ pub async fn request_id_layer(
     let path = req.uri().path().to_string();
     let start = Instant::now();
     let running = st.in_flight.start();
-    let mut resp = next.run(req).await;
-    drop(running);
+    // Counted first, then checked (both sequentially consistent with the shutdown, which sets
+    // the flag and then waits for the count to reach zero): a request either is counted and
+    // waited for, or sees the drain and is refused. Probes still answer (`/ready` says 503).
+    let mut resp = if st.engine.is_draining() && !is_probe(route) {
+        drop(running);
+        ApiError::new(
+            ErrorKind::Unavailable,
+            "the server is shutting down; retry on another instance",
+        )
+        .into_response()
+    } else {
+        let resp = next.run(req).await;
+        drop(running);
+        resp
+    };
+    if st.engine.is_draining() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // No more requests on this connection: the client reconnects elsewhere.
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     let elapsed = start.elapsed();
     resp.headers_mut().insert(HEADER, value);
     let status = resp.status().as_u16();
@@ -59,6 +81,11 @@ pub async fn request_id_layer(
         "request"
     );
     resp
+}
+
+/// Routes that answer during a drain: the probes and the metrics.
+fn is_probe(route: &str) -> bool {
+    matches!(route, "health" | "live" | "ready" | "metrics")
 }
 
 /// The fixed name of what a request addresses, for logs and metric labels (never a raw path).

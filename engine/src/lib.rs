@@ -257,6 +257,13 @@ impl Engine {
         self.inner.draining.send_replace(true);
     }
 
+    /// `true` once a graceful shutdown began ([`Engine::start_draining`]). A request that
+    /// starts after this is refused, so that the tails' last look at the log, taken once the
+    /// requests counted before it finished, cannot miss a record acknowledged after it.
+    pub fn is_draining(&self) -> bool {
+        *self.inner.draining.borrow()
+    }
+
     /// Turns `true` when a graceful shutdown begins: long-lived work (live tails) should then
     /// end (WebSocket close code 1001) so the drain can finish before its deadline.
     pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
