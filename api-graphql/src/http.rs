@@ -30,7 +30,8 @@ use axum::{Json, Router};
 use futures::stream::BoxStream;
 use futures::{SinkExt, StreamExt};
 use webpods_api_rest::{ApiError, HostKind, token_of};
-use webpods_engine::{CLOSE_GRACE, Engine, ErrorKind};
+use webpods_engine::clock::now_ms;
+use webpods_engine::{CLOSE_GRACE, Engine, Error, ErrorKind};
 
 use crate::error::{add_codes, gql};
 use crate::loaders::{Authenticated, RequestCtx};
@@ -52,11 +53,27 @@ impl Executor for Coded {
         add_codes(self.0.execute(request).await)
     }
 
+    /// Every operation on a WebSocket (query, mutation or subscription). The caller was
+    /// authenticated when the socket opened, so the token's expiry is checked here, per
+    /// operation: an expired token fails with `TOKEN_EXPIRED`, as it does over HTTP.
     fn execute_stream(
         &self,
         request: Request,
         session_data: Option<Arc<Data>>,
     ) -> BoxStream<'static, Response> {
+        let expires_at = session_data
+            .as_deref()
+            .and_then(|d| d.get(&std::any::TypeId::of::<RequestCtx>()))
+            .and_then(|rc| rc.downcast_ref::<RequestCtx>())
+            .and_then(|rc| rc.token_expires_at);
+        if expires_at.is_some_and(|exp| exp <= now_ms() / 1000) {
+            let expired = Error::new(ErrorKind::TokenExpired, "the token has expired");
+            let coded = gql(expired);
+            let mut error = async_graphql::ServerError::new(coded.message, None);
+            error.extensions = coded.extensions;
+            return futures::stream::once(async move { Response::from_errors(vec![error]) })
+                .boxed();
+        }
         self.0
             .execute_stream_with_session_data(request, session_data.unwrap_or_default())
             .map(add_codes)
@@ -210,6 +227,7 @@ async fn websocket(
     let engine = st.engine.clone();
     let executor = st.executor.clone();
     let transport_ws = chosen_protocol(&headers) == Some("graphql-transport-ws");
+    let init_timeout = st.config.init_timeout;
     let conn = TransportWs::default();
     let refused = conn.clone();
     upgrade
@@ -225,15 +243,24 @@ async fn websocket(
             let flag = closing.clone();
             let incoming = conn.clone();
             let running = conn.clone();
+            let waiting = conn.clone();
             let input = input
                 .take_until(async move {
                     shutdown.wait().await;
                     let _ = tokio::time::timeout(CLOSE_GRACE, running.until_idle()).await;
                     flag.store(true, Ordering::SeqCst);
                 })
+                // A socket that never sends `connection_init` is closed (4408), so that
+                // unauthenticated sockets cannot be held open by pongs alone.
+                .take_until(async move {
+                    tokio::time::sleep(init_timeout).await;
+                    if !waiting.init_timed_out() {
+                        std::future::pending::<()>().await;
+                    }
+                })
                 .take_while(move |m| {
                     let go_on = match m {
-                        Ok(Message::Text(t)) if transport_ws => incoming.client_sent(t),
+                        Ok(Message::Text(t)) => incoming.client_sent(t, transport_ws),
                         _ => true,
                     };
                     futures::future::ready(go_on)
@@ -251,7 +278,7 @@ async fn websocket(
                 let last = if closing.load(Ordering::SeqCst) {
                     Some(close_frame(1001, "server shutting down".into()))
                 } else {
-                    conn.reused_id_close()
+                    conn.protocol_close()
                 };
                 if let Some(frame) = last {
                     let _ = sink.send(Message::Close(Some(frame))).await;
@@ -276,7 +303,8 @@ async fn websocket(
 /// first. The protocol's own codes: 4403 for a refused `connection_init` (the reason carries
 /// our error code), 4400 for a message that is not a valid protocol message, 4401 for a
 /// subscription before the connection was acknowledged, 4409 for a reused running id (a
-/// `subscribe` adds its id, a `complete` from either side removes it).
+/// `subscribe` adds its id, a `complete` from either side removes it), 4408 for a socket
+/// that sent no `connection_init` in time.
 #[derive(Clone, Default)]
 struct TransportWs(Arc<std::sync::Mutex<TransportState>>);
 
@@ -287,6 +315,10 @@ struct TransportState {
     reused: Option<String>,
     /// Why `connection_init` was refused (`CODE: message`).
     init_refused: Option<String>,
+    /// The client sent `connection_init`.
+    initialised: bool,
+    /// The client sent no `connection_init` within the timeout.
+    init_timed_out: bool,
 }
 
 /// The part of a protocol message that names it.
@@ -312,12 +344,19 @@ impl TransportWs {
         }
     }
 
-    /// A client message; false when it reuses a running id (the input then ends).
-    fn client_sent(&self, text: &str) -> bool {
-        let Ok(Envelope { kind, id: Some(id) }) = serde_json::from_str::<Envelope>(text) else {
+    /// A client message; false when it reuses a running id (the input then ends). Running
+    /// ids are tracked on `graphql-transport-ws` only.
+    fn client_sent(&self, text: &str, transport_ws: bool) -> bool {
+        let Ok(Envelope { kind, id }) = serde_json::from_str::<Envelope>(text) else {
             return true;
         };
         let mut state = self.state();
+        if kind == "connection_init" {
+            state.initialised = true;
+        }
+        let (true, Some(id)) = (transport_ws, id) else {
+            return true;
+        };
         match kind.as_str() {
             "subscribe" if !state.running.insert(id.clone()) => {
                 state.reused = Some(id);
@@ -360,9 +399,25 @@ impl TransportWs {
         }
     }
 
-    /// The close for a client that reused a running id, if it did.
-    fn reused_id_close(&self) -> Option<CloseFrame> {
-        let id = self.state().reused.clone()?;
+    /// Called when the `connection_init` timeout passes: true (and the socket is to close
+    /// with 4408) unless the client sent `connection_init`.
+    fn init_timed_out(&self) -> bool {
+        let mut state = self.state();
+        state.init_timed_out = !state.initialised;
+        state.init_timed_out
+    }
+
+    /// The close for a client that broke the protocol (reused a running id, or sent no
+    /// `connection_init` in time), if it did.
+    fn protocol_close(&self) -> Option<CloseFrame> {
+        let state = self.state();
+        if state.init_timed_out {
+            return Some(close_frame(
+                4408,
+                "Connection initialisation timeout".into(),
+            ));
+        }
+        let id = state.reused.clone()?;
         Some(close_frame(
             4409,
             format!("Subscriber for {id} already exists"),

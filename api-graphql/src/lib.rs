@@ -59,6 +59,8 @@ pub struct GraphqlConfig {
     pub max_body_bytes: usize,
     /// Live `records` subscriptions one WebSocket connection may hold (SPEC §6.2's default).
     pub max_subscriptions_per_connection: usize,
+    /// How long a WebSocket may stay open without `connection_init` (then 4408).
+    pub init_timeout: std::time::Duration,
 }
 
 impl GraphqlConfig {
@@ -72,6 +74,7 @@ impl GraphqlConfig {
                 .saturating_mul(2)
                 .saturating_add(1024 * 1024),
             max_subscriptions_per_connection: 100,
+            init_timeout: std::time::Duration::from_secs(5),
         }
     }
 }

@@ -24,6 +24,7 @@ both_backends!(
     graphql_nested_queries_are_batched,
     graphql_subscription_over_websocket,
     graphql_websocket_authentication,
+    graphql_websocket_token_expiry_and_init_timeout,
     graphql_rate_limits,
     graphql_shutdown_delivers_acknowledged_records_first,
     graphql_field_errors_are_null_in_place,
@@ -1494,6 +1495,55 @@ async fn ws_connect_with(app: &TestApp, headers: &[(&'static str, String)]) -> W
     let ack = ws_next(&mut ws).await;
     assert_eq!(ack["type"], "connection_ack", "{ack}");
     ws
+}
+
+/// A socket authenticates once, but its token's expiry holds for every operation on it: after
+/// it, queries and mutations fail with `TOKEN_EXPIRED` and change nothing (as over HTTP). A
+/// socket that never sends `connection_init` is closed with 4408.
+async fn graphql_websocket_token_expiry_and_init_timeout(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let user = app
+        .engine
+        .authenticate(Some(&app.token))
+        .unwrap()
+        .user_id()
+        .unwrap()
+        .to_string();
+    let short = app
+        .engine
+        .issue_token(&user, None, webpods_engine::Scope::ALL, Some(2))
+        .unwrap();
+    let mut ws = ws_connect(&app, json!({ "Authorization": format!("Bearer {short}") })).await;
+    let op = |id: &str, query: &str| {
+        Message::text(
+            json!({ "id": id, "type": "subscribe", "payload": { "query": query } }).to_string(),
+        )
+    };
+    ws.send(op("1", "{ myPods { name } }")).await.unwrap();
+    let m = ws_next(&mut ws).await;
+    assert_eq!(m["payload"]["data"]["myPods"], json!([]), "{m}");
+    assert_eq!(ws_next(&mut ws).await["type"], "complete");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    ws.send(op("2", "{ myPods { name } }")).await.unwrap();
+    let m = ws_next(&mut ws).await;
+    assert_eq!(code(&m["payload"]), "TOKEN_EXPIRED", "{m}");
+    ws.send(op("3", r#"mutation { createPod(name: "late") { name } }"#))
+        .await
+        .unwrap();
+    let mut m = ws_next(&mut ws).await;
+    if m["type"] == "complete" {
+        m = ws_next(&mut ws).await;
+    }
+    assert_eq!(code(&m["payload"]), "TOKEN_EXPIRED", "{m}");
+    let pods = ok(&app, Some(&app.token), "{ myPods { name } }", json!({})).await;
+    assert_eq!(pods["myPods"], json!([]));
+
+    // No connection_init: closed after the timeout (5 s), even though the client answers
+    // every ping.
+    let mut ws = ws_open(&app, &[]).await;
+    let m = ws_next(&mut ws).await;
+    assert_eq!(m["type"], "closed", "{m}");
+    assert_eq!(m["code"], 4408, "{m}");
 }
 
 async fn graphql_websocket_authentication(backend: Backend) {
