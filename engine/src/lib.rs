@@ -627,16 +627,15 @@ impl Engine {
                 ),
             ));
         }
-        // JSON text is UTF-8 (RFC 8259 §8.1); `from_slice` alone lets bad bytes in strings by.
         if is_json_type(&r.content_type)
-            && std::str::from_utf8(&r.content)
-                .ok()
-                .and_then(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).ok())
-                .is_none()
+            && let Some(problem) = json_content_problem(&r.content)
         {
             return Err(Error::new(
                 ErrorKind::InvalidContent,
-                format!("the content is not valid JSON ({})", r.content_type),
+                format!(
+                    "the content is not valid {} JSON: {problem}",
+                    r.content_type
+                ),
             ));
         }
         for (k, v) in &r.headers {

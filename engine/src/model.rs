@@ -296,6 +296,62 @@ pub fn is_json_type(ct: &str) -> bool {
     ct == "application/json" || ct.ends_with("+json")
 }
 
+/// Deepest nesting of arrays and objects accepted in JSON content. Listings embed the content
+/// in their own JSON three levels down, and common parsers give up at 128 (serde_json) or
+/// 256 (jq): content nested deeper would make every page that holds it unreadable.
+pub const MAX_JSON_DEPTH: usize = 100;
+
+/// Why JSON content is refused, or `None` when it is accepted: it must be UTF-8 JSON
+/// (RFC 8259), nested at most [`MAX_JSON_DEPTH`] deep, with no unpaired surrogate escape
+/// (`"\udc00"`: I-JSON, RFC 7493 §2.1), which strict parsers reject.
+pub fn json_content_problem(content: &[u8]) -> Option<String> {
+    let Ok(text) = std::str::from_utf8(content) else {
+        return Some("it is not UTF-8".into());
+    };
+    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
+        return Some(e.to_string());
+    }
+    // Valid JSON from here on: a scan of brackets outside strings and of `\u` escapes.
+    let b = text.as_bytes();
+    let hex = |at: usize| {
+        b.get(at..at + 4)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u16::from_str_radix(h, 16).ok())
+    };
+    let (mut depth, mut i, mut in_string) = (0usize, 0usize, false);
+    while let Some(&c) = b.get(i) {
+        i += 1;
+        match (in_string, c) {
+            (false, b'"') | (true, b'"') => in_string = !in_string,
+            (false, b'[' | b'{') => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Some(format!("it is nested deeper than {MAX_JSON_DEPTH} levels"));
+                }
+            }
+            (false, b']' | b'}') => depth = depth.saturating_sub(1),
+            (true, b'\\') => {
+                if b.get(i) == Some(&b'u') {
+                    let unit = hex(i + 1).unwrap_or(0);
+                    i += 5;
+                    if (0xD800..0xDC00).contains(&unit)
+                        && b.get(i..i + 2) == Some(b"\\u")
+                        && hex(i + 2).is_some_and(|low| (0xDC00..0xE000).contains(&low))
+                    {
+                        i += 6;
+                    } else if (0xD800..0xE000).contains(&unit) {
+                        return Some(format!("it holds an unpaired surrogate (\\u{unit:04x})"));
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Types whose content is shown as a string in JSON.
 pub fn is_text_type(ct: &str) -> bool {
     ct.starts_with("text/")
@@ -358,6 +414,40 @@ pub struct StreamInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_content_is_checked_for_depth_and_surrogates() {
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert_eq!(
+            json_content_problem(nested(MAX_JSON_DEPTH).as_bytes()),
+            None
+        );
+        let deep = json_content_problem(nested(MAX_JSON_DEPTH + 1).as_bytes());
+        assert!(deep.is_some_and(|p| p.contains("deeper")));
+        // Brackets inside strings do not count; escaped quotes do not end the string.
+        let strings = format!(r#"{{"a":"{}\"{}"}}"#, "[".repeat(500), "{".repeat(500));
+        assert_eq!(json_content_problem(strings.as_bytes()), None);
+        for ok in [
+            r#""\ud83d\ude00""#,
+            r#"{"k":"\u00e9\\u\"","l":["\uD83D\uDE00"]}"#,
+            r#""\\udc00""#,
+            "\"\u{1F600}\"",
+        ] {
+            assert_eq!(json_content_problem(ok.as_bytes()), None, "{ok}");
+        }
+        for lone in [
+            r#""\udc00""#,
+            r#""\ud83d""#,
+            r#""\ud83dx""#,
+            r#""\ud83d\u0041""#,
+            r#"{"a":["\ude00\ud83d"]}"#,
+        ] {
+            let p = json_content_problem(lone.as_bytes());
+            assert!(p.is_some_and(|p| p.contains("surrogate")), "{lone}");
+        }
+        assert!(json_content_problem(b"{").is_some());
+        assert!(json_content_problem(b"\"\xff\"").is_some());
+    }
 
     #[test]
     fn reserved_headers_are_never_replayed() {
