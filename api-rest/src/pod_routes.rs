@@ -193,6 +193,11 @@ impl Query {
             limit: t.limit.or(self.limit),
             unique: t.unique || self.unique,
             recursive: t.recursive || self.recursive,
+            verify: t.verify || self.verify,
+            format: RecordFormat {
+                fields: t.format.fields.or_else(|| self.format.fields.clone()),
+                max_content_size: t.format.max_content_size.or(self.format.max_content_size),
+            },
             ..self.clone()
         })
     }

@@ -37,6 +37,12 @@ impl Engine {
                     format!("route {from:?} must start with '/'"),
                 ));
             }
+            if from.contains(['?', '#']) {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("route {from:?} must be a path: requests are matched by path only"),
+                ));
+            }
             let target = to.split('?').next().unwrap_or("").trim_matches('/');
             if check_stream_path(target).is_err() || to.is_empty() {
                 return Err(Error::new(

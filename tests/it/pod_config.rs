@@ -79,11 +79,50 @@ async fn routing_links(backend: Backend) {
         .await
         .expect("bad route");
     assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()));
-    let r = set(json!({ "/": "homepage?i=-1", "/about": "pages/about", "/all": "pages" }))
+    // A key with a query could never match: requests are matched by path.
+    let r = set(json!({ "/q?x=1": "pages/about" }))
         .send()
         .await
-        .expect("routes");
+        .expect("bad route");
+    assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()));
+    let r = set(json!({
+        "/": "homepage?i=-1",
+        "/about": "pages/about",
+        "/all": "pages",
+        "/short": "homepage?fields=index,content&maxContentSize=4&limit=1",
+        "/check": "homepage?verify=true",
+    }))
+    .send()
+    .await
+    .expect("routes");
     assert_eq!(r.status(), 201);
+    // Every option of a target's query applies, as it would on a direct request.
+    let short: serde_json::Value = app
+        .pod(Method::GET, "site", "/short")
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        short["records"],
+        json!([{ "index": 0, "content": "<h1>", "truncated": true }]),
+        "{short}"
+    );
+    let check: serde_json::Value = app
+        .pod(Method::GET, "site", "/check")
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (&check["valid"], &check["length"]),
+        (&json!(true), &json!(2)),
+        "{check}"
+    );
     let body = |path: &'static str| {
         let req = app.pod(Method::GET, "site", path);
         async move { req.send().await.expect("get").text().await.expect("body") }
