@@ -97,7 +97,9 @@ async fn handle(
     }
     // Each branch's future is boxed: held inline, they added up (rustc laid them out side by
     // side, 36 kB), and axum boxes and moves this future for every request.
-    if path.trim_end_matches('/') == STREAMS_API && *req.method() == Method::GET {
+    if path.trim_end_matches('/') == STREAMS_API
+        && matches!(*req.method(), Method::GET | Method::HEAD)
+    {
         return Box::pin(list_streams(&st, &caller, &pod, req.uri().query())).await;
     }
     match *req.method() {

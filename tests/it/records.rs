@@ -225,6 +225,14 @@ async fn read_options(backend: Backend) {
             .all(|s| !s["path"].as_str().unwrap_or("").starts_with(".config")),
         "anonymous sees no .config"
     );
+    // HEAD answers as GET does, without the body.
+    let head = app
+        .pod(Method::HEAD, "opts", "/.config/api/streams")
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-type"], "application/json");
     let listing = get("/.config/api/streams?path=s&recursive=false").await;
     assert_eq!(listing["streams"].as_array().map(Vec::len), Some(1));
     assert_eq!(listing["streams"][0]["path"], "s/sub");
