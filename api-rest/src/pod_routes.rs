@@ -802,7 +802,14 @@ fn record_headers(headers: &HeaderMap) -> Result<BTreeMap<String, String>, ApiEr
             let v = v.to_str().map_err(|_| {
                 ApiError::new(ErrorKind::InvalidInput, format!("header {k} is not text"))
             })?;
-            out.insert(name.to_string(), v.to_string());
+            // Repeated lines are one field, combined with ", " (RFC 9110 §5.3), as the raw
+            // read replays it: the last line alone would silently lose the others.
+            out.entry(name.to_string())
+                .and_modify(|all: &mut String| {
+                    all.push_str(", ");
+                    all.push_str(v);
+                })
+                .or_insert_with(|| v.to_string());
         }
     }
     Ok(out)

@@ -97,6 +97,23 @@ async fn batch_appends_are_atomic(backend: Backend) {
         .await
         .expect("raw");
     assert_eq!(r.headers()["x-source"], "cli");
+    // A header sent twice is one field of both values (RFC 9110 §5.3), not the last alone.
+    let r = app
+        .pod(Method::POST, "batch", "/other/twice")
+        .bearer_auth(&app.token)
+        .header("x-record-header-x-source", "one")
+        .header("x-record-header-x-source", "two")
+        .body("x")
+        .send()
+        .await
+        .expect("append");
+    assert_eq!(r.status(), 201);
+    let r = app
+        .pod(Method::GET, "batch", "/other/twice")
+        .send()
+        .await
+        .expect("raw");
+    assert_eq!(r.headers()["x-source"], "one, two");
 
     // Bad batches: too many, bad item, invalid JSON content type, a bad name — all refused whole.
     let many: Vec<Value> = (0..1001)
