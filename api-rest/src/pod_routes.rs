@@ -116,6 +116,8 @@ async fn handle(
 #[derive(Debug, Default, Clone)]
 struct Query {
     i: Option<String>,
+    /// Recursive listings: where the page starts (`path:index`).
+    cursor: Option<String>,
     after: Option<i64>,
     before: Option<i64>,
     limit: Option<i64>,
@@ -155,6 +157,7 @@ impl Query {
         for (k, v) in url::form_urlencoded::parse(q.unwrap_or("").as_bytes()) {
             match k.as_ref() {
                 "i" => out.i = Some(v.into_owned()),
+                "cursor" => out.cursor = Some(v.into_owned()),
                 "after" => out.after = Some(index(&v)?),
                 "before" => out.before = Some(index(&v)?),
                 "limit" => out.limit = Some(positive("limit", &v)?),
@@ -190,6 +193,7 @@ impl Query {
         let t = Query::parse(Some(tq))?;
         Ok(Query {
             i: t.i.or_else(|| self.i.clone()),
+            cursor: t.cursor.or_else(|| self.cursor.clone()),
             after: t.after.or(self.after),
             before: t.before.or(self.before),
             limit: t.limit.or(self.limit),
@@ -213,6 +217,9 @@ struct PageView<'a> {
     total: i64,
     has_more: bool,
     next_index: Option<i64>,
+    /// Recursive listings only (`null` on their last page).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<Option<String>>,
 }
 
 impl<'a> PageView<'a> {
@@ -226,6 +233,15 @@ impl<'a> PageView<'a> {
             total: page.total,
             has_more: page.has_more,
             next_index: page.next_index,
+            next_cursor: None,
+        }
+    }
+
+    /// A recursive listing's page: `nextCursor` is always there.
+    fn recursive(page: &'a RecordPage, format: &'a RecordFormat) -> Self {
+        PageView {
+            next_cursor: Some(page.next_cursor.as_ref().map(ToString::to_string)),
+            ..PageView::new(page, format)
         }
     }
 }
@@ -272,17 +288,24 @@ async fn read(
                 },
                 None if q.recursive => {
                     // Records of several streams have no common index to page by: refused,
-                    // not silently ignored. Each stream pages on its own (`after=K`).
+                    // not silently ignored. Pages follow `nextCursor` (`cursor=path:index`).
                     if q.after.is_some() || q.before.is_some() || q.unique {
                         return Err(ApiError::new(
                             ErrorKind::InvalidInput,
-                            "recursive=true takes limit only: page each stream with after=K \
-                             (its streams: GET /.config/api/streams)",
+                            "recursive=true pages with cursor= (the nextCursor of the previous \
+                             page), not after/before/unique",
                         ));
                     }
-                    let page = engine.list_recursive(caller, pod, &stream, q.limit).await?;
-                    Ok(Json(PageView::new(&page, &q.format)).into_response())
+                    let cursor = q.cursor.as_deref().map(str::parse).transpose()?;
+                    let page = engine
+                        .list_recursive(caller, pod, &stream, q.limit, cursor.as_ref())
+                        .await?;
+                    Ok(Json(PageView::recursive(&page, &q.format)).into_response())
                 }
+                None if q.cursor.is_some() => Err(ApiError::new(
+                    ErrorKind::InvalidInput,
+                    "cursor= pages recursive=true listings; a stream's own pages use after=K",
+                )),
                 None => list(st, &stream, &q, headers).await,
             }
         }

@@ -920,6 +920,7 @@ impl Engine {
             total: head.index + 1,
             has_more,
             next_index,
+            next_cursor: None,
             head_hash: head.hash,
         })
     }

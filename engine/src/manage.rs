@@ -1,7 +1,7 @@
 //! Stream listing and the owner's destructive operations: deleting records (tombstone and
 //! purge), streams with their descendants, and whole pods.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -10,7 +10,7 @@ use crate::batch::Entry;
 use crate::clock::iso8601;
 use crate::error::{Error, ErrorKind, Result};
 use crate::invalidation::Change;
-use crate::model::{Caller, NewRecord, Record, RecordPage, StreamInfo};
+use crate::model::{Caller, NewRecord, Record, RecordPage, RecursiveCursor, StreamInfo};
 use crate::names::{check_record_name, check_stream_path, is_system_path, split_last};
 use crate::{Engine, forbidden, require_owner};
 
@@ -98,45 +98,78 @@ impl Engine {
         })
     }
 
-    /// This stream and every readable descendant, ordered by stream path then index.
+    /// This stream and every readable descendant, ordered by stream path (bytewise, whatever
+    /// the database's collation) then index; a page starts after `cursor` (the stream path
+    /// and index of the last record of the previous page, as in [`RecordPage::next_cursor`]).
+    ///
+    /// Streams have no gaps (indices `0..=head`), so the page is planned from the streams'
+    /// committed heads and its records fetched in one query.
     pub async fn list_recursive(
         &self,
         caller: &Caller,
         pod: &str,
         stream: &StreamInfo,
         limit: Option<i64>,
+        cursor: Option<&RecursiveCursor>,
     ) -> Result<RecordPage> {
         let pod = self.pod(pod).await?;
         let limit = limit
             .unwrap_or(100)
             .clamp(1, self.inner.config.max_list_records);
         let prefix = format!("{}/", stream.path);
-        let mut ids = Vec::new();
-        // Every record of the readable streams, not just this page: a stream's head index
-        // counts its records.
-        let mut total = 0;
+        let mut streams = Vec::new();
         for s in self.inner.store.list_streams(pod.id).await? {
             let inside = s.id == stream.id || stream.path.is_empty() || s.path.starts_with(&prefix);
             if inside && self.check_read(&pod, &s, caller).await.is_ok() {
-                ids.push(s.id);
-                total += s.head.index + 1;
+                streams.push(s);
             }
         }
-        let mut rows = self
-            .inner
-            .store
-            .list_records_of_streams(&ids, limit + 1)
-            .await?;
-        let has_more = rows.len() as i64 > limit;
-        rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        streams.sort_by(|a, b| a.path.cmp(&b.path));
+        // Every record of the readable streams, not just this page.
+        let total = streams.iter().map(|s| s.head.index + 1).sum();
+        let (mut spans, mut left, mut has_more) = (Vec::new(), limit, false);
+        for s in &streams {
+            let first = match cursor {
+                Some(c) if s.path < c.path => continue,
+                Some(c) if s.path == c.path => c.index + 1,
+                _ => 0,
+            };
+            if first > s.head.index {
+                continue;
+            }
+            if left == 0 {
+                has_more = true;
+                break;
+            }
+            let last = s.head.index.min(first + left - 1);
+            left -= last - first + 1;
+            has_more |= last < s.head.index;
+            spans.push((s.id, first, last));
+        }
+        let mut rows = self.inner.store.list_record_spans(&spans).await?;
+        let order: HashMap<i64, usize> = spans.iter().enumerate().map(|(i, s)| (s.0, i)).collect();
+        rows.sort_by_key(|(id, row)| (order.get(id).copied().unwrap_or(usize::MAX), row.index));
+        let paths: HashMap<i64, &str> = streams.iter().map(|s| (s.id, s.path.as_str())).collect();
+        let records: Vec<Record> = rows
+            .into_iter()
+            .map(|(id, row)| Record {
+                stream_path: paths.get(&id).copied().unwrap_or_default().to_string(),
+                row,
+            })
+            .collect();
+        let next_cursor = match records.last() {
+            Some(last) if has_more => Some(RecursiveCursor {
+                path: last.stream_path.clone(),
+                index: last.row.index,
+            }),
+            _ => None,
+        };
         Ok(RecordPage {
-            records: rows
-                .into_iter()
-                .map(|(stream_path, row)| Record { stream_path, row })
-                .collect(),
+            records,
             total,
             has_more,
             next_index: None,
+            next_cursor,
             head_hash: None,
         })
     }

@@ -8,6 +8,7 @@ use serde::ser::SerializeMap;
 use serde_json::value::RawValue;
 
 use crate::clock::iso8601;
+use crate::error::{Error, ErrorKind, Result};
 use webpods_storage::RecordRow;
 
 /// Who is calling, as established from a token.
@@ -375,9 +376,58 @@ pub struct RecordPage {
     pub has_more: bool,
     /// The index of the first record not returned, when there are more.
     pub next_index: Option<i64>,
+    /// Recursive listings: where the next page starts, when there are more.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<RecursiveCursor>,
     /// Hash of the stream's head (the list's ETag).
     #[serde(skip)]
     pub head_hash: Option<String>,
+}
+
+/// A position in a recursive listing: the stream path and index of a record. Written
+/// `path:index` (`blog/posts:41`, `:7` for the root stream); paths hold no `:`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecursiveCursor {
+    pub path: String,
+    pub index: i64,
+}
+
+impl std::fmt::Display for RecursiveCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.path, self.index)
+    }
+}
+
+impl Serialize for RecursiveCursor {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl std::str::FromStr for RecursiveCursor {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("cursor {s:?} is not <stream path>:<index>, as nextCursor gives it"),
+            )
+        };
+        let (path, index) = s.rsplit_once(':').ok_or_else(bad)?;
+        let index = index
+            .parse::<i64>()
+            .ok()
+            .filter(|i| *i >= 0)
+            .ok_or_else(bad)?;
+        if !path.is_empty() {
+            crate::names::check_stream_path(path).map_err(|_| bad())?;
+        }
+        Ok(RecursiveCursor {
+            path: path.to_string(),
+            index,
+        })
+    }
 }
 
 /// Records `start..end` of a stream (SPEC §4.3 `i=A:B`).

@@ -569,13 +569,16 @@ impl Store {
         dispatch!(self, s => s.list_streams(pod_id).await)
     }
 
-    /// Records of several streams, ordered by stream path then index, with each stream's path.
-    pub async fn list_records_of_streams(
+    /// The records of several streams' index spans (`(stream id, first, last)`, inclusive), in
+    /// one query, each with its stream's id; in no particular order.
+    pub async fn list_record_spans(
         &self,
-        stream_ids: &[i64],
-        limit: i64,
-    ) -> Result<Vec<(String, RecordRow)>> {
-        dispatch!(self, s => s.list_records_of_streams(stream_ids, limit).await)
+        spans: &[(i64, i64, i64)],
+    ) -> Result<Vec<(i64, RecordRow)>> {
+        if spans.is_empty() {
+            return Ok(Vec::new());
+        }
+        dispatch!(self, s => s.list_record_spans(spans).await)
     }
 
     /// Deletes a stream, its descendants and all their records. Returns how many streams went.

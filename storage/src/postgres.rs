@@ -577,22 +577,27 @@ impl PgStore {
         Ok(rows)
     }
 
-    pub(crate) async fn list_records_of_streams(
+    pub(crate) async fn list_record_spans(
         &self,
-        stream_ids: &[i64],
-        limit: i64,
-    ) -> Result<Vec<(String, RecordRow)>> {
+        spans: &[(i64, i64, i64)],
+    ) -> Result<Vec<(i64, RecordRow)>> {
+        let ids: Vec<i64> = spans.iter().map(|s| s.0).collect();
+        let firsts: Vec<i64> = spans.iter().map(|s| s.1).collect();
+        let lasts: Vec<i64> = spans.iter().map(|s| s.2).collect();
+        // One index range scan per span (the primary key).
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT s.path AS stream_path, {} FROM records r JOIN streams s ON s.id = r.stream_id \
-             WHERE r.stream_id = ANY($1) ORDER BY s.path, r.idx LIMIT $2",
+            "SELECT q.sid AS span_stream, {} \
+             FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BIGINT[]) AS q(sid, lo, hi) \
+             JOIN records r ON r.stream_id = q.sid AND r.idx BETWEEN q.lo AND q.hi",
             prefixed_record_columns()
         )))
-        .bind(stream_ids)
-        .bind(limit)
+        .bind(&ids)
+        .bind(&firsts)
+        .bind(&lasts)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get("stream_path")?, RecordRow::from_row(r)?)))
+            .map(|r| Ok((r.try_get("span_stream")?, RecordRow::from_row(r)?)))
             .collect()
     }
 

@@ -535,28 +535,28 @@ impl SqliteStore {
         Ok(rows)
     }
 
-    pub(crate) async fn list_records_of_streams(
+    pub(crate) async fn list_record_spans(
         &self,
-        stream_ids: &[i64],
-        limit: i64,
-    ) -> Result<Vec<(String, RecordRow)>> {
-        let ids = serde_json::to_string(stream_ids)
-            .map_err(|e| Error::Corrupt(format!("encoding ids: {e}")))?;
+        spans: &[(i64, i64, i64)],
+    ) -> Result<Vec<(i64, RecordRow)>> {
+        let spans = serde_json::to_string(spans)
+            .map_err(|e| Error::Corrupt(format!("encoding spans: {e}")))?;
         let cols = RECORD_COLUMNS
             .split(',')
             .map(|c| format!("r.{}", c.trim()))
             .collect::<Vec<_>>()
             .join(", ");
+        // Each span is `[stream id, first, last]`; one primary-key range scan per span.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT s.path AS stream_path, {cols} FROM records r JOIN streams s ON s.id = r.stream_id \
-             WHERE r.stream_id IN (SELECT value FROM json_each(?)) ORDER BY s.path, r.idx LIMIT ?"
+            "SELECT r.stream_id AS span_stream, {cols} FROM json_each(?) AS q \
+             JOIN records r ON r.stream_id = q.value ->> 0 \
+             AND r.idx BETWEEN q.value ->> 1 AND q.value ->> 2"
         )))
-        .bind(ids)
-        .bind(limit)
+        .bind(spans)
         .fetch_all(&self.readers)
         .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get("stream_path")?, RecordRow::from_row(r)?)))
+            .map(|r| Ok((r.try_get("span_stream")?, RecordRow::from_row(r)?)))
             .collect()
     }
 
