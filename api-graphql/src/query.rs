@@ -16,6 +16,8 @@ use crate::types::{
 
 pub struct QueryRoot;
 
+/// The top-level fields are nullable, so that one failed field (a stream the caller may not
+/// read) is `null` with its error, and its siblings still answer.
 #[Object(name = "Query")]
 impl QueryRoot {
     /// The caller (`null` when anonymous).
@@ -29,27 +31,36 @@ impl QueryRoot {
     }
     /// Pods the caller owns (`UNAUTHORIZED` when anonymous).
     #[graphql(complexity = "STREAMS_FACTOR * child_complexity + 1")]
-    async fn my_pods(&self, ctx: &Context<'_>) -> Result<Vec<PodObj>> {
+    async fn my_pods(&self, ctx: &Context<'_>) -> Result<Option<Vec<PodObj>>> {
         charge(ctx, Action::Read).await?;
         let (engine, rc) = parts(ctx)?;
-        Ok(engine
-            .my_pods(&rc.caller)
-            .await
-            .gql()?
-            .into_iter()
-            .map(PodObj)
-            .collect())
+        Ok(Some(
+            engine
+                .my_pods(&rc.caller)
+                .await
+                .gql()?
+                .into_iter()
+                .map(PodObj)
+                .collect(),
+        ))
     }
     /// A pod by name (`POD_NOT_FOUND`).
-    async fn pod(&self, ctx: &Context<'_>, name: String) -> Result<PodObj> {
+    async fn pod(&self, ctx: &Context<'_>, name: String) -> Result<Option<PodObj>> {
         charge(ctx, Action::Read).await?;
         let (engine, rc) = parts(ctx)?;
-        Ok(PodObj(engine.pod_info(&rc.caller, &name).await.gql()?))
+        Ok(Some(PodObj(
+            engine.pod_info(&rc.caller, &name).await.gql()?,
+        )))
     }
     /// A stream the caller may read (`path` `""` = the pod's root stream).
-    async fn stream(&self, ctx: &Context<'_>, pod: String, path: String) -> Result<StreamObj> {
+    async fn stream(
+        &self,
+        ctx: &Context<'_>,
+        pod: String,
+        path: String,
+    ) -> Result<Option<StreamObj>> {
         charge(ctx, Action::Read).await?;
-        open_stream(ctx, &pod, &path).await
+        open_stream(ctx, &pod, &path).await.map(Some)
     }
 }
 
@@ -152,21 +163,25 @@ fn precondition(
 
 pub struct MutationRoot;
 
+/// Every mutation's result is nullable (GraphQL's advice for top-level fields): mutations run
+/// in order, and a failed one must not null the receipts of those committed before it.
 #[Object(name = "Mutation")]
 impl MutationRoot {
     /// Creates a pod owned by the caller (`POD_EXISTS`, `INVALID_INPUT`).
-    async fn create_pod(&self, ctx: &Context<'_>, name: String) -> Result<PodObj> {
+    async fn create_pod(&self, ctx: &Context<'_>, name: String) -> Result<Option<PodObj>> {
         charge(ctx, Action::PodCreate).await?;
         let (engine, rc) = parts(ctx)?;
         engine.create_pod(&rc.caller, &name).await.gql()?;
-        Ok(PodObj(engine.pod_info(&rc.caller, &name).await.gql()?))
+        Ok(Some(PodObj(
+            engine.pod_info(&rc.caller, &name).await.gql()?,
+        )))
     }
     /// Deletes a pod with all its streams and records (owner only).
-    async fn delete_pod(&self, ctx: &Context<'_>, name: String) -> Result<bool> {
+    async fn delete_pod(&self, ctx: &Context<'_>, name: String) -> Result<Option<bool>> {
         charge(ctx, Action::Write).await?;
         let (engine, rc) = parts(ctx)?;
         engine.delete_pod(&rc.caller, &name).await.gql()?;
-        Ok(true)
+        Ok(Some(true))
     }
     /// Makes `userId` the pod's owner (owner only; `USER_NOT_FOUND`). The previous owner
     /// loses owner rights at once.
@@ -175,14 +190,14 @@ impl MutationRoot {
         ctx: &Context<'_>,
         pod: String,
         user_id: String,
-    ) -> Result<PodObj> {
+    ) -> Result<Option<PodObj>> {
         charge(ctx, Action::Write).await?;
         let (engine, rc) = parts(ctx)?;
         engine
             .transfer_owner(&rc.caller, &pod, &user_id)
             .await
             .gql()?;
-        Ok(PodObj(engine.pod_info(&rc.caller, &pod).await.gql()?))
+        Ok(Some(PodObj(engine.pod_info(&rc.caller, &pod).await.gql()?)))
     }
     /// Creates an empty stream (and missing ancestors); `access` = `public` (default),
     /// `private` or `/permission-stream`. `STREAM_EXISTS` if it exists.
@@ -192,7 +207,7 @@ impl MutationRoot {
         pod: String,
         path: String,
         access: Option<String>,
-    ) -> Result<StreamObj> {
+    ) -> Result<Option<StreamObj>> {
         charge(ctx, Action::Write).await?;
         let (engine, rc) = parts(ctx)?;
         let path = stream_arg(&path).to_string();
@@ -200,22 +215,27 @@ impl MutationRoot {
             .create_stream(&rc.caller, &pod, &path, access.as_deref())
             .await
             .gql()?;
-        Ok(StreamObj {
+        Ok(Some(StreamObj {
             pod,
             info,
             count: Some(0),
             head: Some(None),
-        })
+        }))
     }
     /// Removes a stream, its descendants and their records (owner only; not `.config`).
-    async fn delete_stream(&self, ctx: &Context<'_>, pod: String, path: String) -> Result<bool> {
+    async fn delete_stream(
+        &self,
+        ctx: &Context<'_>,
+        pod: String,
+        path: String,
+    ) -> Result<Option<bool>> {
         charge(ctx, Action::Write).await?;
         let (engine, rc) = parts(ctx)?;
         engine
             .delete_stream(&rc.caller, &pod, stream_arg(&path))
             .await
             .gql()?;
-        Ok(true)
+        Ok(Some(true))
     }
     /// Appends one record (creating the stream when missing, with `access`). Give exactly one
     /// of `content`, `json`, `base64`. `expectedHash` / `expectedIndex`: append only if the
@@ -238,7 +258,7 @@ impl MutationRoot {
         expected_index: Option<i64>,
         idempotency_key: Option<String>,
         access: Option<String>,
-    ) -> Result<ReceiptObj> {
+    ) -> Result<Option<ReceiptObj>> {
         charge(ctx, Action::Write).await?;
         let record = RecordInput {
             name,
@@ -260,6 +280,7 @@ impl MutationRoot {
         .await?;
         receipts
             .pop()
+            .map(Some)
             .ok_or_else(|| coded(ErrorKind::Internal.code(), "internal error"))
     }
     /// Appends records atomically at consecutive indices (at most 1000). Preconditions and the
@@ -275,7 +296,7 @@ impl MutationRoot {
         expected_index: Option<i64>,
         idempotency_key: Option<String>,
         access: Option<String>,
-    ) -> Result<Vec<ReceiptObj>> {
+    ) -> Result<Option<Vec<ReceiptObj>>> {
         charge(ctx, Action::Write).await?;
         append(
             ctx,
@@ -287,6 +308,7 @@ impl MutationRoot {
             access,
         )
         .await
+        .map(Some)
     }
     /// Appends a tombstone for `name` (owner only); with `purge`, also erases the content of
     /// every earlier record with that name (hashes stay, the chain still verifies).
@@ -297,7 +319,7 @@ impl MutationRoot {
         stream: String,
         name: String,
         purge: Option<bool>,
-    ) -> Result<bool> {
+    ) -> Result<Option<bool>> {
         charge(ctx, Action::Write).await?;
         let purge = purge.unwrap_or(false);
         let (engine, rc) = parts(ctx)?;
@@ -305,7 +327,7 @@ impl MutationRoot {
             .delete_record(&rc.caller, &pod, stream_arg(&stream), &name, purge)
             .await
             .gql()?;
-        Ok(true)
+        Ok(Some(true))
     }
     /// Replaces the pod's routing map `{"/path": "target"}` (owner only).
     async fn set_routing(
@@ -313,11 +335,11 @@ impl MutationRoot {
         ctx: &Context<'_>,
         pod: String,
         routes: Json<BTreeMap<String, String>>,
-    ) -> Result<bool> {
+    ) -> Result<Option<bool>> {
         charge(ctx, Action::Write).await?;
         let (engine, rc) = parts(ctx)?;
         engine.set_routing(&rc.caller, &pod, routes.0).await.gql()?;
-        Ok(true)
+        Ok(Some(true))
     }
     /// Replaces the pod's custom domains (owner only; `DOMAIN_TAKEN`).
     async fn set_domains(
@@ -325,11 +347,11 @@ impl MutationRoot {
         ctx: &Context<'_>,
         pod: String,
         domains: Vec<String>,
-    ) -> Result<bool> {
+    ) -> Result<Option<bool>> {
         charge(ctx, Action::Write).await?;
         let (engine, rc) = parts(ctx)?;
         engine.set_domains(&rc.caller, &pod, domains).await.gql()?;
-        Ok(true)
+        Ok(Some(true))
     }
 }
 

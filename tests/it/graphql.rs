@@ -1710,8 +1710,9 @@ async fn graphql_shutdown_delivers_acknowledged_records_first(backend: Backend) 
 }
 
 /// GraphQL spec §6.4.4: a field that raised an error is `null` in place (its key present, in
-/// selection order); an error in a non-null field makes the nearest nullable parent `null`, up
-/// to `data`; `@skip` / `@include` still leave fields out.
+/// selection order); an error in a non-null field makes the nearest nullable parent `null`;
+/// root fields and mutations are nullable, so siblings survive; `@skip` / `@include` still
+/// leave fields out.
 async fn graphql_field_errors_are_null_in_place(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let t = Some(app.token.as_str());
@@ -1773,7 +1774,7 @@ async fn graphql_field_errors_are_null_in_place(backend: Backend) {
         "the other records of the page are whole: {body}"
     );
     assert_eq!(code(&body), "RECORD_PURGED");
-    // A non-null root field fails: `data` is null (§6.4.4 propagation).
+    // Root fields are nullable: a failed one is null, its siblings answer.
     let body = gql(
         &app,
         t,
@@ -1781,8 +1782,37 @@ async fn graphql_field_errors_are_null_in_place(backend: Backend) {
         json!({}),
     )
     .await;
-    assert_eq!(body["data"], Value::Null, "{body}");
+    assert_eq!(body["data"]["stream"], Value::Null, "{body}");
+    assert!(body["data"]["me"]["id"].is_string(), "{body}");
     assert_eq!(code(&body), "STREAM_NOT_FOUND");
+    // A non-null field fails: its nearest nullable parent is null (§6.4.4 propagation).
+    let body = gql(
+        &app,
+        t,
+        r#"{ me { id } stream(pod: "errs", path: "s") { path records(first: -1) { edges { cursor } } } }"#,
+        json!({}),
+    )
+    .await;
+    assert_eq!(body["data"]["stream"], Value::Null, "{body}");
+    assert!(body["data"]["me"]["id"].is_string(), "{body}");
+    assert_eq!(body["errors"][0]["path"], json!(["stream", "records"]));
+    // Mutations run in order; a failed one does not hide the receipts of those before it.
+    let body = gql(
+        &app,
+        t,
+        r#"mutation {
+             a: appendRecord(pod: "errs", stream: "m", name: "ok", content: "1") { index }
+             b: appendRecord(pod: "errs", stream: "m", name: "bad name", content: "2") { index }
+           }"#,
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        body["data"],
+        json!({ "a": { "index": 0 }, "b": null }),
+        "{body}"
+    );
+    assert_eq!(code(&body), "INVALID_NAME");
     // @skip / @include leave fields out, with literals and variables.
     let d = ok(
         &app,
