@@ -542,6 +542,8 @@ impl Engine {
         pod: &str,
         path: &str,
     ) -> Result<crate::model::StreamInfo> {
+        // A stream path, judged as one (`a..b`, `s/`): not as `stream/record name`.
+        crate::names::check_stream_path(path)?;
         match self.resolve(caller, pod, path).await? {
             Target::Stream(s) => Ok(s),
             Target::Record { .. } => Err(Error::new(

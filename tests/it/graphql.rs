@@ -1413,6 +1413,18 @@ async fn graphql_subscription_over_websocket(backend: Backend) {
     let m = ws_next(&mut twice).await;
     assert_eq!(code(&m["payload"]), "STREAM_NOT_FOUND", "{m}");
     assert_eq!(ws_next(&mut twice).await["type"], "complete");
+    // A bad stream path is INVALID_PATH, as for queries and REST.
+    for bad in ["a..b", "feed//x", "feed/"] {
+        subscribe(
+            &mut twice,
+            "gone",
+            &format!(r#"pod: "live", stream: "{bad}""#),
+        )
+        .await;
+        let m = ws_next(&mut twice).await;
+        assert_eq!(code(&m["payload"]), "INVALID_PATH", "{bad}: {m}");
+        assert_eq!(ws_next(&mut twice).await["type"], "complete");
+    }
     subscribe(&mut twice, "gone", r#"pod: "live", stream: "private""#).await;
     subscribe(&mut twice, "gone", r#"pod: "live", stream: "private""#).await;
     loop {

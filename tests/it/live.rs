@@ -879,6 +879,22 @@ async fn multiplexed_ws(backend: Backend) {
         next_json(&mut ws).await,
         json!({"type":"caughtUp","id":"a","nextIndex":1})
     );
+    // A bad stream path is INVALID_PATH, as in REST: judged as a stream path, not as a
+    // stream and record name.
+    let mut other = ws_connect(&app, "localhost", "/ws", Some(&app.token)).await;
+    for (id, stream) in [("x1", "a..b"), ("x2", "p//s")] {
+        send(
+            &mut other,
+            json!({"type":"subscribe","id":id,"pod":"mux","stream":stream}),
+        )
+        .await;
+        let f = next_json(&mut other).await;
+        assert_eq!(
+            (f["id"].as_str(), f["error"]["code"].as_str()),
+            (Some(id), Some("INVALID_PATH")),
+            "{stream}: {f}"
+        );
+    }
     // Limits and bad messages.
     send(
         &mut ws,
