@@ -458,6 +458,10 @@ fn raw(record: &Record, req_headers: &HeaderMap) -> Response {
     put("x-content-hash", &r.content_hash);
     put("x-author", &r.author);
     put("x-timestamp", &webpods_engine::clock::iso8601(r.timestamp));
+    if r.deleted {
+        // A tombstone read by index: its empty body would otherwise look like empty content.
+        put("x-deleted", "true");
+    }
     put("etag", &tag);
     resp
 }

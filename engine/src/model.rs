@@ -157,6 +157,7 @@ pub const RESERVED_RECORD_HEADERS: &[&str] = &[
     "upgrade",
     "x-author",
     "x-content-hash",
+    "x-deleted",
     "x-hash",
     "x-index",
     "x-previous-hash",

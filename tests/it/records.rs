@@ -397,6 +397,16 @@ async fn tombstones_purge_and_verify(backend: Backend) {
         .await
         .expect("old version");
     assert_eq!(r.status(), 200, "a tombstone keeps history readable");
+    assert!(r.headers().get("x-deleted").is_none());
+    // The tombstone itself, read by index: empty, and marked as deleted.
+    let r = app
+        .pod(Method::GET, "del", "/d?i=-1")
+        .send()
+        .await
+        .expect("tombstone by index");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-deleted"], "true");
+    assert_eq!(r.text().await.expect("body"), "");
 
     let r = del("/d/secret?purge=true").send().await.expect("purge");
     assert_eq!(r.status(), 204);
