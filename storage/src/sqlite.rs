@@ -72,8 +72,24 @@ impl SqliteStore {
         }
     }
 
+    /// A write transaction on the writer connection.
+    ///
+    /// When a `COMMIT` fails on a full disk or an I/O error, SQLite may roll the transaction
+    /// back itself; sqlx then still counts it as open (its own `ROLLBACK` fails: no
+    /// transaction is active) and refuses every later `BEGIN` on that connection, so the
+    /// server could not write again until restarted. Such a connection is replaced.
     pub(crate) async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
-        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+        match self.writer.begin_with("BEGIN IMMEDIATE").await {
+            Err(sqlx::Error::InvalidSavePointStatement) => {
+                tracing::warn!(
+                    "the SQLite writer connection was left inside a failed transaction; \
+                     replacing it"
+                );
+                self.writer.acquire().await?.close().await?;
+                Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+            }
+            begun => Ok(begun?),
+        }
     }
 
     pub(crate) async fn migrate(&self) -> Result<()> {
@@ -760,4 +776,46 @@ impl SqliteStore {
 /// A JSON array for `json_each(?)`.
 fn json_of<T: serde::Serialize>(items: &[T]) -> Result<String> {
     serde_json::to_string(items).map_err(|e| Error::Corrupt(format!("encoding a list: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SQLite ends a transaction itself when its `COMMIT` fails on a full disk; here it is
+    /// ended behind sqlx's back, so that the `COMMIT` fails the same way. Writing must go on.
+    #[tokio::test]
+    async fn a_failed_commit_does_not_wedge_the_writer() {
+        let dir = std::env::temp_dir().join(format!(
+            "wp-sqlite-wedge-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let url = format!("sqlite://{}/db", dir.display());
+        let store = SqliteStore::connect(&url, &StoreOptions::default())
+            .await
+            .expect("open");
+        store.migrate().await.expect("migrate");
+        let mut tx = store.begin().await.expect("begin");
+        sqlx::query("ROLLBACK")
+            .execute(&mut *tx)
+            .await
+            .expect("rollback behind sqlx's back");
+        assert!(tx.commit().await.is_err(), "no transaction is active");
+        for i in 0..3 {
+            let key = format!("after-{i}");
+            let stored = store.put_setting_if_absent(&key, "v").await;
+            assert_eq!(stored.expect("a write after the failed commit"), "v");
+            assert_eq!(
+                store.get_setting(&key).await.expect("read"),
+                Some("v".into())
+            );
+        }
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
