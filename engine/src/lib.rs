@@ -270,9 +270,13 @@ impl Engine {
         self.inner.draining.subscribe()
     }
 
-    /// Commits everything queued in every stream actor and stops them (graceful shutdown).
+    /// Commits everything queued in every stream actor and stops them, then writes out the
+    /// rate-limit counts not yet synced, so that they survive the restart (graceful shutdown).
     pub async fn shutdown(&self) {
         actor::flush_all(&self.inner.actors.registry).await;
+        if let Some(rate) = &self.inner.rate {
+            rate.flush_now().await;
+        }
     }
 
     // ----- identity -------------------------------------------------------------------------

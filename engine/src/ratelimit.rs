@@ -233,6 +233,13 @@ impl RateLimiter {
         free_at(stored.into_iter().chain(local), limit, slice)
     }
 
+    /// Syncs now (at shutdown: requests counted since the last tick must not be forgotten).
+    pub(crate) async fn flush_now(&self) {
+        if let Err(e) = self.flush().await {
+            tracing::warn!(error = %e, "rate-limit counters could not be synced at shutdown");
+        }
+    }
+
     /// Adds local deltas to the database and refreshes the global totals.
     async fn flush(&self) -> Result<()> {
         let now_slice = now_ms() / SLICE_MS;

@@ -12,6 +12,7 @@ use crate::oauth_provider::FakeProvider;
 use crate::support::{Backend, TestApp, error_code, fresh_database, test_config};
 
 both_backends!(
+    rate_counts_are_written_out_at_shutdown,
     login_and_whoami,
     login_errors,
     sessions_and_sso,
@@ -765,6 +766,41 @@ where
             "the change did not reach the other instance in time"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Requests counted in the last sync interval before a graceful stop are written out by the
+/// stop: without that, a client could get a fresh budget by each restart.
+async fn rate_counts_are_written_out_at_shutdown(backend: Backend) {
+    let url = fresh_database(backend).await;
+    let limits = [
+        ("WEBPODS_RATE_LIMITS", "on"),
+        ("WEBPODS_RATE_LIMIT_WRITE", "3"),
+    ];
+    for round in 0..2 {
+        let app = TestApp::spawn_on(&url, &limits).await;
+        if round == 0 {
+            app.create_pod("brief").await;
+        }
+        let mut statuses = Vec::new();
+        for i in 0..3 {
+            let r = app
+                .pod(Method::POST, "brief", &format!("/s/r{round}-{i}"))
+                .bearer_auth(&app.token)
+                .body("x")
+                .send()
+                .await
+                .expect("write");
+            statuses.push(r.status().as_u16());
+        }
+        // Stopped at once, well within the 300 ms sync interval.
+        app.stop().await;
+        let expected = if round == 0 {
+            [201, 201, 201]
+        } else {
+            [429, 429, 429]
+        };
+        assert_eq!(statuses, expected, "round {round}");
     }
 }
 
