@@ -266,10 +266,18 @@ async fn websocket(
                     futures::future::ready(go_on)
                 });
             let (tx, mut rx) = futures::channel::mpsc::channel::<Message>(16);
+            let stopping = engine.clone();
             let writer = async move {
                 while let Some(mut m) = rx.next().await {
+                    let completes = matches!(&m, Message::Text(t) if is_complete(t));
                     if transport_ws {
                         m = conn.server_sent(m);
+                    }
+                    // A subscription ended by the shutdown is not complete: the socket closes
+                    // with 1001 instead, and clients resubscribe elsewhere (a `complete` tells
+                    // them the subscription is over and they would not).
+                    if completes && stopping.is_draining() {
+                        continue;
                     }
                     if sink.send(m).await.is_err() {
                         return;
@@ -378,7 +386,7 @@ impl TransportWs {
     /// first, so record payloads are not parsed); a close gets the protocol's code.
     fn server_sent(&self, m: Message) -> Message {
         match &m {
-            Message::Text(t) if t.starts_with(r#"{"type":"complete""#) => {
+            Message::Text(t) if is_complete(t) => {
                 if let Ok(Envelope { id: Some(id), .. }) = serde_json::from_str::<Envelope>(t) {
                     self.state().running.remove(&id);
                 }
@@ -423,6 +431,11 @@ impl TransportWs {
             format!("Subscriber for {id} already exists"),
         ))
     }
+}
+
+/// Whether a server message is a `complete` (by prefix, so record payloads are not parsed).
+fn is_complete(text: &str) -> bool {
+    text.starts_with(r#"{"type":"complete""#)
 }
 
 /// A close frame; the reason is cut to the 123 bytes a close frame holds.
