@@ -117,7 +117,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         address = %listener.local_addr()?,
         "bound; /ready answers 503 until the database is connected and migrated"
     );
-    let built = Server::build_on(config, listener).await;
+    // A signal while the database is awaited stops the start: nothing is in flight yet.
+    let mut signal = Box::pin(startup::shutdown_signal());
+    let built = tokio::select! {
+        built = Server::build_on(config, listener) => built,
+        () = &mut signal => {
+            tracing::info!("shutdown signal while starting: exiting");
+            drop(starting);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), early).await;
+            return Ok(());
+        }
+    };
     drop(starting);
     // The requests it took finish (a probe is quick); a client that hangs is not waited for.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), early).await;
@@ -133,7 +143,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             println!("(also written to {})", f.display());
         }
     }
-    server.run(startup::shutdown_signal()).await
+    server.run(signal).await
 }
 
 /// `90`, `90s`, `30m`, `1h`, `7d` → seconds.

@@ -1208,6 +1208,57 @@ async fn probes_answer_while_the_database_is_awaited() {
     assert_eq!(p.exit_code(Duration::from_secs(20)).await, Some(0));
 }
 
+/// A SIGTERM while the database is still awaited ends the start cleanly (exit 0), rather than
+/// killing the process by the signal's default action (143).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_while_the_database_is_awaited_exits_0() {
+    let (url, proxy) = proxied_database().await;
+    proxy.cut();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_webpods"))
+        .env("WEBPODS_LISTEN", format!("127.0.0.1:{port}"))
+        .env("WEBPODS_PUBLIC_URL", "http://localhost")
+        .env("WEBPODS_DATABASE_URL", &url)
+        .env("WEBPODS_JWT_SECRET", SECRET)
+        .env("WEBPODS_LOG", "warn")
+        .env("WEBPODS_DB_CONNECT_RETRY_SECS", "60")
+        .env_remove("WEBPODS_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn webpods");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let live = http
+            .get(format!("http://127.0.0.1:{port}/live"))
+            .header("host", "localhost")
+            .send()
+            .await;
+        if matches!(live, Ok(r) if r.status() == 200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/live never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = child.id().expect("running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "{status}");
+    drop(proxy);
+}
+
 /// With a drain delay, a SIGTERM first turns `/ready` to 503 while requests are still served
 /// (so a load balancer can stop routing here), then the server drains and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
