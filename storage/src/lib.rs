@@ -90,14 +90,17 @@ impl From<sqlx::Error> for Error {
                 // a new connection: class 53 (too many connections, disk full, out of memory),
                 // 55000 (the database does not accept connections now), 3D000 (no such
                 // database), 28xxx (authentication failed). Only PostgreSQL's five-character
-                // SQLSTATEs: SQLite's codes are numbers of at most four digits.
+                // SQLSTATEs: SQLite's codes are numbers of at most four digits, see
+                // `sqlite_unavailable`.
                 E::Database(db) => db.code().is_some_and(|c| {
-                    c.len() == 5
-                        && (c == "57014"
-                            || c.starts_with("53")
-                            || c == "55000"
-                            || c == "3D000"
-                            || c.starts_with("28"))
+                    if c.len() != 5 {
+                        return sqlite_unavailable(&c);
+                    }
+                    c == "57014"
+                        || c.starts_with("53")
+                        || c == "55000"
+                        || c == "3D000"
+                        || c.starts_with("28")
                 }),
                 _ => false,
             };
@@ -107,6 +110,15 @@ impl From<sqlx::Error> for Error {
             Error::Database(e)
         }
     }
+}
+
+/// SQLite result codes (extended; the primary code is the low byte) of a database that cannot
+/// write now, not of a bad request: `SQLITE_BUSY` (another process holds the write lock past
+/// `busy_timeout`), `SQLITE_LOCKED`, `SQLITE_IOERR` and `SQLITE_FULL` (disk full). Clients get
+/// 503 with `Retry-After`, as for PostgreSQL's class 53, and nothing was written.
+fn sqlite_unavailable(code: &str) -> bool {
+    code.parse::<i32>()
+        .is_ok_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 13))
 }
 
 /// The connection itself failed (not the pool, not a cancelled statement): its siblings in the

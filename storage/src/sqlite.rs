@@ -818,4 +818,45 @@ mod tests {
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// A full disk (here: the database may not grow) is `Unavailable` (503, retry later), not
+    /// an internal error, and writing resumes once there is room.
+    #[tokio::test]
+    async fn a_full_disk_is_unavailable_and_passes() {
+        let dir = std::env::temp_dir().join(format!(
+            "wp-sqlite-full-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let url = format!("sqlite://{}/db", dir.display());
+        let store = SqliteStore::connect(&url, &StoreOptions::default())
+            .await
+            .expect("open");
+        store.migrate().await.expect("migrate");
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+            .fetch_one(&store.writer)
+            .await
+            .expect("page count");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PRAGMA max_page_count = {pages}"
+        )))
+        .execute(&store.writer)
+        .await
+        .expect("cap the size");
+        let big = "x".repeat(64 * 1024);
+        let full = store.put_setting_if_absent("big", &big).await;
+        assert!(matches!(full, Err(Error::Unavailable(_))), "{full:?}");
+        sqlx::query("PRAGMA max_page_count = 1073741823")
+            .execute(&store.writer)
+            .await
+            .expect("room again");
+        let stored = store.put_setting_if_absent("big", &big).await;
+        assert_eq!(stored.expect("written once there is room"), big);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
