@@ -782,24 +782,28 @@ fn json_of<T: serde::Serialize>(items: &[T]) -> Result<String> {
 mod tests {
     use super::*;
 
-    /// SQLite ends a transaction itself when its `COMMIT` fails on a full disk; here it is
-    /// ended behind sqlx's back, so that the `COMMIT` fails the same way. Writing must go on.
-    #[tokio::test]
-    async fn a_failed_commit_does_not_wedge_the_writer() {
-        let dir = std::env::temp_dir().join(format!(
-            "wp-sqlite-wedge-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        ));
+    /// A migrated store in a new temporary directory (removed by the caller).
+    async fn temp_store(tag: &str) -> (SqliteStore, std::path::PathBuf) {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir =
+            std::env::temp_dir().join(format!("wp-sqlite-{tag}-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let url = format!("sqlite://{}/db", dir.display());
         let store = SqliteStore::connect(&url, &StoreOptions::default())
             .await
             .expect("open");
         store.migrate().await.expect("migrate");
+        (store, dir)
+    }
+
+    /// SQLite ends a transaction itself when its `COMMIT` fails on a full disk; here it is
+    /// ended behind sqlx's back, so that the `COMMIT` fails the same way. Writing must go on.
+    #[tokio::test]
+    async fn a_failed_commit_does_not_wedge_the_writer() {
+        let (store, dir) = temp_store("wedge").await;
         let mut tx = store.begin().await.expect("begin");
         sqlx::query("ROLLBACK")
             .execute(&mut *tx)
@@ -823,20 +827,7 @@ mod tests {
     /// an internal error, and writing resumes once there is room.
     #[tokio::test]
     async fn a_full_disk_is_unavailable_and_passes() {
-        let dir = std::env::temp_dir().join(format!(
-            "wp-sqlite-full-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let url = format!("sqlite://{}/db", dir.display());
-        let store = SqliteStore::connect(&url, &StoreOptions::default())
-            .await
-            .expect("open");
-        store.migrate().await.expect("migrate");
+        let (store, dir) = temp_store("full").await;
         let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
             .fetch_one(&store.writer)
             .await

@@ -1514,17 +1514,7 @@ async fn ws_connect_with(app: &TestApp, headers: &[(&'static str, String)]) -> W
 /// socket that never sends `connection_init` is closed with 4408.
 async fn graphql_websocket_token_expiry_and_init_timeout(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let user = app
-        .engine
-        .authenticate(Some(&app.token))
-        .unwrap()
-        .user_id()
-        .unwrap()
-        .to_string();
-    let short = app
-        .engine
-        .issue_token(&user, None, webpods_engine::Scope::ALL, Some(2))
-        .unwrap();
+    let short = app.short_token(2);
     let mut ws = ws_connect(&app, json!({ "Authorization": format!("Bearer {short}") })).await;
     let op = |id: &str, query: &str| {
         Message::text(

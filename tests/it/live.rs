@@ -13,7 +13,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use webpods_engine::{AppendRequest, LiveEvent, LiveRequest, NewRecord, Scope};
+use webpods_engine::{AppendRequest, LiveEvent, LiveRequest, NewRecord};
 
 use crate::both_backends;
 use crate::multi_instance::spawn_process;
@@ -578,17 +578,7 @@ async fn expired_token_ends_the_tail(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     app.create_pod("exp").await;
     app.append("exp", "/s/a", "x").await;
-    let user = app
-        .engine
-        .authenticate(Some(&app.token))
-        .unwrap()
-        .user_id()
-        .unwrap()
-        .to_string();
-    let short = app
-        .engine
-        .issue_token(&user, None, Scope::ALL, Some(2))
-        .unwrap();
+    let short = app.short_token(2);
     let mut ws = ws_connect(&app, "exp.localhost", "/s", Some(&short)).await;
     assert_eq!(next_json(&mut ws).await["type"], "record");
     assert_eq!(next_json(&mut ws).await["type"], "caughtUp");

@@ -27,6 +27,14 @@ use crate::support::{
 
 // ----- a `webpods` process ------------------------------------------------------------------
 
+/// A port no one listens on now (for a process that must bind it itself).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// A `webpods` server process; killed when dropped. Its stderr (the logs) is collected.
 struct Process {
     child: Child,
@@ -1159,10 +1167,7 @@ async fn startup_waits_for_the_database() {
 async fn probes_answer_while_the_database_is_awaited() {
     let (url, proxy) = proxied_database().await;
     proxy.cut();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = free_port();
     let starting = tokio::spawn(async move {
         let listen = format!("127.0.0.1:{port}");
         Process::spawn(
@@ -1214,10 +1219,7 @@ async fn probes_answer_while_the_database_is_awaited() {
 async fn sigterm_while_the_database_is_awaited_exits_0() {
     let (url, proxy) = proxied_database().await;
     proxy.cut();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_webpods"))
         .env("WEBPODS_LISTEN", format!("127.0.0.1:{port}"))
         .env("WEBPODS_PUBLIC_URL", "http://localhost")

@@ -4,7 +4,7 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::both_backends;
-use crate::support::{Backend, TestApp, error_code, fresh_database};
+use crate::support::{Backend, TestApp, error_code, fresh_database, json_of};
 
 both_backends!(
     ownership_transfer,
@@ -97,27 +97,13 @@ async fn routing_links(backend: Backend) {
     .expect("routes");
     assert_eq!(r.status(), 201);
     // Every option of a target's query applies, as it would on a direct request.
-    let short: serde_json::Value = app
-        .pod(Method::GET, "site", "/short")
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let short = json_of(app.pod(Method::GET, "site", "/short")).await;
     assert_eq!(
         short["records"],
         json!([{ "index": 0, "content": "<h1>", "truncated": true }]),
         "{short}"
     );
-    let check: serde_json::Value = app
-        .pod(Method::GET, "site", "/check")
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let check = json_of(app.pod(Method::GET, "site", "/check")).await;
     assert_eq!(
         (&check["valid"], &check["length"]),
         (&json!(true), &json!(2)),

@@ -251,6 +251,20 @@ impl TestApp {
         }
     }
 
+    /// A token of `local` that expires in `secs` seconds.
+    pub fn short_token(&self, secs: i64) -> String {
+        let user = self
+            .engine
+            .authenticate(Some(&self.token))
+            .expect("local token")
+            .user_id()
+            .expect("a user")
+            .to_string();
+        self.engine
+            .issue_token(&user, None, Scope::ALL, Some(secs))
+            .expect("token")
+    }
+
     /// A token for another local user (created if missing), and that user's id.
     pub async fn user(&self, name: &str) -> (String, String) {
         let id = self.engine.ensure_local_user(name).await.expect("user");
