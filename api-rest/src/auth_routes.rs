@@ -71,6 +71,28 @@ where
     }
 }
 
+/// `axum::extract::Path` whose refusal (a segment that is not UTF-8 once decoded) is a 400
+/// `INVALID_INPUT` in the error envelope.
+struct ApiPath<T>(T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(p)) => Ok(ApiPath(p)),
+            Err(e) => Err(ApiError::new(ErrorKind::InvalidInput, e.body_text())),
+        }
+    }
+}
+
 /// A `302 Found` to `location` (SPEC §3.2 names 302 for the login redirect; the other steps of
 /// the flow answer the same way).
 fn found(location: &str) -> Response {
@@ -121,7 +143,7 @@ async fn sessions(State(st): State<AppState>, Auth(caller): Auth) -> Result<Resp
 async fn revoke_session(
     State(st): State<AppState>,
     Auth(caller): Auth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     st.engine.revoke_session(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -144,7 +166,7 @@ struct RedirectQuery {
 
 async fn login_start(
     State(st): State<AppState>,
-    Path(provider): Path<String>,
+    ApiPath(provider): ApiPath<String>,
     ApiQuery(q): ApiQuery<RedirectQuery>,
 ) -> Result<Response, ApiError> {
     let url = st
@@ -163,7 +185,7 @@ struct CallbackQuery {
 
 async fn login_callback(
     State(st): State<AppState>,
-    Path(provider): Path<String>,
+    ApiPath(provider): ApiPath<String>,
     ApiQuery(q): ApiQuery<CallbackQuery>,
 ) -> Result<Response, ApiError> {
     if let Some(err) = q.error {
@@ -213,7 +235,7 @@ async fn authorize(
         .pod
         .ok_or_else(|| ApiError::new(ErrorKind::InvalidInput, "pod is required"))?;
     let redirect = q.redirect.unwrap_or_else(|| "/".to_string());
-    if !redirect.starts_with('/') || redirect.starts_with("//") || redirect.starts_with("/\\") {
+    if !webpods_engine::is_local_path(&redirect) {
         return Err(ApiError::new(
             ErrorKind::InvalidInput,
             "redirect must be a path on the pod",
@@ -246,11 +268,21 @@ async fn authorize(
 }
 
 /// The page shown after a login without a redirect: the token, with a copy button.
-async fn success(headers: HeaderMap) -> Response {
-    let Some(token) = cookie(&headers, "token") else {
+/// It shows a secret: never cached, never sent on as a referrer.
+async fn success(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    let mut resp = success_page(&st, &headers);
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    resp
+}
+
+fn success_page(st: &AppState, headers: &HeaderMap) -> Response {
+    let token = cookie(headers, "token").filter(|t| st.engine.authenticate(Some(t)).is_ok());
+    let Some(token) = token else {
         return Html(page(
             "Not logged in",
-            "<p>No token: <a href=\"/login\">log in</a>.</p>",
+            "<p>No valid token: <a href=\"/login\">log in</a>.</p>",
         ))
         .into_response();
     };
@@ -368,7 +400,7 @@ pub fn pod_login(st: &AppState, pod: &str, query: Option<&str>) -> Response {
     let redirect = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
         .find(|(k, _)| k == "redirect")
         .map(|(_, v)| v.into_owned())
-        .filter(|r| r.starts_with('/') && !r.starts_with("//"))
+        .filter(|r| webpods_engine::is_local_path(r))
         .unwrap_or_else(|| "/".to_string());
     let main = st
         .engine
@@ -393,9 +425,7 @@ pub fn pod_callback(st: &AppState, pod: &str, query: Option<&str>) -> Result<Res
     for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match k.as_ref() {
             "token" => token = Some(v.into_owned()),
-            "redirect" if v.starts_with('/') && !v.starts_with("//") && !v.starts_with("/\\") => {
-                redirect = v.into_owned()
-            }
+            "redirect" if webpods_engine::is_local_path(&v) => redirect = v.into_owned(),
             _ => {}
         }
     }

@@ -202,24 +202,60 @@ pub fn cookie(headers: &axum::http::HeaderMap, name: &str) -> Option<String> {
 
 /// The token of a request (SPEC §3.1): cookie `pod_token` (pod hosts), cookie `token`,
 /// `Authorization: Bearer <t>`, `Authorization: <t>`.
+///
+/// The cookies count only for a request sent by a page of the same origin ([`cross_origin`]):
+/// every pod host is same-site with the main domain and with every other pod, so a page that
+/// any user serves from their pod would otherwise write, take pods over or open live tails
+/// with its visitors' cookies (cross-site request forgery and WebSocket hijacking).
 pub fn token_of(headers: &axum::http::HeaderMap, pod_host: bool) -> Option<String> {
-    if pod_host && let Some(t) = cookie(headers, "pod_token") {
-        return Some(t);
+    if !cross_origin(headers) {
+        if pod_host && let Some(t) = cookie(headers, "pod_token") {
+            return Some(t);
+        }
+        if let Some(t) = cookie(headers, "token") {
+            return Some(t);
+        }
     }
-    if let Some(t) = cookie(headers, "token") {
-        return Some(t);
-    }
-    let auth = headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .trim();
+    // Not ASCII: still a token (an invalid one), so the answer is INVALID_TOKEN.
+    let auth = String::from_utf8_lossy(headers.get(axum::http::header::AUTHORIZATION)?.as_bytes());
+    let auth = auth.trim();
     match auth.split_once(' ') {
         Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => Some(t.trim().to_string()),
         Some(_) => None,
         None if !auth.is_empty() => Some(auth.to_string()),
         None => None,
     }
+}
+
+/// Whether a browser sent the request from a page of another origin: its `Origin` header (sent
+/// with every WebSocket handshake, form post and cross-origin `fetch`; never with a plain
+/// navigation) is present and names another host and port than `Host`. `Origin: null`
+/// (sandboxed pages, some redirects) counts as another origin.
+pub fn cross_origin(headers: &axum::http::HeaderMap) -> bool {
+    let Some(origin) = headers.get(axum::http::header::ORIGIN) else {
+        return false;
+    };
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok());
+    let (Ok(origin), Some(host)) = (origin.to_str(), host) else {
+        return true;
+    };
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return true;
+    };
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" => ":80",
+        "https" => ":443",
+        _ => return true,
+    };
+    let bare = |a: &str| -> String {
+        let a = a.trim().trim_end_matches('/').to_ascii_lowercase();
+        a.strip_suffix(default_port)
+            .map(str::to_string)
+            .unwrap_or(a)
+    };
+    bare(authority) != bare(host)
 }
 
 #[cfg(test)]
@@ -256,5 +292,45 @@ mod tests {
         h.insert("cookie", "x=1; token=ck; pod_token=pk".parse().unwrap());
         assert_eq!(token_of(&h, false).as_deref(), Some("ck"));
         assert_eq!(token_of(&h, true).as_deref(), Some("pk"));
+    }
+
+    #[test]
+    fn cookies_count_only_for_pages_of_the_same_origin() {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert("host", "alice.localhost:3000".parse().unwrap());
+        h.insert("cookie", "token=ck; pod_token=pk".parse().unwrap());
+        h.insert("authorization", "Bearer hdr".parse().unwrap());
+        assert_eq!(
+            token_of(&h, true).as_deref(),
+            Some("pk"),
+            "no Origin: not a page"
+        );
+        for same in [
+            "http://alice.localhost:3000",
+            "HTTP://Alice.LOCALHOST:3000/",
+        ] {
+            h.insert("origin", same.parse().unwrap());
+            assert!(!cross_origin(&h), "{same}");
+            assert_eq!(token_of(&h, true).as_deref(), Some("pk"));
+        }
+        for other in [
+            "http://evil.localhost:3000",
+            "http://localhost:3000",
+            "http://alice.localhost:3001",
+            "null",
+            "file://",
+        ] {
+            h.insert("origin", other.parse().unwrap());
+            assert!(cross_origin(&h), "{other}");
+            assert_eq!(token_of(&h, true).as_deref(), Some("hdr"), "{other}");
+        }
+        h.insert("host", "example.com".parse().unwrap());
+        h.insert("origin", "https://example.com:443".parse().unwrap());
+        assert!(!cross_origin(&h), "default ports are the same origin");
+        h.insert("origin", "http://example.com".parse().unwrap());
+        assert!(!cross_origin(&h));
+        h.insert("host", "example.com:443".parse().unwrap());
+        h.insert("origin", "https://example.com".parse().unwrap());
+        assert!(!cross_origin(&h));
     }
 }

@@ -300,6 +300,21 @@ fn random_id() -> String {
     )
 }
 
+/// Whether `target` is a path on the host it is sent from, read as such by every browser: one
+/// leading `/`, and no backslash, whitespace or control character anywhere (browsers drop tabs
+/// and newlines from URLs and read `\\` as `/`, so `/\t/evil.example` would leave the host).
+pub fn is_local_path(target: &str) -> bool {
+    target.starts_with('/')
+        && !target[1..].starts_with(['/', '\\'])
+        && !has_unsafe_url_chars(target)
+}
+
+/// A backslash, whitespace or a control character: what browsers rewrite or drop in a URL.
+fn has_unsafe_url_chars(s: &str) -> bool {
+    s.chars()
+        .any(|c| c == '\\' || c.is_whitespace() || c.is_control())
+}
+
 fn oauth_error(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::OauthError, msg)
 }
@@ -345,32 +360,38 @@ impl Engine {
         self.auth().public_url.scheme() == "https"
     }
 
-    /// Whether `target` may be redirected to: a path, the main domain, a pod host or a custom
-    /// domain of a pod — never anywhere else.
+    /// Whether `target` may be redirected to: a path ([`is_local_path`]), the main domain or a
+    /// pod host (with `public_url`'s scheme and port), or a custom domain of a pod — never
+    /// anywhere else.
     pub async fn is_allowed_redirect(&self, target: &str) -> bool {
-        if target.starts_with('/') && !target.starts_with("//") && !target.starts_with("/\\") {
-            return true;
+        if target.starts_with('/') {
+            return is_local_path(target);
+        }
+        // The URL parser drops tabs and newlines, as browsers do; refuse them before it does.
+        if has_unsafe_url_chars(target) {
+            return false;
         }
         let Ok(u) = Url::parse(target) else {
             return false;
         };
-        if !matches!(u.scheme(), "http" | "https") || !u.username().is_empty() {
+        if !matches!(u.scheme(), "http" | "https")
+            || !u.username().is_empty()
+            || u.password().is_some()
+        {
             return false;
         }
         let Some(host) = u.host_str().map(str::to_ascii_lowercase) else {
             return false;
         };
-        let main = self
-            .auth()
-            .public_url
-            .host_str()
-            .unwrap_or("")
-            .to_ascii_lowercase();
+        let public = &self.auth().public_url;
+        let main = public.host_str().unwrap_or("").to_ascii_lowercase();
+        let ours = u.scheme() == public.scheme()
+            && u.port_or_known_default() == public.port_or_known_default();
         if host == main {
-            return true;
+            return ours;
         }
         if let Some(pod) = host.strip_suffix(&format!(".{main}")) {
-            return crate::names::is_valid_pod_name(pod);
+            return ours && crate::names::is_valid_pod_name(pod);
         }
         matches!(self.pod_for_domain(&host).await, Ok(Some(_)))
     }

@@ -47,7 +47,7 @@ use webpods_storage::{CreateStream, NewStream, PodRow, RecordRange, RecordRow, S
 pub use actor::ActorLimits;
 pub use auth::{
     AuthSettings, Login, MAX_EXPIRES_IN_SECS, Provider, ProviderConfig, SessionInfo, WhoAmI,
-    parse_expiry, provider_list, public_session_id,
+    is_local_path, parse_expiry, provider_list, public_session_id,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use graph::{PodInfo, UserInfo};

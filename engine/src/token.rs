@@ -84,6 +84,8 @@ impl TokenKeys {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.required_spec_claims = HashSet::new();
         validation.validate_exp = true;
+        // Tokens we sign carry no `nbf`; one that does is honoured (RFC 7519 §4.1.5).
+        validation.validate_nbf = true;
         validation.leeway = 0;
         Self {
             encoding: EncodingKey::from_secret(secret),
@@ -175,6 +177,26 @@ mod tests {
             keys().verify("not.a.jwt").unwrap_err().kind(),
             ErrorKind::InvalidToken
         );
+    }
+
+    #[test]
+    fn rejects_a_token_not_yet_valid() {
+        let k = keys();
+        let claims =
+            |nbf: i64| serde_json::json!({"sub": "u1", "iat": 1, "type": "webpods", "nbf": nbf});
+        let sign = |c| encode(&Header::new(Algorithm::HS256), &c, &k.encoding).expect("sign");
+        let soon = chrono_now() + 3600;
+        assert_eq!(
+            k.verify(&sign(claims(soon))).unwrap_err().kind(),
+            ErrorKind::InvalidToken
+        );
+        assert!(k.verify(&sign(claims(chrono_now() - 10))).is_ok());
+    }
+
+    fn chrono_now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
     }
 
     #[test]

@@ -162,16 +162,29 @@ async fn login_and_whoami(backend: Backend) {
         .expect("json");
     assert_eq!(who2["userId"], who["userId"]);
     // The success page shows the token; the token works for real requests.
-    let page = app
+    let r = app
         .main(Method::GET, "/auth/success")
         .header("cookie", format!("token={}", alice.token))
+        .send()
+        .await
+        .expect("success");
+    assert_eq!(
+        r.headers()["cache-control"],
+        "no-store",
+        "it shows a secret"
+    );
+    let page = r.text().await.expect("html");
+    assert!(page.contains(&alice.token));
+    let page = app
+        .main(Method::GET, "/auth/success")
+        .header("cookie", "token=garbage")
         .send()
         .await
         .expect("success")
         .text()
         .await
         .expect("html");
-    assert!(page.contains(&alice.token));
+    assert!(page.contains("Not logged in"), "{page}");
     let r = app
         .main(Method::POST, "/api/pods")
         .bearer_auth(&alice.token)
@@ -196,6 +209,17 @@ async fn login_errors(backend: Backend) {
         "https://evil.example/x",
         "//evil.example",
         "http://localhost.evil.example/",
+        // Browsers drop tabs and newlines from a URL: `/\t/evil.example` is `//evil.example`.
+        "/\t/evil.example",
+        "/\n/evil.example",
+        "/\r\n/evil.example",
+        "/\\evil.example",
+        "/x\\..\\/evil.example",
+        "http://alices.localhost\t/x",
+        // Our hosts, but another scheme or port (public_url is http://localhost).
+        "https://localhost/",
+        "http://localhost:8080/",
+        "http://alice.localhost:8080/",
     ] {
         let r = get(format!(
             "/auth/idp?redirect={}",
@@ -341,6 +365,55 @@ async fn sessions_and_sso(backend: Backend) {
         .await
         .expect("write");
     assert_eq!(r.status(), 201);
+    // The same write sent by a page of the pod itself carries its cookie; sent by a page of
+    // another pod (same site, so the browser sends the cookie) or the main domain, it does not
+    // count: cross-site request forgery.
+    let cookie_post = |origin: &str| {
+        app.pod(Method::POST, "wiki", "/notes/forged")
+            .header("cookie", format!("pod_token={pod_token}"))
+            .header("origin", origin)
+            .header("content-type", "text/plain")
+            .body("{\"from\":\"a form\"}")
+            .send()
+    };
+    let r = cookie_post("http://wiki.localhost")
+        .await
+        .expect("same origin");
+    assert_eq!(r.status(), 201, "a page of the pod itself");
+    for other in ["http://evil.localhost", "http://localhost", "null"] {
+        let r = cookie_post(other).await.expect("cross origin");
+        assert_eq!(error_code(r).await, (401, "UNAUTHORIZED".into()), "{other}");
+    }
+    let r = app
+        .main(Method::POST, "/api/pods")
+        .header("cookie", format!("token={}", alice.token))
+        .header("origin", "http://evil.localhost")
+        .body("{\"name\":\"csrfpod\"}")
+        .send()
+        .await
+        .expect("cross-origin pod creation");
+    assert_eq!(error_code(r).await, (401, "UNAUTHORIZED".into()));
+    // Redirects that browsers would read as another host are refused or ignored.
+    let r = app
+        .main(
+            Method::GET,
+            "/auth/authorize?pod=wiki&redirect=/%09/evil.example",
+        )
+        .header("cookie", &session_cookie)
+        .send()
+        .await
+        .expect("authorize with a tab");
+    assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()));
+    let r = app
+        .pod(
+            Method::GET,
+            "wiki",
+            &format!("/auth/callback?token={pod_token}&redirect=/%09/evil.example"),
+        )
+        .send()
+        .await
+        .expect("pod callback with a tab");
+    assert_eq!(location(&r), "/");
     // The pod token is limited to that pod; a forged callback token is refused.
     let r = app
         .pod(Method::GET, "wiki", "/auth/callback?token=bogus")

@@ -123,6 +123,25 @@ async fn bad_tokens_are_refused(backend: Backend) {
         let r = req.send().await.expect("send");
         assert_eq!(error_code(r).await, (status, code.to_string()), "{what}");
     }
+    // Not yet valid (`nbf` in the future): refused.
+    let early = sign(
+        json!({"sub": uid, "iat": now, "nbf": now + 3600, "type": "webpods"}),
+        SECRET,
+    );
+    let r = write(&early).send().await.expect("send");
+    assert_eq!(error_code(r).await, (401, "INVALID_TOKEN".into()));
+    // Not ASCII: a token, and an invalid one.
+    let r = app
+        .pod(Method::POST, "tok", "/s/x")
+        .header(
+            "authorization",
+            reqwest::header::HeaderValue::from_bytes("Bearer ñ€".as_bytes()).expect("bytes"),
+        )
+        .body("x")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(error_code(r).await, (401, "INVALID_TOKEN".into()));
     // HS384 with the right secret is an algorithm switch: refused.
     let hs384 = encode(
         &Header::new(jsonwebtoken::Algorithm::HS384),
@@ -584,6 +603,9 @@ async fn odd_requests_get_the_envelope(backend: Backend) {
             .header("connection", "upgrade"),
         app.main(Method::GET, "/auth/authorize?pod=a&pod=b"),
         app.main(Method::GET, "/login?redirect=a&redirect=b"),
+        // Path segments that are not UTF-8 once decoded.
+        app.main(Method::GET, "/auth/%ff%fe"),
+        app.main(Method::DELETE, "/auth/sessions/%ff"),
         app.http.get(format!("http://{}/health", app.addr)).header(
             "host",
             reqwest::header::HeaderValue::from_bytes(b"\xe4lice.localhost").expect("bytes"),

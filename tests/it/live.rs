@@ -31,6 +31,7 @@ both_backends!(
     after_hash_detects_forks,
     sse_resumes_from_last_event_id,
     multiplexed_ws,
+    cookies_of_other_origins_open_no_tails,
     shutdown_closes_tails_with_1001,
     shutdown_delivers_acknowledged_records_first,
     requests_that_start_during_the_drain_are_refused,
@@ -56,18 +57,12 @@ const FRAME_WAIT: Duration = Duration::from_secs(30);
 const REVOKE_WAIT: Duration = Duration::from_secs(3);
 
 async fn ws_connect(app: &TestApp, host: &str, path: &str, token: Option<&str>) -> Ws {
-    let mut req = format!("ws://{}{}", app.addr, path)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut().insert("host", host.parse().unwrap());
-    if let Some(t) = token {
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true)
-        .await
-        .expect("websocket handshake");
-    ws
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<_> = bearer
+        .iter()
+        .map(|b| ("authorization", b.as_str()))
+        .collect();
+    ws_connect_with(app, host, path, &headers).await
 }
 
 /// A single-stream tail on a pod host.
@@ -571,6 +566,96 @@ async fn revoked_reader_gets_forbidden(backend: Backend) {
     )
     .await;
     assert_eq!(next_json(&mut mux).await["type"], "subscribed");
+}
+
+/// A WebSocket handshake with extra headers (a browser's `Cookie` and `Origin`).
+async fn ws_connect_with(
+    app: &TestApp,
+    host: &str,
+    path: &str,
+    headers: &[(&'static str, &str)],
+) -> Ws {
+    let mut req = format!("ws://{}{}", app.addr, path)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert("host", host.parse().unwrap());
+    for (k, v) in headers {
+        req.headers_mut().insert(*k, v.parse().unwrap());
+    }
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true)
+        .await
+        .expect("websocket handshake");
+    ws
+}
+
+/// Browsers send the cookies of a site with every WebSocket handshake, whichever page opens
+/// it, and every pod host is same-site with the main domain: the cookie counts only when the
+/// handshake's `Origin` is the host's own (cross-site WebSocket hijacking).
+async fn cookies_of_other_origins_open_no_tails(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("vault").await;
+    let r = app
+        .pod(Method::POST, "vault", "/secret/s0?access=private")
+        .bearer_auth(&app.token)
+        .header("content-type", "text/plain")
+        .body("private body")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let cookie = format!("token={}", app.token);
+    let subscribe = json!({"type":"subscribe","id":"s","pod":"vault","stream":"secret"});
+    // `/ws` opened by another pod's page: anonymous.
+    let mut ws = ws_connect_with(
+        &app,
+        "localhost",
+        "/ws",
+        &[("cookie", &cookie), ("origin", "http://evil.localhost")],
+    )
+    .await;
+    send(&mut ws, subscribe.clone()).await;
+    let f = next_json(&mut ws).await;
+    assert_eq!(
+        (f["type"].as_str(), f["error"]["code"].as_str()),
+        (Some("error"), Some("UNAUTHORIZED")),
+        "{f}"
+    );
+    // Opened by a page of the main domain: the cookie counts.
+    let mut ws = ws_connect_with(
+        &app,
+        "localhost",
+        "/ws",
+        &[("cookie", &cookie), ("origin", "http://localhost")],
+    )
+    .await;
+    send(&mut ws, subscribe).await;
+    assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+    assert_eq!(
+        next_json(&mut ws).await["record"]["content"],
+        "private body"
+    );
+    // A pod host's tail opened by another pod's page: refused as anonymous.
+    let mut ws = ws_connect_with(
+        &app,
+        "vault.localhost",
+        "/secret",
+        &[("cookie", &cookie), ("origin", "http://evil.localhost")],
+    )
+    .await;
+    let f = next_json(&mut ws).await;
+    assert_eq!(f["error"]["code"], "UNAUTHORIZED", "{f}");
+    // Opened by the pod's own page: the cookie counts.
+    let mut ws = ws_connect_with(
+        &app,
+        "vault.localhost",
+        "/secret",
+        &[("cookie", &cookie), ("origin", "http://vault.localhost")],
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws).await["record"]["content"],
+        "private body"
+    );
 }
 
 /// A tail opened with a short-lived token ends with TOKEN_EXPIRED.
