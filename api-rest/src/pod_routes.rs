@@ -812,10 +812,10 @@ fn parse_media_type(raw: &str) -> Result<String, ApiError> {
 }
 
 /// An empty body, or a JSON empty object in any spacing (`{}`, `{ }`, `{\n}`): a stream
-/// creation (SPEC §4.2).
+/// creation (SPEC §4.2). Whitespace alone is content (a record of one space is a record).
 fn is_empty_object(body: &[u8]) -> bool {
     match body.trim_ascii() {
-        [] => true,
+        [] => body.is_empty(),
         [b'{', inner @ .., b'}'] => inner.trim_ascii().is_empty(),
         _ => false,
     }

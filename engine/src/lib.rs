@@ -675,7 +675,8 @@ impl Engine {
 
     /// Creates the streams of `path` that are missing, top-down. The last one gets `access`.
     /// Returns the stream, and whether this call created it (false: it was there, or another
-    /// request created it first).
+    /// request created it first). A refusal (permission, rate limit) comes before the first
+    /// creation, so a refused request leaves no streams behind.
     async fn create_stream_path(
         &self,
         pod: &PodRow,
@@ -688,51 +689,69 @@ impl Engine {
         if is_system_path(path) && pod.owner_id != user.user_id {
             return Err(forbidden(".config streams are owner-only"));
         }
+        // The deepest stream of the path that exists; everything below it is missing.
+        let ends: Vec<usize> = path
+            .match_indices('/')
+            .map(|(i, _)| i)
+            .chain([path.len()])
+            .collect();
         let mut parent = self.existing_stream(pod, "").await?;
+        let mut missing = ends.as_slice();
+        while let Some((&end, rest)) = missing.split_first() {
+            match self.stream(pod, &path[..end]).await? {
+                Some(s) => (parent, missing) = (s, rest),
+                None => break,
+            }
+        }
+        if missing.is_empty() {
+            return Ok((parent, false));
+        }
+        // Top-level streams are the owner's; deeper ones need write access to the parent (the
+        // deeper missing ones will have this caller as their creator).
+        let allowed = pod.owner_id == user.user_id
+            || (!parent.path.is_empty() && self.check_write(pod, &parent, user).await.is_ok());
+        if !allowed {
+            return Err(forbidden("you may not create streams here"));
+        }
+        let count = u64::try_from(missing.len()).unwrap_or(u64::MAX);
+        if let Err(e) = self
+            .rate_limit_n(&user.user_id, Action::StreamCreate, count)
+            .await
+        {
+            // Every frontend counted the request as a write before it came here; refused,
+            // it wrote nothing.
+            self.rate_refund(&user.user_id, Action::Write);
+            return Err(e);
+        }
         let mut created = false;
-        let mut end = 0;
-        while end < path.len() {
-            end = path[end..].find('/').map_or(path.len(), |i| end + i);
+        for (i, &end) in missing.iter().enumerate() {
             let prefix = &path[..end];
-            let is_leaf = end == path.len();
-            if let Some(s) = self.stream(pod, prefix).await? {
-                parent = s;
-                created = false;
-                end += 1;
-                continue;
-            }
-            // Top-level streams are the owner's; deeper ones need write access to the parent.
-            let allowed = pod.owner_id == user.user_id
-                || (!parent.path.is_empty() && self.check_write(pod, &parent, user).await.is_ok());
-            if !allowed {
-                return Err(forbidden("you may not create streams here"));
-            }
-            if let Err(e) = self.rate_limit(&user.user_id, Action::StreamCreate).await {
-                // Every frontend counted the request as a write before it came here; refused,
-                // it wrote nothing.
-                self.rate_refund(&user.user_id, Action::Write);
-                return Err(e);
-            }
             let new = NewStream {
                 pod_id: pod.id,
                 parent_id: Some(parent.id),
                 path: prefix.to_string(),
                 name: names::split_last(prefix).1.to_string(),
-                access: if is_leaf { access } else { "public" }.to_string(),
+                access: if end == path.len() { access } else { "public" }.to_string(),
                 creator_id: user.user_id.clone(),
                 created_at: now_ms(),
             };
             (parent, created) = match self.inner.store.create_stream(&new).await? {
                 CreateStream::Created(s) => (s, true),
-                CreateStream::Exists(s) => (s, false),
+                CreateStream::Exists(s) => {
+                    // Another request created it first: this one did not use its count.
+                    self.rate_refund(&user.user_id, Action::StreamCreate);
+                    (s, false)
+                }
                 CreateStream::NameConflict => {
+                    for _ in i..missing.len() {
+                        self.rate_refund(&user.user_id, Action::StreamCreate);
+                    }
                     return Err(Error::new(
                         ErrorKind::NameConflict,
                         format!("{prefix:?} is the name of a record in its parent stream"),
                     ));
                 }
             };
-            end += 1;
         }
         Ok((parent, created))
     }

@@ -4,6 +4,8 @@ use crate::error::{Error, ErrorKind, Result};
 
 /// The first segment of system streams.
 pub const CONFIG: &str = ".config";
+/// The deepest a stream may be nested.
+pub const MAX_PATH_SEGMENTS: usize = 64;
 
 /// `^[a-z0-9][a-z0-9-]{0,61}[a-z0-9]$`.
 pub fn is_valid_pod_name(name: &str) -> bool {
@@ -51,6 +53,15 @@ pub fn check_record_name(name: &str) -> Result<()> {
 pub fn check_stream_path(path: &str) -> Result<()> {
     if path.is_empty() {
         return Ok(());
+    }
+    // Each segment is a stream row, created on the first write below it: one request may
+    // create at most this many.
+    let depth = path.split('/').count();
+    if depth > MAX_PATH_SEGMENTS {
+        return Err(Error::new(
+            ErrorKind::InvalidPath,
+            format!("a stream path has at most {MAX_PATH_SEGMENTS} segments, not {depth}"),
+        ));
     }
     for (i, seg) in path.split('/').enumerate() {
         if !(is_valid_segment(seg) || (i == 0 && seg == CONFIG)) {
@@ -107,6 +118,10 @@ mod tests {
         assert!(check_stream_path("").is_ok());
         assert!(check_stream_path("a/.config").is_err());
         assert!(check_stream_path("a//b").is_err());
+        let deepest = vec!["d"; MAX_PATH_SEGMENTS].join("/");
+        assert!(check_stream_path(&deepest).is_ok());
+        let err = check_stream_path(&format!("{deepest}/d")).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidPath);
         assert_eq!(split_last("a/b/c"), ("a/b", "c"));
         assert_eq!(split_last("a"), ("", "a"));
     }

@@ -136,8 +136,8 @@ impl RateLimiter {
         self.counters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts one request, or refuses it with 429 `RATE_LIMIT_EXCEEDED`.
-    pub(crate) async fn check(&self, caller: &str, action: Action) -> Result<RateStatus> {
+    /// Counts `n` requests at once, or refuses them all with 429 `RATE_LIMIT_EXCEEDED`.
+    pub(crate) async fn check(&self, caller: &str, action: Action, n: u64) -> Result<RateStatus> {
         let key = (caller.to_string(), action);
         let known = self.lock().contains_key(&key);
         if !known {
@@ -164,11 +164,11 @@ impl RateLimiter {
             c.last_slice = slice;
             let used = c.global + c.flushing + c.pending.values().sum::<i64>();
             let used = u64::try_from(used).unwrap_or(0);
-            if used < limit {
-                *c.pending.entry(slice).or_default() += 1;
+            if used.saturating_add(n) <= limit {
+                *c.pending.entry(slice).or_default() += i64::try_from(n).unwrap_or(i64::MAX);
                 return Ok(RateStatus {
                     limit,
-                    remaining: limit - used - 1,
+                    remaining: limit - used - n,
                     reset,
                 });
             }
@@ -176,8 +176,10 @@ impl RateLimiter {
             // as now); the database has the rest.
             let mut local: Vec<(i64, i64)> = c.pending.iter().map(|(s, n)| (*s, *n)).collect();
             local.push((slice, c.flushing));
-            (c.free_at.filter(|at| *at > now_ms() / 1000), local)
+            let left = limit.saturating_sub(used);
+            (c.free_at.filter(|at| *at > now_ms() / 1000), local, left)
         };
+        let (refused, left) = ((refused.0, refused.1), refused.2);
         let reset = match refused {
             (Some(known), _) => known,
             (None, local) => {
@@ -189,13 +191,21 @@ impl RateLimiter {
             }
         };
         let retry_after = (reset - now_ms() / 1000).max(1);
-        Err(Error::with_details(
-            ErrorKind::RateLimitExceeded,
+        let message = if n > 1 {
+            format!(
+                "this request counts as {n} {} requests; {left} of the {limit} per hour are left",
+                action.as_str()
+            )
+        } else {
             format!(
                 "rate limit of {limit} {} requests per hour exceeded",
                 action.as_str()
-            ),
-            serde_json::json!({ "limit": limit, "remaining": 0, "reset": reset, "retryAfter": retry_after }),
+            )
+        };
+        Err(Error::with_details(
+            ErrorKind::RateLimitExceeded,
+            message,
+            serde_json::json!({ "limit": limit, "remaining": left, "reset": reset, "retryAfter": retry_after }),
         ))
     }
 
@@ -330,8 +340,18 @@ impl crate::Engine {
     /// Counts a request of `caller` (a user id or `ip:…`) for `action`. `Ok(None)` when rate
     /// limiting is off.
     pub async fn rate_limit(&self, caller: &str, action: Action) -> Result<Option<RateStatus>> {
+        self.rate_limit_n(caller, action, 1).await
+    }
+
+    /// Counts `n` requests of `caller` for `action` at once, or none of them (429).
+    pub(crate) async fn rate_limit_n(
+        &self,
+        caller: &str,
+        action: Action,
+        n: u64,
+    ) -> Result<Option<RateStatus>> {
         match &self.inner.rate {
-            Some(l) => l.check(caller, action).await.map(Some),
+            Some(l) => l.check(caller, action, n).await.map(Some),
             None => Ok(None),
         }
     }

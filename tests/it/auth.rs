@@ -18,7 +18,8 @@ both_backends!(
     sessions_and_sso,
     narrower_tokens,
     accepted_token_still_expires,
-    permission_streams
+    permission_streams,
+    a_write_refused_by_the_stream_limit_creates_nothing
 );
 
 /// A server with the loopback provider configured as `idp` (so not in local mode).
@@ -998,6 +999,63 @@ async fn rate_limits_are_shared_and_durable() {
         assert_eq!(r.status(), 201, "write {i}");
     }
     c3.stop().await;
+}
+
+/// A write into a deep new path creates every missing stream of it, each counted by the
+/// stream-creation limit: all of them fit, or the write is refused before the first is created.
+async fn a_write_refused_by_the_stream_limit_creates_nothing(backend: Backend) {
+    let app = TestApp::spawn_on(
+        &fresh_database(backend).await,
+        &[
+            ("WEBPODS_RATE_LIMITS", "on"),
+            ("WEBPODS_RATE_LIMIT_STREAM_CREATE", "5"),
+        ],
+    )
+    .await;
+    app.create_pod("deep").await;
+    let write = |path: &str| {
+        app.pod(Method::POST, "deep", path)
+            .bearer_auth(&app.token)
+            .body("x")
+            .send()
+    };
+    let r = write("/a/b/c/d/e/f/r").await.expect("six streams");
+    let (status, code) = error_code(r).await;
+    assert_eq!((status, code.as_str()), (429, "RATE_LIMIT_EXCEEDED"));
+    let listed: Value = app
+        .pod(Method::GET, "deep", "/.config/api/streams?recursive=true")
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .expect("streams")
+        .json()
+        .await
+        .expect("json");
+    let paths: Vec<&str> = listed["streams"]
+        .as_array()
+        .expect("streams")
+        .iter()
+        .filter_map(|s| s["path"].as_str())
+        .filter(|p| !p.starts_with(".config"))
+        .collect();
+    assert_eq!(
+        paths,
+        Vec::<&str>::new(),
+        "a refused write left streams behind"
+    );
+    // The refused request used none of the five.
+    let r = write("/a/b/c/d/e/r").await.expect("five streams");
+    assert_eq!(r.status(), 201);
+    let r = write("/a/b/c/d/e/r2").await.expect("no new stream");
+    assert_eq!(r.status(), 201);
+    let r = write("/z/r").await.expect("a sixth");
+    assert_eq!(r.status(), 429);
+    // Deeper than 64 segments is not a path.
+    let r = write(&format!("/{}/r", vec!["d"; 65].join("/")))
+        .await
+        .expect("too deep");
+    assert_eq!(error_code(r).await, (400, "INVALID_PATH".into()));
+    app.stop().await;
 }
 
 /// A header holding a number of seconds.

@@ -355,6 +355,27 @@ async fn limits_and_conflicts(backend: Backend) {
         let info: serde_json::Value = r.json().await.expect("stream info");
         assert_eq!(info["path"], format!("spaced{i}"), "{info}");
     }
+    // Whitespace alone is content: a record, stored exactly, not a creation that drops it.
+    for (i, body) in [" ", "\n", "\t \r\n"].into_iter().enumerate() {
+        let r = create(&format!("/blank/b{i}"))
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .expect("whitespace record");
+        assert_eq!(r.status(), 201, "{body:?}");
+        let receipt: serde_json::Value = r.json().await.expect("receipt");
+        assert_eq!(receipt["index"], i, "{receipt}");
+        let stored = app
+            .pod(Method::GET, "lim", &format!("/blank/b{i}"))
+            .send()
+            .await
+            .expect("read back");
+        assert_eq!(
+            stored.bytes().await.expect("bytes").as_ref(),
+            body.as_bytes()
+        );
+    }
     // Also on a write to an existing stream, where `access` would not apply.
     let r = post("/s/again?access=everyone", b"x".to_vec())
         .send()
