@@ -94,6 +94,7 @@ pub fn app_with_live(
             // A path that does not decode goes to the pod routes, which say why.
             let target = if req.method() == axum::http::Method::GET
                 && is_live_request(req.headers())
+                && !(is_sse_only(req.headers()) && has_read_parameters(req.uri().query()))
                 && decoded_path(req.uri().path())
                     .is_ok_and(|p| !pod_routes::reserved_on_pod_host(&p))
             {
@@ -112,17 +113,67 @@ pub fn app_with_live(
     host::dispatch(state, main, pods)
 }
 
-/// Whether a request asks for a live tail (SPEC §4.4): a WebSocket upgrade, or SSE.
+/// Whether a request asks for a live tail (SPEC §4.4): a WebSocket upgrade, or SSE
+/// ([`prefers_event_stream`]).
 pub fn is_live_request(headers: &axum::http::HeaderMap) -> bool {
-    use axum::http::header::{ACCEPT, UPGRADE};
-    let has = |name, needle: &str| {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.to_ascii_lowercase().contains(needle))
-    };
-    has(UPGRADE, "websocket") || has(ACCEPT, "text/event-stream")
+    let upgrade = headers
+        .get_all(axum::http::header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("websocket"));
+    upgrade || prefers_event_stream(headers)
+}
+
+/// SSE without a WebSocket upgrade.
+fn is_sse_only(headers: &axum::http::HeaderMap) -> bool {
+    !headers.contains_key(axum::http::header::UPGRADE) && prefers_event_stream(headers)
+}
+
+/// Parameters that only a read takes, never a live tail (which takes `after`, `afterHash` and
+/// `recursive`): `?verify=true`, `?i=N` or `?unique=true` asked for with an SSE `Accept` are
+/// answered as reads, not silently dropped by a tail.
+fn has_read_parameters(query: Option<&str>) -> bool {
+    const READ_ONLY: [&str; 8] = [
+        "i",
+        "verify",
+        "unique",
+        "limit",
+        "before",
+        "fields",
+        "maxContentSize",
+        "cursor",
+    ];
+    url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .any(|(k, _)| READ_ONLY.contains(&k.as_ref()))
+}
+
+/// Whether `Accept` names `text/event-stream` with a weight (`q`) above zero and no other media
+/// range weighs more: `text/html, text/event-stream;q=0.1` asks for a page, not for a tail.
+/// Wildcards (`*/*`, `text/*`) never choose SSE on their own.
+pub fn prefers_event_stream(headers: &axum::http::HeaderMap) -> bool {
+    let ranges = headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|range| {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(0.0));
+            (media, q)
+        });
+    let (mut sse, mut other) = (0.0f32, 0.0f32);
+    for (media, q) in ranges {
+        if media == "text/event-stream" {
+            sse = sse.max(q);
+        } else if !media.is_empty() {
+            other = other.max(q);
+        }
+    }
+    sse > 0.0 && sse >= other
 }
 
 #[cfg(test)]
@@ -138,6 +189,22 @@ mod tests {
         assert!(!is_live_request(&h));
         h.insert("accept", "text/event-stream".parse().unwrap());
         assert!(is_live_request(&h));
+        for (accept, live) in [
+            ("text/event-stream, */*;q=0.5", true),
+            ("Text/Event-Stream; charset=utf-8", true),
+            ("text/html, text/event-stream", true),
+            (
+                "text/html,application/xhtml+xml,text/event-stream;q=0.1",
+                false,
+            ),
+            ("text/event-stream;q=0", false),
+            ("text/event-stream;q=0.5, application/json;q=0.9", false),
+            ("*/*", false),
+            ("text/*", false),
+        ] {
+            h.insert("accept", accept.parse().unwrap());
+            assert_eq!(is_live_request(&h), live, "{accept}");
+        }
         let mut h = HeaderMap::new();
         h.insert("upgrade", "WebSocket".parse().unwrap());
         assert!(is_live_request(&h));

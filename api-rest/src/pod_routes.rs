@@ -168,12 +168,24 @@ impl Query {
                 "batch" => out.batch = flag("batch", &v)?,
                 "purge" => out.purge = flag("purge", &v)?,
                 "fields" => {
-                    out.format.fields = Some(
-                        v.split(',')
-                            .map(|f| f.trim().to_string())
-                            .filter(|f| !f.is_empty())
-                            .collect(),
-                    )
+                    let fields: Vec<String> = v
+                        .split(',')
+                        .map(|f| f.trim().to_string())
+                        .filter(|f| !f.is_empty())
+                        .collect();
+                    if let Some(bad) = fields
+                        .iter()
+                        .find(|f| !webpods_engine::RECORD_FIELDS.contains(&f.as_str()))
+                    {
+                        return Err(ApiError::new(
+                            ErrorKind::InvalidInput,
+                            format!(
+                                "unknown field {bad:?} in fields (known: {})",
+                                webpods_engine::RECORD_FIELDS.join(", ")
+                            ),
+                        ));
+                    }
+                    out.format.fields = Some(fields);
                 }
                 "maxContentSize" => {
                     let n = positive("maxContentSize", &v)?;

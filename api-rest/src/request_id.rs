@@ -15,7 +15,7 @@
 use std::time::Instant;
 
 use axum::extract::{Request, State};
-use axum::http::header::{ACCEPT, CONNECTION, HOST, UPGRADE};
+use axum::http::header::{CONNECTION, HOST};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -132,16 +132,10 @@ fn pod_route(req: &Request) -> &'static str {
         url::form_urlencoded::parse(query.as_bytes())
             .any(|(k, v)| k == name && matches!(v.as_ref(), "" | "1" | "true"))
     };
-    let header_has = |h, needle: &str| {
-        req.headers()
-            .get(h)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.to_ascii_lowercase().contains(needle))
-    };
     let config = path.starts_with(".config/") || path == ".config";
     match *req.method() {
         Method::GET | Method::HEAD => {
-            if header_has(UPGRADE, "websocket") || header_has(ACCEPT, "text/event-stream") {
+            if crate::is_live_request(req.headers()) {
                 "pod_live"
             } else if path.trim_end_matches('/') == ".config/api/streams" {
                 "pod_streams"

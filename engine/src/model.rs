@@ -214,6 +214,25 @@ impl Record {
     }
 }
 
+/// The keys of a record's JSON, as `fields=` names them (`truncated` and `encoding` come with
+/// `content`).
+pub const RECORD_FIELDS: [&str; 14] = [
+    "index",
+    "name",
+    "path",
+    "content",
+    "contentType",
+    "size",
+    "contentHash",
+    "hash",
+    "previousHash",
+    "userId",
+    "headers",
+    "timestamp",
+    "deleted",
+    "purged",
+];
+
 /// How records are rendered in JSON: `fields=a,b` and `maxContentSize=N` of SPEC §4.3.
 #[derive(Debug, Clone, Default)]
 pub struct RecordFormat {

@@ -13,6 +13,7 @@ both_backends!(
     recursive_listings_page_with_a_cursor,
     tombstones_purge_and_verify,
     delete_streams_and_pods,
+    event_stream_is_chosen_by_weight_and_reads_keep_their_parameters,
 );
 
 async fn batch_appends_are_atomic(backend: Backend) {
@@ -201,6 +202,12 @@ async fn read_options(backend: Backend) {
         page["records"],
         json!([{ "index": 0, "name": "a" }, { "index": 1, "name": "b" }])
     );
+    let r = app
+        .pod(Method::GET, "read", "/s?fields=index,bogus")
+        .send()
+        .await
+        .expect("unknown field");
+    assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()));
     let page = get("/s?after=2&limit=1&maxContentSize=6").await;
     assert_eq!(page["records"][0]["content"], "a long");
     assert_eq!(page["records"][0]["truncated"], true);
@@ -551,4 +558,43 @@ async fn verify_detects_tampering() {
     assert_eq!(v["firstInvalidIndex"], 2);
     assert_eq!(v["reason"], "hash does not match the record");
     app.stop().await;
+}
+
+/// `Accept` is negotiated by weight: a browser-like header that merely lists
+/// `text/event-stream` at a low `q` gets the record, not a tail; read-only parameters
+/// (`verify`, `i`, `unique`…) are answered as reads even with an SSE `Accept`.
+async fn event_stream_is_chosen_by_weight_and_reads_keep_their_parameters(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("neg").await;
+    app.append("neg", "/rd/a", "a1").await;
+    app.append("neg", "/rd/b", "b1").await;
+    let get = |path: &str, accept: &str| {
+        app.pod(Method::GET, "neg", path)
+            .header("accept", accept)
+            .send()
+    };
+    let r = get(
+        "/rd/a",
+        "text/html,application/xhtml+xml,text/event-stream;q=0.1",
+    )
+    .await
+    .expect("record");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.expect("body"), "a1");
+    let r = get("/rd?verify=true", "text/event-stream")
+        .await
+        .expect("verify");
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("verification, not a tail");
+    assert_eq!((&v["valid"], &v["length"]), (&json!(true), &json!(2)));
+    let r = get("/rd?i=1", "text/event-stream").await.expect("by index");
+    assert_eq!(r.text().await.expect("body"), "b1");
+    // A tail when SSE weighs most.
+    let r = get("/rd", "text/event-stream, */*;q=0.5")
+        .await
+        .expect("tail");
+    assert_eq!(
+        r.headers()["content-type"].to_str().expect("type"),
+        "text/event-stream"
+    );
 }
