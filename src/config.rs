@@ -502,24 +502,34 @@ impl Config {
                 }
             },
         };
-        let max_record_bytes = parse("WEBPODS_MAX_RECORD_BYTES", 10 * 1024 * 1024, &mut errors);
-        let max_list = parse("WEBPODS_MAX_LIST_RECORDS", 1000, &mut errors);
-        let max_batch = parse("WEBPODS_MAX_BATCH_BYTES", 64 * 1024 * 1024, &mut errors);
-        let max_subs = parse("WEBPODS_MAX_SUBSCRIPTIONS_PER_CONNECTION", 100, &mut errors);
-        let max_recursive = parse("WEBPODS_MAX_RECURSIVE_STREAMS", 256, &mut errors);
-        let ws_message = parse("WEBPODS_WS_MAX_MESSAGE_BYTES", 65_536, &mut errors);
+        // A limit of 0 would refuse every request it applies to: a typo, not a setting.
+        let parse_limit = |k: &str, default: u64, errors: &mut Vec<String>| -> u64 {
+            let v = parse(k, default, errors);
+            if v == 0 && lookup(k).is_some_and(|(raw, _)| raw.trim().parse::<u64>().is_ok()) {
+                let origin = lookup(k).map_or(Origin::Env, |(_, o)| o);
+                errors.push(format!("{}: must be at least 1", name(k, &origin)));
+            }
+            v
+        };
+        let max_record_bytes =
+            parse_limit("WEBPODS_MAX_RECORD_BYTES", 10 * 1024 * 1024, &mut errors);
+        let max_list = parse_limit("WEBPODS_MAX_LIST_RECORDS", 1000, &mut errors);
+        let max_batch = parse_limit("WEBPODS_MAX_BATCH_BYTES", 64 * 1024 * 1024, &mut errors);
+        let max_subs = parse_limit("WEBPODS_MAX_SUBSCRIPTIONS_PER_CONNECTION", 100, &mut errors);
+        let max_recursive = parse_limit("WEBPODS_MAX_RECURSIVE_STREAMS", 256, &mut errors);
+        let ws_message = parse_limit("WEBPODS_WS_MAX_MESSAGE_BYTES", 65_536, &mut errors);
         let ws_idle = parse("WEBPODS_WS_IDLE_TIMEOUT_SECS", 60, &mut errors);
         let live_send = parse("WEBPODS_LIVE_SEND_TIMEOUT_SECS", 10, &mut errors);
         let live_behind = parse("WEBPODS_LIVE_MAX_BEHIND", 100_000, &mut errors);
         let idle = parse("WEBPODS_ACTOR_IDLE_SECS", 30, &mut errors);
-        let max_actors = parse("WEBPODS_ACTOR_MAX_ALIVE", 10_000, &mut errors);
-        let batch_records = parse("WEBPODS_ACTOR_MAX_BATCH_RECORDS", 4096, &mut errors);
-        let batch_bytes = parse(
+        let max_actors = parse_limit("WEBPODS_ACTOR_MAX_ALIVE", 10_000, &mut errors);
+        let batch_records = parse_limit("WEBPODS_ACTOR_MAX_BATCH_RECORDS", 4096, &mut errors);
+        let batch_bytes = parse_limit(
             "WEBPODS_ACTOR_MAX_BATCH_BYTES",
             16 * 1024 * 1024,
             &mut errors,
         );
-        let pool = parse("WEBPODS_DB_MAX_CONNECTIONS", 16, &mut errors);
+        let pool = parse_limit("WEBPODS_DB_MAX_CONNECTIONS", 16, &mut errors);
         let acquire = parse("WEBPODS_DB_ACQUIRE_TIMEOUT_SECS", 5, &mut errors);
         let statement = parse("WEBPODS_DB_STATEMENT_TIMEOUT_SECS", 30, &mut errors);
         let retry = parse("WEBPODS_DB_CONNECT_RETRY_SECS", 30, &mut errors);
@@ -554,7 +564,15 @@ impl Config {
             })
             .unwrap_or_default();
         for h in &allowed_record_headers {
-            if webpods_engine::is_reserved_record_header(h) {
+            let token = h
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !token {
+                errors.push(format!(
+                    "WEBPODS_ALLOWED_RECORD_HEADERS (server.allowed_record_headers): {h:?} is \
+                     not a header name (letters, digits and !#$%&'*+-.^_`|~ only)"
+                ));
+            } else if webpods_engine::is_reserved_record_header(h) {
                 errors.push(format!(
                     "WEBPODS_ALLOWED_RECORD_HEADERS (server.allowed_record_headers): {h:?} cannot \
                      be a record header: it frames the response, sets cookies or is one the \
@@ -579,6 +597,14 @@ impl Config {
             })
             .collect();
         let jwt_secret = var("WEBPODS_JWT_SECRET");
+        if let Some(pod) = var("WEBPODS_ROOT_POD")
+            && !webpods_engine::names::is_valid_pod_name(&pod)
+        {
+            errors.push(format!(
+                "WEBPODS_ROOT_POD (server.root_pod): {pod:?} is not a pod name (2–63 of a-z, \
+                 0-9 and -, starting and ending with a letter or digit)"
+            ));
+        }
         if !providers.is_empty() && jwt_secret.is_none() {
             errors.push(
                 "auth.jwt_secret (WEBPODS_JWT_SECRET) is required when login providers are \
@@ -814,6 +840,35 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    #[test]
+    fn values_that_would_break_every_request_are_refused() {
+        for (key, value, says) in [
+            ("WEBPODS_MAX_RECORD_BYTES", "0", "must be at least 1"),
+            ("WEBPODS_MAX_LIST_RECORDS", "0", "must be at least 1"),
+            ("WEBPODS_DB_MAX_CONNECTIONS", "0", "must be at least 1"),
+            ("WEBPODS_ROOT_POD", "Bad_Name", "is not a pod name"),
+            (
+                "WEBPODS_ALLOWED_RECORD_HEADERS",
+                "x-ok, x a",
+                "is not a header name",
+            ),
+        ] {
+            let errs = with(&[(key, value)]).unwrap_err();
+            assert_eq!(errs.len(), 1, "{key}: {errs:?}");
+            assert!(
+                errs[0].contains(key) && errs[0].contains(says),
+                "{key}: {errs:?}"
+            );
+        }
+        assert!(
+            with(&[
+                ("WEBPODS_MAX_LIST_RECORDS", "1"),
+                ("WEBPODS_ROOT_POD", "www")
+            ])
+            .is_ok()
+        );
     }
 
     #[test]

@@ -20,6 +20,8 @@ use crate::config::Config;
 
 /// Settings key of the generated local-mode secret.
 const SECRET_KEY: &str = "jwt_secret";
+/// Below this, an HS256 secret can be guessed.
+const MIN_SECRET_BYTES: usize = 32;
 /// The user local mode creates.
 pub const LOCAL_USER: &str = "local";
 
@@ -72,7 +74,17 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
 /// The signing secret: configured, or (local mode) generated once and kept in the database.
 pub async fn token_keys(config: &Config, store: &Store) -> anyhow::Result<TokenKeys> {
     let secret = match &config.jwt_secret {
-        Some(s) => s.clone(),
+        Some(s) => {
+            if s.len() < MIN_SECRET_BYTES {
+                // Refusing would break configurations that work; the operator must hear it.
+                tracing::warn!(
+                    bytes = s.len(),
+                    "auth.jwt_secret is shorter than {MIN_SECRET_BYTES} bytes: tokens signed \
+                     with it can be forged by guessing it (use e.g. `openssl rand -hex 32`)"
+                );
+            }
+            s.clone()
+        }
         None => {
             let fresh = format!(
                 "{}{}",

@@ -138,10 +138,18 @@ async fn health(State(st): State<AppState>) -> Response {
 /// The OpenAPI 3.1 document of the REST surface (checked against the routes by a test).
 pub const OPENAPI: &str = include_str!("../openapi/openapi.json");
 
-async fn openapi() -> Response {
+/// The document, with its servers on this server's `public_url` (it is written for the default,
+/// `http://localhost:3000`).
+async fn openapi(State(st): State<AppState>) -> Response {
+    let public = &st.engine.config().auth.public_url;
+    let main = public.as_str().trim_end_matches('/');
+    let pods = st.engine.pod_origin("{pod}");
+    let doc = OPENAPI
+        .replace("\"http://{pod}.localhost:3000", &format!("\"{pods}"))
+        .replace("\"http://localhost:3000", &format!("\"{main}"));
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        OPENAPI,
+        doc,
     )
         .into_response()
 }

@@ -335,6 +335,12 @@ impl Engine {
 
     /// Finds or creates the local-mode user called `name`; returns its user id.
     pub async fn ensure_local_user(&self, name: &str) -> Result<String> {
+        if name.trim().is_empty() || name.chars().any(char::is_control) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{name:?} is not a user name: it must be printable and not blank"),
+            ));
+        }
         let id = uuid::Uuid::new_v4().to_string();
         let user = self
             .inner

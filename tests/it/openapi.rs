@@ -20,6 +20,11 @@ async fn the_document_matches_the_routes() {
         .await
         .expect("json");
     assert_eq!(doc["openapi"], "3.1.0");
+    // The servers are this server's (public_url http://localhost), not the default's.
+    assert_eq!(doc["servers"][0]["url"], "http://localhost");
+    let text = doc.to_string();
+    assert!(!text.contains("localhost:3000"), "default servers left");
+    assert!(text.contains("http://{pod}.localhost\""), "pod servers");
     let paths = doc["paths"].as_object().expect("paths");
     let mut documented = Vec::new();
     for (path, item) in paths {

@@ -832,6 +832,10 @@ async fn the_binary_reads_its_config_file() {
     assert!(!out.status.success(), "a bad pod name is refused");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("pods must be valid pod names"), "{stderr}");
+    let out = run(&["token", "issue", " ", "--config", cfg], &[]);
+    assert!(!out.status.success(), "a blank user name is refused");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not a user name"), "{stderr}");
     let out = run(
         &[
             "token", "issue", "ann", "--pods", "good-pod", "--config", cfg,
