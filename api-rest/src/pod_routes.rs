@@ -131,6 +131,18 @@ struct Query {
 }
 
 impl Query {
+    /// Parameters that only a stream takes.
+    fn addresses_a_stream(&self) -> bool {
+        self.i.is_some()
+            || self.cursor.is_some()
+            || self.after.is_some()
+            || self.before.is_some()
+            || self.limit.is_some()
+            || self.unique
+            || self.recursive
+            || self.verify
+    }
+
     fn parse(q: Option<&str>) -> Result<Query, ApiError> {
         let mut out = Query::default();
         let index = |v: &str| {
@@ -281,7 +293,17 @@ async fn read(
     }
     match engine.resolve(caller, pod, &path).await? {
         Target::Record { stream, name } => {
-            let record = engine.read_by_name(&stream, &name).await?;
+            let record = match engine.read_by_name(&stream, &name).await {
+                // `?i=`, `?verify`, `?after=`… address a stream: say that the stream is
+                // missing, not a record named like its last segment.
+                Err(e) if e.kind() == ErrorKind::RecordNotFound && q.addresses_a_stream() => {
+                    return Err(ApiError::new(
+                        ErrorKind::StreamNotFound,
+                        format!("stream {path:?} does not exist"),
+                    ));
+                }
+                other => other?,
+            };
             Ok(raw(&record, headers))
         }
         Target::Stream(stream) => {

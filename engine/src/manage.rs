@@ -12,7 +12,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::invalidation::Change;
 use crate::model::{Caller, NewRecord, Record, RecordPage, RecursiveCursor, StreamInfo};
 use crate::names::{check_record_name, check_stream_path, is_system_path, split_last};
-use crate::{Engine, forbidden, require_owner};
+use crate::{Engine, check_token_pod, forbidden, require_owner};
 
 /// Options of `GET /.config/api/streams`.
 #[derive(Debug, Clone, Default)]
@@ -62,6 +62,14 @@ impl Engine {
         let pod = self.pod(pod).await?;
         let base = q.path.as_deref().unwrap_or("").trim_matches('/');
         check_stream_path(base)?;
+        // A token that may not read here is told so, as by every other read, rather than
+        // shown an empty pod.
+        if let Caller::User(u) = caller {
+            check_token_pod(u, &pod.name)?;
+            if !u.scope.read {
+                return Err(forbidden("this token may not read"));
+            }
+        }
         let all = self.inner.store.list_streams(pod.id).await?;
         let parents: HashSet<i64> = all.iter().filter_map(|s| s.parent_id).collect();
         let prefix = format!("{base}/");

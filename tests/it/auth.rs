@@ -608,6 +608,24 @@ async fn narrower_tokens(backend: Backend) {
         .await
         .expect("pod");
     assert_eq!(r.status(), 403);
+    // A write-only token reads nothing, the stream listing included.
+    app.append("nar", "/s/x", "x").await;
+    let r = issue(&app.token, json!({ "scope": "write" }))
+        .await
+        .expect("write-only");
+    let write_only = r.json::<Value>().await.expect("json")["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    for path in ["/s/x", "/.config/api/streams"] {
+        let r = app
+            .pod(Method::GET, "nar", path)
+            .bearer_auth(&write_only)
+            .send()
+            .await
+            .expect("read");
+        assert_eq!(error_code(r).await, (403, "FORBIDDEN".into()), "{path}");
+    }
     // Never wider or longer-lived than the token used.
     let r = issue(&read_only, json!({ "scope": "write" }))
         .await

@@ -203,11 +203,26 @@ async fn read_options(backend: Backend) {
         json!([{ "index": 0, "name": "a" }, { "index": 1, "name": "b" }])
     );
     let r = app
-        .pod(Method::GET, "read", "/s?fields=index,bogus")
+        .pod(Method::GET, "opts", "/s?fields=index,bogus")
         .send()
         .await
         .expect("unknown field");
     assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()));
+    // A missing top-level name: a record of the root stream, unless the query asks for a
+    // stream.
+    for (path, code) in [
+        ("/nosuch", "RECORD_NOT_FOUND"),
+        ("/nosuch?i=0", "STREAM_NOT_FOUND"),
+        ("/nosuch?verify=true", "STREAM_NOT_FOUND"),
+        ("/nosuch?after=-5", "STREAM_NOT_FOUND"),
+    ] {
+        let r = app
+            .pod(Method::GET, "opts", path)
+            .send()
+            .await
+            .expect("missing");
+        assert_eq!(error_code(r).await, (404, code.into()), "{path}");
+    }
     let page = get("/s?after=2&limit=1&maxContentSize=6").await;
     assert_eq!(page["records"][0]["content"], "a long");
     assert_eq!(page["records"][0]["truncated"], true);
