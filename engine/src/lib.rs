@@ -582,6 +582,19 @@ impl Engine {
         access: Option<&str>,
     ) -> Result<StreamRow> {
         let stream = match self.stream(pod, path).await? {
+            // `?access=` applies when the write creates the stream. On an existing stream with
+            // other access, ignoring it would store a record the writer meant to be private
+            // where everyone may read it.
+            Some(s) if access.is_some_and(|a| a != s.access) => {
+                return Err(Error::new(
+                    ErrorKind::StreamExists,
+                    format!(
+                        "stream {path:?} exists with access {:?}; ?access= applies only to a \
+                         write that creates the stream",
+                        s.access
+                    ),
+                ));
+            }
             Some(s) => s,
             // Boxed: creation is the rare path, and its future (lookups, rate limits, the
             // insert) need not be carried, and copied on each move, by every append's.

@@ -382,6 +382,18 @@ async fn limits_and_conflicts(backend: Backend) {
         .await
         .expect("bad access on an existing stream");
     assert_eq!(r.status(), 400);
+    // Another access than the existing stream's is refused, not ignored: the record would be
+    // public though its writer asked for private.
+    let r = post("/s/again?access=private", b"x".to_vec())
+        .send()
+        .await
+        .expect("other access on an existing stream");
+    assert_eq!(error_code(r).await, (409, "STREAM_EXISTS".into()));
+    let r = post("/s/again?access=public", b"x".to_vec())
+        .send()
+        .await
+        .expect("the same access");
+    assert_eq!(r.status(), 201);
     // An empty Content-Type gives no type: text/plain.
     let r = app
         .pod(Method::POST, "lim", "/s/untyped")

@@ -1567,7 +1567,7 @@ async fn graphql_websocket_authentication(backend: Backend) {
     // The token cookie, from a main-domain page (or no page at all).
     let cookie = format!("token={}", app.token);
     for origin in [None, Some("http://localhost")] {
-        let mut headers = vec![("cookie", cookie.clone())];
+        let mut headers = vec![("cookie", cookie.clone()), ("host", "localhost".into())];
         if let Some(o) = origin {
             headers.push(("origin", o.to_string()));
         }
@@ -1584,6 +1584,7 @@ async fn graphql_websocket_authentication(backend: Backend) {
         &app,
         &[
             ("cookie", cookie.clone()),
+            ("host", "localhost".to_string()),
             ("origin", "http://evil.localhost".to_string()),
         ],
     )
