@@ -508,13 +508,20 @@ impl RecordObj {
             .map(str::to_string))
     }
     /// The content parsed, for JSON content types (`application/json`, `*+json`); `null`
-    /// otherwise.
+    /// otherwise. `INVALID_CONTENT` for valid JSON that GraphQL cannot carry (a number beyond
+    /// a 64-bit float, such as `1e400`): read it as `text`.
     async fn json(&self) -> Result<Option<Json<serde_json::Value>>> {
         let bytes = self.content()?;
         if !is_json_type(&self.0.row.content_type) {
             return Ok(None);
         }
-        Ok(serde_json::from_slice(bytes).ok().map(Json))
+        match serde_json::from_slice(bytes) {
+            Ok(v) => Ok(Some(Json(v))),
+            Err(e) => Err(crate::error::coded(
+                webpods_engine::ErrorKind::InvalidContent.code(),
+                format!("the content cannot be given as GraphQL JSON ({e}); read it as text"),
+            )),
+        }
     }
     /// The content, base64 (standard alphabet, padded). `RECORD_PURGED` (and `null`, so that
     /// the rest of a list survives) when the content was erased.

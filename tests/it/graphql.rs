@@ -1731,6 +1731,26 @@ async fn graphql_field_errors_are_null_in_place(backend: Backend) {
     assert_eq!(r.status(), 204);
     let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
 
+    // Valid JSON that GraphQL's JSON cannot carry: an error saying so, not a silent null.
+    let r = app
+        .pod(Method::POST, "errs", "/s/huge")
+        .bearer_auth(&app.token)
+        .header("content-type", "application/json")
+        .body(r#"{"n":1e400}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let body = gql(
+        &app,
+        t,
+        r#"{ stream(pod: "errs", path: "s") { record(name: "huge") { text json } } }"#,
+        json!({}),
+    )
+    .await;
+    assert_eq!(code(&body), "INVALID_CONTENT", "{body}");
+    assert_eq!(body["data"]["stream"]["record"]["text"], r#"{"n":1e400}"#);
+
     // A nullable field fails: null in place, the rest in order, the error beside.
     let body = gql(
         &app,
