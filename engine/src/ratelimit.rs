@@ -6,6 +6,11 @@
 //! call; a decision is `global total + local unflushed < limit`. So no request waits for the
 //! database, except the first one of a caller/action this process has not seen, which loads
 //! its total once. The overshoot is bounded by instances × flush interval × request rate.
+//!
+//! Creations (pods, streams) are counted in the database instead, one round trip each
+//! ([`Action::counted_in_the_database`]): they write to it anyway, their limits are small
+//! (10 pods an hour), and an overshoot there is what a limit is for — two instances taking
+//! ten pod creations each in the same moment would otherwise allow twenty.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -30,6 +35,12 @@ pub enum Action {
 }
 
 impl Action {
+    /// Counted by an atomic add in the database before the decision, so that every
+    /// instance's count is in it at once (see the module doc).
+    fn counted_in_the_database(self) -> bool {
+        matches!(self, Action::PodCreate | Action::StreamCreate)
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Action::Read => "read",
@@ -138,6 +149,9 @@ impl RateLimiter {
 
     /// Counts `n` requests at once, or refuses them all with 429 `RATE_LIMIT_EXCEEDED`.
     pub(crate) async fn check(&self, caller: &str, action: Action, n: u64) -> Result<RateStatus> {
+        if action.counted_in_the_database() {
+            return self.check_in_the_database(caller, action, n).await;
+        }
         let key = (caller.to_string(), action);
         let known = self.lock().contains_key(&key);
         if !known {
@@ -158,7 +172,7 @@ impl RateLimiter {
         // slice are the last to leave it.
         let reset = (slice + WINDOW_SLICES) * SLICE_MS / 1000;
         // Decided under the lock; a refusal then reads the database without it.
-        let refused = {
+        let (free_at, local, left) = {
             let mut map = self.lock();
             let c = map.entry(key).or_default();
             c.last_slice = slice;
@@ -179,10 +193,9 @@ impl RateLimiter {
             let left = limit.saturating_sub(used);
             (c.free_at.filter(|at| *at > now_ms() / 1000), local, left)
         };
-        let (refused, left) = ((refused.0, refused.1), refused.2);
-        let reset = match refused {
-            (Some(known), _) => known,
-            (None, local) => {
+        let reset = match free_at {
+            Some(known) => known,
+            None => {
                 let at = self.reset_after_refusal(caller, action, limit, local).await;
                 if let Some(c) = self.lock().get_mut(&(caller.to_string(), action)) {
                     c.free_at = Some(at);
@@ -190,33 +203,82 @@ impl RateLimiter {
                 at
             }
         };
-        let retry_after = (reset - now_ms() / 1000).max(1);
-        let message = if n > 1 {
-            format!(
-                "this request counts as {n} {} requests; {left} of the {limit} per hour are left",
-                action.as_str()
-            )
-        } else {
-            format!(
-                "rate limit of {limit} {} requests per hour exceeded",
-                action.as_str()
-            )
+        Err(refusal(action, limit, n, left, reset))
+    }
+
+    /// Adds `n` to the caller's count in the database and reads the window's total in the same
+    /// call: admitted when the total, which holds every instance's committed count and this
+    /// one, is within the limit; otherwise the `n` are taken back and the request refused. Of
+    /// requests racing for the last places some may be refused that a serial order would have
+    /// admitted, but never more admitted than the limit.
+    async fn check_in_the_database(
+        &self,
+        caller: &str,
+        action: Action,
+        n: u64,
+    ) -> Result<RateStatus> {
+        let limit = self.limits.limit(action);
+        let slice = now_ms() / SLICE_MS;
+        let since = slice - WINDOW_SLICES + 1;
+        let count = i64::try_from(n).unwrap_or(i64::MAX);
+        let delta = |count| RateDelta {
+            caller: caller.to_string(),
+            action: action.as_str().to_string(),
+            slice,
+            count,
         };
-        Err(Error::with_details(
-            ErrorKind::RateLimitExceeded,
-            message,
-            serde_json::json!({ "limit": limit, "remaining": left, "reset": reset, "retryAfter": retry_after }),
-        ))
+        let key = (caller.to_string(), action.as_str().to_string());
+        let totals = self
+            .store
+            .add_rate_counts(&[delta(count)], &[key], since)
+            .await?;
+        let total = u64::try_from(totals.first().map_or(0, |t| t.2)).unwrap_or(0);
+        if total <= limit {
+            return Ok(RateStatus {
+                limit,
+                remaining: limit - total,
+                reset: (slice + WINDOW_SLICES) * SLICE_MS / 1000,
+            });
+        }
+        if let Err(e) = self
+            .store
+            .add_rate_counts(&[delta(-count)], &[], since)
+            .await
+        {
+            // Kept for the next sync: the refused request must not count.
+            tracing::warn!(error = %e, "a refused creation could not be taken back yet");
+            self.refund_n(caller, action, count);
+        }
+        let left = limit.saturating_sub(total.saturating_sub(n));
+        let reset = self
+            .reset_after_refusal(caller, action, limit, Vec::new())
+            .await;
+        Err(refusal(action, limit, n, left, reset))
     }
 
     /// Takes back one request of `caller` for `action` counted in this window: the request was
     /// refused by another limit after it was counted (a write whose stream creation was
     /// refused), so it used nothing.
     pub(crate) fn refund(&self, caller: &str, action: Action) {
+        self.refund_n(caller, action, 1);
+    }
+
+    /// Takes back `n` requests (flushed as a negative count when they were flushed already).
+    /// A creation was counted in the database, so its key may not be held here yet.
+    fn refund_n(&self, caller: &str, action: Action, n: i64) {
         let slice = now_ms() / SLICE_MS;
-        if let Some(c) = self.lock().get_mut(&(caller.to_string(), action)) {
-            // Flushed as a negative count when the request itself was flushed already.
-            *c.pending.entry(slice).or_default() -= 1;
+        let mut map = self.lock();
+        let key = (caller.to_string(), action);
+        let counter = if action.counted_in_the_database() {
+            Some(map.entry(key).or_insert_with(|| Counter {
+                last_slice: slice,
+                ..Counter::default()
+            }))
+        } else {
+            map.get_mut(&key)
+        };
+        if let Some(c) = counter {
+            *c.pending.entry(slice).or_default() -= n;
         }
     }
 
@@ -362,6 +424,27 @@ impl crate::Engine {
             l.refund(caller, action);
         }
     }
+}
+
+/// 429 `RATE_LIMIT_EXCEEDED` for `n` requests of which `left` would have fitted.
+fn refusal(action: Action, limit: u64, n: u64, left: u64, reset: i64) -> Error {
+    let retry_after = (reset - now_ms() / 1000).max(1);
+    let message = if n > 1 {
+        format!(
+            "this request counts as {n} {} requests; {left} of the {limit} per hour are left",
+            action.as_str()
+        )
+    } else {
+        format!(
+            "rate limit of {limit} {} requests per hour exceeded",
+            action.as_str()
+        )
+    };
+    Error::with_details(
+        ErrorKind::RateLimitExceeded,
+        message,
+        serde_json::json!({ "limit": limit, "remaining": left, "reset": reset, "retryAfter": retry_after }),
+    )
 }
 
 #[cfg(test)]

@@ -1076,6 +1076,64 @@ async fn a_write_refused_by_the_stream_limit_creates_nothing(backend: Backend) {
     app.stop().await;
 }
 
+/// Creations are limited exactly across instances: a burst of pod creations for one user on
+/// two instances at once never creates more pods than the limit (two instances counting
+/// locally would each allow the full limit), and once it settles the limit is reached exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn creation_limits_hold_across_instances_in_a_burst() {
+    let url = fresh_database(Backend::Postgres).await;
+    let limits = [
+        ("WEBPODS_RATE_LIMITS", "on"),
+        ("WEBPODS_RATE_LIMIT_POD_CREATE", "10"),
+    ];
+    let a = TestApp::spawn_on(&url, &limits).await;
+    let b = TestApp::spawn_on(&url, &limits).await;
+    let token = a.token.clone();
+    let create = |app: &TestApp, name: String| {
+        app.main(Method::POST, "/api/pods")
+            .bearer_auth(&token)
+            .json(&json!({ "name": name }))
+            .send()
+    };
+    let burst = (0..24).map(|i| {
+        let app = if i % 2 == 0 { &a } else { &b };
+        create(app, format!("burst-{i}"))
+    });
+    let statuses: Vec<u16> = futures::future::join_all(burst)
+        .await
+        .into_iter()
+        .map(|r| r.expect("create").status().as_u16())
+        .collect();
+    let created = statuses.iter().filter(|s| **s == 201).count();
+    assert!(
+        created <= 10,
+        "{created} pods created with a limit of 10: {statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 201 || *s == 429),
+        "{statuses:?}"
+    );
+    // Requests that lost a race for the last places were refused and took nothing: the rest
+    // of the limit is still there, on either instance, and no more.
+    let mut more = 0;
+    for i in 0..12 {
+        let app = if i % 2 == 0 { &b } else { &a };
+        match create(app, format!("after-{i}"))
+            .await
+            .expect("create")
+            .status()
+            .as_u16()
+        {
+            201 => more += 1,
+            429 => break,
+            other => panic!("status {other}"),
+        }
+    }
+    assert_eq!(created + more, 10, "burst {created}, then {more}");
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A header holding a number of seconds.
 fn header_secs(r: &reqwest::Response, name: &str) -> u64 {
     r.headers()[name]
