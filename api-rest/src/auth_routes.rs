@@ -49,49 +49,41 @@ fn set_cookie(resp: &mut Response, st: &AppState, name: &str, value: &str, max_a
     }
 }
 
-/// `axum::extract::Query` whose refusal (a repeated or malformed parameter) is a 400
-/// `INVALID_INPUT` in the error envelope, not axum's plain-text answer.
-struct ApiQuery<T>(T);
+/// Defines `$name<T>`: the axum extractor `$inner<T>` whose refusal is a 400 `INVALID_INPUT`
+/// in the error envelope, not axum's plain-text answer.
+macro_rules! enveloped_extractor {
+    ($(#[$doc:meta])* $name:ident wraps $inner:ident) => {
+        $(#[$doc])*
+        struct $name<T>(T);
 
-impl<T, S> FromRequestParts<S> for ApiQuery<T>
-where
-    T: serde::de::DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
+        impl<T, S> FromRequestParts<S> for $name<T>
+        where
+            T: serde::de::DeserializeOwned + Send,
+            S: Send + Sync,
+        {
+            type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        match Query::<T>::from_request_parts(parts, state).await {
-            Ok(Query(q)) => Ok(ApiQuery(q)),
-            Err(e) => Err(ApiError::new(ErrorKind::InvalidInput, e.body_text())),
+            async fn from_request_parts(
+                parts: &mut axum::http::request::Parts,
+                state: &S,
+            ) -> Result<Self, Self::Rejection> {
+                match $inner::<T>::from_request_parts(parts, state).await {
+                    Ok($inner(v)) => Ok($name(v)),
+                    Err(e) => Err(ApiError::new(ErrorKind::InvalidInput, e.body_text())),
+                }
+            }
         }
-    }
+    };
 }
 
-/// `axum::extract::Path` whose refusal (a segment that is not UTF-8 once decoded) is a 400
-/// `INVALID_INPUT` in the error envelope.
-struct ApiPath<T>(T);
-
-impl<T, S> FromRequestParts<S> for ApiPath<T>
-where
-    T: serde::de::DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        match Path::<T>::from_request_parts(parts, state).await {
-            Ok(Path(p)) => Ok(ApiPath(p)),
-            Err(e) => Err(ApiError::new(ErrorKind::InvalidInput, e.body_text())),
-        }
-    }
-}
+enveloped_extractor!(
+    /// Query parameters (refused: a repeated or malformed parameter).
+    ApiQuery wraps Query
+);
+enveloped_extractor!(
+    /// Path segments (refused: a segment that is not UTF-8 once decoded).
+    ApiPath wraps Path
+);
 
 /// A `302 Found` to `location` (SPEC §3.2 names 302 for the login redirect; the other steps of
 /// the flow answer the same way).
