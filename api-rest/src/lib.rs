@@ -21,7 +21,7 @@ use axum::Router;
 use webpods_engine::{Engine, InFlight};
 
 pub use error::{ApiError, upgrade_refused};
-pub use host::{HostKind, MainHost, PodHost, token_of};
+pub use host::{HostKind, MainHost, PodHost, cross_origin, token_of};
 pub use main_routes::starting_router;
 pub use pod_routes::decoded_path;
 pub use request_id::request_id_layer;
