@@ -5,6 +5,10 @@
 //! client: `subscribed`, `record`, `caughtUp` and `error`, tagged with the subscription's `id`
 //! (an `error` without `id` is about the connection or a message that could not be read).
 //!
+//! An `auth` message sets the identity of the subscriptions made after it; each running one
+//! keeps the identity it was opened with, and its permission is re-checked as that identity's
+//! changes. A refused `auth` is an `error` frame and leaves the identity as it was.
+//!
 //! ## Recursive subscriptions
 //! `"recursive": true` follows the stream and every descendant the caller may read, including
 //! streams created later (engine: [`webpods_engine::RecursiveSubscription`], which documents the
