@@ -550,12 +550,6 @@ async fn write(
             let d: Domains = serde_json::from_slice(&body).map_err(|_| {
                 ApiError::new(ErrorKind::InvalidInput, "expected {\"domains\": [\"…\"]}")
             })?;
-            if let Some(bad) = d.domains.iter().find(|x| st.config.main_host.covers(x)) {
-                return Err(ApiError::new(
-                    ErrorKind::InvalidInput,
-                    format!("{bad:?} belongs to this service's own domain"),
-                ));
-            }
             engine.set_domains(caller, pod, d.domains).await?;
             return Ok((StatusCode::CREATED, Json(json!({ "ok": true }))).into_response());
         }

@@ -21,6 +21,11 @@ const DOMAINS_STREAM: &str = ".config/domains";
 const DOMAINS_RECORD: &str = "domains";
 /// At most this many custom domains per pod.
 const MAX_DOMAINS: usize = 32;
+/// Routes per pod: the map is one record, loaded into every instance's cache.
+const MAX_ROUTES: usize = 1000;
+/// First path segments a route may not take: system streams, and what a pod host keeps for
+/// the main domain or serves itself (SPEC §2: `/login`, `/auth/callback`).
+const RESERVED_ROUTE_SEGMENTS: [&str; 6] = [".config", "auth", "api", "graphql", "ws", "login"];
 
 /// A pod's routing map: request path → target (`stream/name`, `stream`, or `stream?query`).
 pub type Routes = BTreeMap<String, String>;
@@ -30,6 +35,12 @@ impl Engine {
     pub async fn set_routing(&self, caller: &Caller, pod: &str, routes: Routes) -> Result<()> {
         let pod = self.pod(pod).await?;
         let user = require_owner(&pod, caller)?;
+        if routes.len() > MAX_ROUTES {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("at most {MAX_ROUTES} routes per pod"),
+            ));
+        }
         for (from, to) in &routes {
             if !from.starts_with('/') {
                 return Err(Error::new(
@@ -41,6 +52,20 @@ impl Engine {
                 return Err(Error::new(
                     ErrorKind::InvalidInput,
                     format!("route {from:?} must be a path: requests are matched by path only"),
+                ));
+            }
+            // Requests are matched without a trailing slash: such a key could never match.
+            if from.len() > 1 && from.ends_with('/') {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("route {from:?} must not end with '/' (requests match without it)"),
+                ));
+            }
+            let first = from[1..].split('/').next().unwrap_or("");
+            if RESERVED_ROUTE_SEGMENTS.contains(&first) {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("route {from:?} names a path the server keeps for itself"),
                 ));
             }
             let target = to.split('?').next().unwrap_or("").trim_matches('/');
@@ -61,7 +86,8 @@ impl Engine {
             &user.user_id,
         )
         .await?;
-        self.inner.routes.invalidate(&pod.name).await;
+        // Every instance: a route written here is served everywhere on the next request.
+        self.changed(Change::Routes(pod.name.clone())).await;
         Ok(())
     }
 
@@ -122,6 +148,26 @@ impl Engine {
                 format!("{bad:?} is not a domain name"),
             ));
         }
+        // The main domain and every name under it are the service's own: a pod claiming
+        // `www.alice.{main}` would serve on another pod's sub-host and pass as a login
+        // redirect target. Checked here, so that REST and GraphQL refuse it alike.
+        let main = self
+            .inner
+            .config
+            .auth
+            .public_url
+            .host_str()
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if let Some(bad) = domains
+            .iter()
+            .find(|d| **d == main || d.ends_with(&format!(".{main}")))
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{bad:?} belongs to this service's own domain"),
+            ));
+        }
         if let DomainsOutcome::Taken(d) = self.inner.store.set_domains(pod.id, &domains).await? {
             return Err(Error::new(
                 ErrorKind::DomainTaken,
@@ -159,8 +205,14 @@ impl Engine {
 
 /// A DNS name: dot-separated labels of `[a-z0-9-]`, not starting or ending with `-`.
 fn is_valid_domain(d: &str) -> bool {
-    d.len() <= 253
+    // An IP address is always the main domain (never a pod's): it could never serve one.
+    d.parse::<std::net::IpAddr>().is_err()
+        && d.len() <= 253
         && d.contains('.')
+        && !d
+            .rsplit('.')
+            .next()
+            .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
         && d.split('.').all(|l| {
             (1..=63).contains(&l.len())
                 && !l.starts_with('-')
@@ -178,5 +230,8 @@ mod tests {
         assert!(!super::is_valid_domain("localhost"));
         assert!(!super::is_valid_domain("-a.com"));
         assert!(!super::is_valid_domain("a..com"));
+        assert!(!super::is_valid_domain("127.0.0.1"));
+        assert!(!super::is_valid_domain("10.0.0.300"));
+        assert!(super::is_valid_domain("123.example.com"));
     }
 }

@@ -818,6 +818,24 @@ async fn permission_changes_reach_every_instance() {
     grant(false).await.expect("revoke");
     wait_for(|| async { read_on_b().await.expect("read").status() == 403 }).await;
 
+    // A route written through A is served by B (whose route cache is warm) within the
+    // notice's milliseconds, not the cache's 5 s safety TTL.
+    let routed_on_b = || {
+        b.pod(Method::GET, "club", "/welcome")
+            .bearer_auth(&a.token)
+            .send()
+    };
+    assert_eq!(routed_on_b().await.expect("warm").status(), 404);
+    let r = a
+        .pod(Method::POST, "club", "/.config/routing")
+        .bearer_auth(&a.token)
+        .json(&json!({ "/welcome": "room/hello" }))
+        .send()
+        .await
+        .expect("route");
+    assert_eq!(r.status(), 201);
+    wait_for(|| async { routed_on_b().await.expect("routed").status() == 200 }).await;
+
     // Ownership transfer through A: B refuses the old owner's owner-only actions.
     let r = a
         .pod(Method::POST, "club", "/.config/owner")

@@ -677,6 +677,18 @@ async fn graphql_deletes_routing_domains_transfer(backend: Backend) {
     )
     .await;
     assert_eq!(code(&body), "DOMAIN_TAKEN");
+    // Names of the service itself (another pod's sub-host) and IP addresses are refused, as
+    // over REST.
+    for domain in ["www.del.localhost", "localhost", "127.0.0.1"] {
+        let body = gql(
+            &app,
+            t,
+            &format!(r#"mutation {{ setDomains(pod: "other", domains: ["{domain}"]) }}"#),
+            json!({}),
+        )
+        .await;
+        assert_eq!(code(&body), "INVALID_INPUT", "{domain}: {body}");
+    }
 
     // Deleting a stream.
     ok(

@@ -116,6 +116,24 @@ async fn routing_links(backend: Backend) {
     assert_eq!(body("/").await, "<h1>v2</h1>");
     assert_eq!(body("/about").await, "about us");
     assert!(body("/all").await.contains("\"records\""));
+    // Keys that could never match, or that name what the server keeps, are refused.
+    for key in [
+        "/y/",
+        "/.config/owner",
+        "/login",
+        "/auth/callback",
+        "/api",
+        "/ws/x",
+    ] {
+        let r = app
+            .pod(Method::POST, "site", "/.config/routing")
+            .bearer_auth(&app.token)
+            .json(&json!({ key: "blog/p1" }))
+            .send()
+            .await
+            .expect("bad key");
+        assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()), "{key}");
+    }
     // Writes to the routing stream only go through the endpoint.
     let r = app
         .pod(Method::POST, "site", "/.config/routing/routes")
