@@ -80,7 +80,9 @@ impl IntoResponse for ApiError {
             let num = |k: &str| d.get(k).and_then(serde_json::Value::as_i64).unwrap_or(0);
             let h = resp.headers_mut();
             let limit = u64::try_from(num("limit")).unwrap_or(0);
-            rate_headers(h, limit, 0, num("reset"));
+            // What is left (a request counting as several may be refused with some left).
+            let remaining = u64::try_from(num("remaining")).unwrap_or(0);
+            rate_headers(h, limit, remaining, num("reset"));
             h.insert(
                 "retry-after",
                 axum::http::HeaderValue::from(num("retryAfter").max(1)),

@@ -7,10 +7,11 @@
 //! database, except the first one of a caller/action this process has not seen, which loads
 //! its total once. The overshoot is bounded by instances × flush interval × request rate.
 //!
-//! Creations (pods, streams) are counted in the database instead, one round trip each
-//! ([`Action::counted_in_the_database`]): they write to it anyway, their limits are small
-//! (10 pods an hour), and an overshoot there is what a limit is for — two instances taking
-//! ten pod creations each in the same moment would otherwise allow twenty.
+//! Creations (pods, streams) are decided in the database instead, one short transaction each
+//! ([`Action::counted_in_the_database`]): under a per-key lock it reads the window's total
+//! and adds the count only if it fits. They write to the database anyway, their limits are
+//! small (10 pods an hour), and an overshoot there is what a limit is for — two instances
+//! taking ten pod creations each in the same moment would otherwise allow twenty.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -149,6 +150,12 @@ impl RateLimiter {
 
     /// Counts `n` requests at once, or refuses them all with 429 `RATE_LIMIT_EXCEEDED`.
     pub(crate) async fn check(&self, caller: &str, action: Action, n: u64) -> Result<RateStatus> {
+        let limit = self.limits.limit(action);
+        if n > limit {
+            // It would never fit: no point in telling the caller to come back.
+            let reset = (now_ms() / SLICE_MS + WINDOW_SLICES) * SLICE_MS / 1000;
+            return Err(refusal(action, limit, n, limit, reset));
+        }
         if action.counted_in_the_database() {
             return self.check_in_the_database(caller, action, n).await;
         }
@@ -196,7 +203,9 @@ impl RateLimiter {
         let reset = match free_at {
             Some(known) => known,
             None => {
-                let at = self.reset_after_refusal(caller, action, limit, local).await;
+                let at = self
+                    .reset_after_refusal(caller, action, limit, n, local)
+                    .await;
                 if let Some(c) = self.lock().get_mut(&(caller.to_string(), action)) {
                     c.free_at = Some(at);
                 }
@@ -206,11 +215,10 @@ impl RateLimiter {
         Err(refusal(action, limit, n, left, reset))
     }
 
-    /// Adds `n` to the caller's count in the database and reads the window's total in the same
-    /// call: admitted when the total, which holds every instance's committed count and this
-    /// one, is within the limit; otherwise the `n` are taken back and the request refused. Of
-    /// requests racing for the last places some may be refused that a serial order would have
-    /// admitted, but never more admitted than the limit.
+    /// Adds `n` to the caller's count in the database only if the window's total (every
+    /// instance's committed count) stays within the limit: concurrent decisions for one
+    /// caller and action take turns there, so exactly the limit is admitted, on one instance
+    /// or many.
     async fn check_in_the_database(
         &self,
         caller: &str,
@@ -220,38 +228,25 @@ impl RateLimiter {
         let limit = self.limits.limit(action);
         let slice = now_ms() / SLICE_MS;
         let since = slice - WINDOW_SLICES + 1;
-        let count = i64::try_from(n).unwrap_or(i64::MAX);
-        let delta = |count| RateDelta {
+        let delta = RateDelta {
             caller: caller.to_string(),
             action: action.as_str().to_string(),
             slice,
-            count,
+            count: i64::try_from(n).unwrap_or(i64::MAX),
         };
-        let key = (caller.to_string(), action.as_str().to_string());
-        let totals = self
-            .store
-            .add_rate_counts(&[delta(count)], &[key], since)
-            .await?;
-        let total = u64::try_from(totals.first().map_or(0, |t| t.2)).unwrap_or(0);
-        if total <= limit {
+        let cap = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (added, total) = self.store.add_rate_count_within(&delta, since, cap).await?;
+        let total = u64::try_from(total).unwrap_or(0);
+        if added {
             return Ok(RateStatus {
                 limit,
-                remaining: limit - total,
+                remaining: limit.saturating_sub(total),
                 reset: (slice + WINDOW_SLICES) * SLICE_MS / 1000,
             });
         }
-        if let Err(e) = self
-            .store
-            .add_rate_counts(&[delta(-count)], &[], since)
-            .await
-        {
-            // Kept for the next sync: the refused request must not count.
-            tracing::warn!(error = %e, "a refused creation could not be taken back yet");
-            self.refund_n(caller, action, count);
-        }
-        let left = limit.saturating_sub(total.saturating_sub(n));
+        let left = limit.saturating_sub(total);
         let reset = self
-            .reset_after_refusal(caller, action, limit, Vec::new())
+            .reset_after_refusal(caller, action, limit, n, Vec::new())
             .await;
         Err(refusal(action, limit, n, left, reset))
     }
@@ -291,6 +286,7 @@ impl RateLimiter {
         caller: &str,
         action: Action,
         limit: u64,
+        wanted: u64,
         local: Vec<(i64, i64)>,
     ) -> i64 {
         let slice = now_ms() / SLICE_MS;
@@ -302,7 +298,7 @@ impl RateLimiter {
                 return (slice + WINDOW_SLICES) * SLICE_MS / 1000;
             }
         };
-        free_at(stored.into_iter().chain(local), limit, slice)
+        free_at(stored.into_iter().chain(local), limit, wanted, slice)
     }
 
     /// Syncs now (at shutdown: requests counted since the last tick must not be forgotten).
@@ -378,18 +374,24 @@ impl RateLimiter {
 /// The unix second at which a caller with these (slice, count) pairs, counted in the window
 /// that ends with `now_slice`, has fewer than `limit` requests in the window again: the oldest
 /// slices leave first, each at the end of the window it opened.
-fn free_at(counts: impl Iterator<Item = (i64, i64)>, limit: u64, now_slice: i64) -> i64 {
+fn free_at(
+    counts: impl Iterator<Item = (i64, i64)>,
+    limit: u64,
+    wanted: u64,
+    now_slice: i64,
+) -> i64 {
     let mut by_slice = std::collections::BTreeMap::<i64, i64>::new();
     for (slice, n) in counts {
         *by_slice.entry(slice).or_default() += n;
     }
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let wanted = i64::try_from(wanted).unwrap_or(i64::MAX);
     let mut used: i64 = by_slice.values().sum();
     // Once `slice` leaves the window (the minute after its last one), its count no longer
-    // counts; the first slice after which fewer than `limit` remain decides.
+    // counts; the first slice after which `wanted` more fit decides.
     let mut free_slice = now_slice + 1;
     for (slice, n) in by_slice {
-        if used < limit {
+        if used.saturating_add(wanted) <= limit {
             break;
         }
         used -= n;
@@ -429,7 +431,13 @@ impl crate::Engine {
 /// 429 `RATE_LIMIT_EXCEEDED` for `n` requests of which `left` would have fitted.
 fn refusal(action: Action, limit: u64, n: u64, left: u64, reset: i64) -> Error {
     let retry_after = (reset - now_ms() / 1000).max(1);
-    let message = if n > 1 {
+    let message = if n > limit {
+        format!(
+            "this request counts as {n} {} requests, more than the {limit} allowed per hour: \
+             it cannot be made at once",
+            action.as_str()
+        )
+    } else if n > 1 {
         format!(
             "this request counts as {n} {} requests; {left} of the {limit} per hour are left",
             action.as_str()
@@ -458,12 +466,12 @@ mod tests {
         // 5 requests 40 minutes ago and 5 now, limit 5: the recent 5 alone fill the window, so
         // only their leaving frees it.
         assert_eq!(
-            free_at([(now - 40, 5), (now, 5)].into_iter(), 5, now),
+            free_at([(now - 40, 5), (now, 5)].into_iter(), 5, 1, now),
             at(now + WINDOW_SLICES)
         );
         // Limit 6: free as soon as the old slice leaves the window.
         assert_eq!(
-            free_at([(now - 40, 5), (now, 5)].into_iter(), 6, now),
+            free_at([(now - 40, 5), (now, 5)].into_iter(), 6, 1, now),
             at(now - 40 + WINDOW_SLICES)
         );
         // Counts of one slice from several sources add up.
@@ -471,6 +479,7 @@ mod tests {
             free_at(
                 [(now - 59, 1), (now - 10, 2), (now - 10, 1)].into_iter(),
                 4,
+                1,
                 now
             ),
             at(now - 59 + WINDOW_SLICES)
@@ -479,11 +488,18 @@ mod tests {
             free_at(
                 [(now - 59, 1), (now - 10, 2), (now - 10, 1)].into_iter(),
                 3,
+                1,
                 now
             ),
             at(now - 10 + WINDOW_SLICES)
         );
         // Never earlier than the next minute.
-        assert_eq!(free_at(std::iter::empty(), 1, now), at(now + 1));
+        assert_eq!(free_at(std::iter::empty(), 1, 1, now), at(now + 1));
+        // A request counting as 3 under a limit of 5 with 3 used: free once 1 has left, not
+        // at the next minute (when one more would fit).
+        assert_eq!(
+            free_at([(now - 50, 1), (now - 5, 2)].into_iter(), 5, 3, now),
+            at(now - 50 + WINDOW_SLICES)
+        );
     }
 }

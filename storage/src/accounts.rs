@@ -99,6 +99,19 @@ impl Store {
         dispatch!(self, s => s.add_rate_counts(deltas, keys, since).await)
     }
 
+    /// Adds `count` to (caller, action)'s slice only if the total over slices `>= since`
+    /// stays within `limit`, as one decision among concurrent callers on every instance (they
+    /// wait for each other). Returns whether it was added, and the total with it if so
+    /// (without it otherwise).
+    pub async fn add_rate_count_within(
+        &self,
+        delta: &RateDelta,
+        since: i64,
+        limit: i64,
+    ) -> Result<(bool, i64)> {
+        dispatch!(self, s => s.add_rate_count_within(delta, since, limit).await)
+    }
+
     /// One (caller, action)'s counts by slice over slices `>= since`, oldest first: when a
     /// refused caller may try again.
     pub async fn rate_slices(
@@ -245,6 +258,44 @@ impl PgStore {
             .collect())
     }
 
+    async fn add_rate_count_within(
+        &self,
+        d: &RateDelta,
+        since: i64,
+        limit: i64,
+    ) -> Result<(bool, i64)> {
+        let mut tx = self.pool.begin().await?;
+        // Concurrent decisions for one key, from any instance, take turns.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!("rate:{}:{}", d.caller, d.action))
+            .execute(&mut *tx)
+            .await?;
+        let total: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(count), 0)::bigint FROM rate_counts \
+             WHERE caller = $1 AND action = $2 AND slice >= $3",
+        )
+        .bind(&d.caller)
+        .bind(&d.action)
+        .bind(since)
+        .fetch_one(&mut *tx)
+        .await?;
+        if total.saturating_add(d.count) > limit {
+            return Ok((false, total));
+        }
+        sqlx::query(
+            "INSERT INTO rate_counts (caller, action, slice, count) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (caller, action, slice) DO UPDATE SET count = rate_counts.count + excluded.count",
+        )
+        .bind(&d.caller)
+        .bind(&d.action)
+        .bind(d.slice)
+        .bind(d.count)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((true, total + d.count))
+    }
+
     async fn rate_slices(&self, caller: &str, action: &str, since: i64) -> Result<Vec<(i64, i64)>> {
         Ok(sqlx::query_as(
             "SELECT slice, count FROM rate_counts \
@@ -378,6 +429,40 @@ impl SqliteStore {
         }
         tx.commit().await?;
         Ok(totals)
+    }
+
+    async fn add_rate_count_within(
+        &self,
+        d: &RateDelta,
+        since: i64,
+        limit: i64,
+    ) -> Result<(bool, i64)> {
+        // One writer connection: transactions take turns.
+        let mut tx = self.begin().await?;
+        let total: Option<i64> = sqlx::query_scalar(
+            "SELECT SUM(count) FROM rate_counts WHERE caller = ? AND action = ? AND slice >= ?",
+        )
+        .bind(&d.caller)
+        .bind(&d.action)
+        .bind(since)
+        .fetch_one(&mut *tx)
+        .await?;
+        let total = total.unwrap_or(0);
+        if total.saturating_add(d.count) > limit {
+            return Ok((false, total));
+        }
+        sqlx::query(
+            "INSERT INTO rate_counts (caller, action, slice, count) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (caller, action, slice) DO UPDATE SET count = count + excluded.count",
+        )
+        .bind(&d.caller)
+        .bind(&d.action)
+        .bind(d.slice)
+        .bind(d.count)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((true, total + d.count))
     }
 
     async fn rate_slices(&self, caller: &str, action: &str, since: i64) -> Result<Vec<(i64, i64)>> {
