@@ -230,7 +230,11 @@ async fn websocket(
     let init_timeout = st.config.init_timeout;
     let conn = TransportWs::default();
     let refused = conn.clone();
+    // A message carries at most what an HTTP request may (a mutation carries content).
+    let max_message = st.config.max_body_bytes;
     upgrade
+        .max_message_size(max_message)
+        .max_frame_size(max_message)
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| async move {
             let _open = engine.live_connection();
@@ -261,7 +265,13 @@ async fn websocket(
                 .take_while(move |m| {
                     let go_on = match m {
                         Ok(Message::Text(t)) => incoming.client_sent(t, transport_ws),
-                        _ => true,
+                        Ok(_) => true,
+                        // A message over the limit is answered with close 1009 (RFC 6455
+                        // §7.4.1); any read error ends the input.
+                        Err(e) => {
+                            incoming.read_failed(e);
+                            false
+                        }
                     };
                     futures::future::ready(go_on)
                 });
@@ -327,6 +337,8 @@ struct TransportState {
     initialised: bool,
     /// The client sent no `connection_init` within the timeout.
     init_timed_out: bool,
+    /// The client sent a message over the size limit.
+    too_big: bool,
 }
 
 /// The part of a protocol message that names it.
@@ -409,6 +421,16 @@ impl TransportWs {
 
     /// Called when the `connection_init` timeout passes: true (and the socket is to close
     /// with 4408) unless the client sent `connection_init`.
+    /// The client's socket failed: remembered when it was a message over the size limit.
+    fn read_failed(&self, e: &axum::Error) {
+        let too_big = std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<tokio_tungstenite::tungstenite::Error>())
+            .is_some_and(|e| matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)));
+        if too_big {
+            self.state().too_big = true;
+        }
+    }
+
     fn init_timed_out(&self) -> bool {
         let mut state = self.state();
         state.init_timed_out = !state.initialised;
@@ -419,6 +441,9 @@ impl TransportWs {
     /// `connection_init` in time), if it did.
     fn protocol_close(&self) -> Option<CloseFrame> {
         let state = self.state();
+        if state.too_big {
+            return Some(close_frame(1009, "message too big".into()));
+        }
         if state.init_timed_out {
             return Some(close_frame(
                 4408,

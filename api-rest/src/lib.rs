@@ -129,11 +129,12 @@ fn is_sse_only(headers: &axum::http::HeaderMap) -> bool {
     !headers.contains_key(axum::http::header::UPGRADE) && prefers_event_stream(headers)
 }
 
-/// Parameters that only a read takes, never a live tail (which takes `after`, `afterHash` and
-/// `recursive`): `?verify=true`, `?i=N` or `?unique=true` asked for with an SSE `Accept` are
-/// answered as reads, not silently dropped by a tail.
+/// Parameters that only a read takes, never a pod host's live tail (which takes `after` and
+/// `afterHash`; recursive tails are `/ws` subscriptions): `?verify=true`, `?i=N` or
+/// `?recursive=true` asked for with an SSE `Accept` are answered as reads, not silently
+/// dropped by a tail.
 fn has_read_parameters(query: Option<&str>) -> bool {
-    const READ_ONLY: [&str; 8] = [
+    const READ_ONLY: [&str; 9] = [
         "i",
         "verify",
         "unique",
@@ -142,13 +143,15 @@ fn has_read_parameters(query: Option<&str>) -> bool {
         "fields",
         "maxContentSize",
         "cursor",
+        "recursive",
     ];
     url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
         .any(|(k, _)| READ_ONLY.contains(&k.as_ref()))
 }
 
-/// Whether `Accept` names `text/event-stream` with a weight (`q`) above zero and no other media
-/// range weighs more: `text/html, text/event-stream;q=0.1` asks for a page, not for a tail.
+/// Whether `Accept` names `text/event-stream` with a weight (`q`) above zero and above every
+/// other media range: `text/html, text/event-stream;q=0.1` asks for a page, not for a tail,
+/// and so does a tie (`application/json, text/event-stream`: a tail never ends, a read does).
 /// Wildcards (`*/*`, `text/*`) never choose SSE on their own.
 pub fn prefers_event_stream(headers: &axum::http::HeaderMap) -> bool {
     let ranges = headers
@@ -173,7 +176,7 @@ pub fn prefers_event_stream(headers: &axum::http::HeaderMap) -> bool {
             other = other.max(q);
         }
     }
-    sse > 0.0 && sse >= other
+    sse > 0.0 && sse > other
 }
 
 #[cfg(test)]
@@ -192,7 +195,8 @@ mod tests {
         for (accept, live) in [
             ("text/event-stream, */*;q=0.5", true),
             ("Text/Event-Stream; charset=utf-8", true),
-            ("text/html, text/event-stream", true),
+            ("text/html, text/event-stream", false),
+            ("text/event-stream;q=1, application/json;q=0.9", true),
             (
                 "text/html,application/xhtml+xml,text/event-stream;q=0.1",
                 false,

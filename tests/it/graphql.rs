@@ -28,6 +28,7 @@ both_backends!(
     graphql_rate_limits,
     graphql_shutdown_delivers_acknowledged_records_first,
     graphql_field_errors_are_null_in_place,
+    graphql_websocket_messages_are_bounded,
 );
 
 /// A GraphQL request to the main domain; returns the response body.
@@ -1877,5 +1878,27 @@ fn sdl_is_committed() {
         committed == current,
         "api-graphql/schema.graphql is out of date: run \
          WEBPODS_UPDATE_SCHEMA=1 cargo test --test it graphql::sdl and commit it"
+    );
+}
+
+/// A `/graphql/ws` message is bounded like a `/graphql` body (a mutation carries content):
+/// one over it is answered with close 1009, not read whole or dropped without a word.
+async fn graphql_websocket_messages_are_bounded(backend: Backend) {
+    let url = fresh_database(backend).await;
+    // Body limit: twice the record limit plus 1 MiB.
+    let app = TestApp::spawn_on(&url, &[("WEBPODS_MAX_RECORD_BYTES", "1024")]).await;
+    let mut ws = ws_connect(&app, json!({})).await;
+    // Within the limit: answered.
+    let ping = json!({ "type": "ping", "payload": { "pad": "x".repeat(500_000) } });
+    ws.send(Message::text(ping.to_string())).await.unwrap();
+    assert_eq!(ws_next(&mut ws).await["type"], "pong");
+    let big = json!({ "type": "ping", "payload": { "pad": "x".repeat(1_200_000) } });
+    // The server may close before the whole message is written.
+    let _ = ws.send(Message::text(big.to_string())).await;
+    let m = ws_next(&mut ws).await;
+    assert_eq!(
+        (m["type"].as_str(), m["code"].as_u64()),
+        (Some("closed"), Some(1009)),
+        "{m}"
     );
 }

@@ -604,6 +604,15 @@ async fn event_stream_is_chosen_by_weight_and_reads_keep_their_parameters(backen
     assert_eq!((&v["valid"], &v["length"]), (&json!(true), &json!(2)));
     let r = get("/rd?i=1", "text/event-stream").await.expect("by index");
     assert_eq!(r.text().await.expect("body"), "b1");
+    let r = get("/?recursive=true", "text/event-stream")
+        .await
+        .expect("recursive list");
+    let v: Value = r.json().await.expect("a recursive list, not a tail");
+    assert_eq!(v["records"].as_array().map(Vec::len), Some(2), "{v}");
+    let r = get("/rd/a", "application/json, text/event-stream")
+        .await
+        .expect("a tie");
+    assert_eq!(r.text().await.expect("body"), "a1");
     // A tail when SSE weighs most.
     let r = get("/rd", "text/event-stream, */*;q=0.5")
         .await
