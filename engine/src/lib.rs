@@ -414,7 +414,12 @@ impl Engine {
     pub async fn transfer_owner(&self, caller: &Caller, pod: &str, new_owner: &str) -> Result<()> {
         let pod = self.pod(pod).await?;
         let user = require_owner(&pod, caller)?;
-        if self.inner.store.get_user(new_owner).await?.is_none() {
+        // User ids are UUIDs, stored in their lowercase form: `1C11D658-…` names `1c11d658-…`.
+        let new_owner = match uuid::Uuid::parse_str(new_owner) {
+            Ok(id) => id.hyphenated().to_string(),
+            Err(_) => new_owner.to_string(),
+        };
+        if self.inner.store.get_user(&new_owner).await?.is_none() {
             return Err(Error::new(ErrorKind::UserNotFound, "no such user"));
         }
         let content = serde_json::json!({ "userId": new_owner });

@@ -724,8 +724,9 @@ async fn permission_streams(backend: Backend) {
         read(&bob).await.expect("read again, cache warm").status(),
         403
     );
+    // The id in upper case names bob too.
     assert_eq!(
-        grant(json!({ "userId": bob_id, "read": true }))
+        grant(json!({ "userId": bob_id.to_uppercase(), "read": true }))
             .await
             .expect("grant")
             .status(),

@@ -28,7 +28,8 @@ async fn ownership_transfer(backend: Backend) {
         .await
         .expect("unknown");
     assert_eq!(error_code(r).await, (404, "USER_NOT_FOUND".into()));
-    let r = transfer(&app.token, &bob_id)
+    // A user id names the same user in any case (UUIDs are case-insensitive).
+    let r = transfer(&app.token, &bob_id.to_uppercase())
         .send()
         .await
         .expect("transfer");
