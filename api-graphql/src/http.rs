@@ -74,11 +74,54 @@ impl Executor for Coded {
             return futures::stream::once(async move { Response::from_errors(vec![error]) })
                 .boxed();
         }
+        if let Some(n) = subscription_root_fields(&request.query).filter(|n| *n != 1) {
+            let coded = crate::error::coded(
+                crate::error::VALIDATION_FAILED,
+                format!("a subscription selects exactly one root field, not {n}"),
+            );
+            let mut error = async_graphql::ServerError::new(coded.message, None);
+            error.extensions = coded.extensions;
+            return futures::stream::once(async move { Response::from_errors(vec![error]) })
+                .boxed();
+        }
         self.0
             .execute_stream_with_session_data(request, session_data.unwrap_or_default())
             .map(add_codes)
             .boxed()
     }
+}
+
+/// The most root fields a subscription operation of `query` selects (fragments expanded), if
+/// it has a subscription; the GraphQL spec allows exactly one ("Single root field"), and
+/// async-graphql does not check it: two would each yield `data: null`.
+fn subscription_root_fields(query: &str) -> Option<usize> {
+    use async_graphql::parser::types::{OperationType, Selection, SelectionSet};
+    fn count(
+        set: &SelectionSet,
+        doc: &async_graphql::parser::types::ExecutableDocument,
+        depth: usize,
+    ) -> usize {
+        if depth > 16 {
+            return 0; // a fragment cycle, which validation reports
+        }
+        set.items
+            .iter()
+            .map(|item| match &item.node {
+                Selection::Field(_) => 1,
+                Selection::InlineFragment(f) => count(&f.node.selection_set.node, doc, depth + 1),
+                Selection::FragmentSpread(s) => doc
+                    .fragments
+                    .get(&s.node.fragment_name.node)
+                    .map_or(0, |f| count(&f.node.selection_set.node, doc, depth + 1)),
+            })
+            .sum()
+    }
+    let doc = async_graphql::parser::parse_query(query).ok()?;
+    doc.operations
+        .iter()
+        .filter(|(_, op)| op.node.ty == OperationType::Subscription)
+        .map(|(_, op)| count(&op.node.selection_set.node, &doc, 0))
+        .max()
 }
 
 pub(crate) fn router(schema: WebPodsSchema, engine: Engine, config: GraphqlConfig) -> Router {

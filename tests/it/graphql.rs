@@ -29,6 +29,7 @@ both_backends!(
     graphql_shutdown_delivers_acknowledged_records_first,
     graphql_field_errors_are_null_in_place,
     graphql_websocket_messages_are_bounded,
+    graphql_subscriptions_select_one_root_field,
 );
 
 /// A GraphQL request to the main domain; returns the response body.
@@ -1901,4 +1902,50 @@ async fn graphql_websocket_messages_are_bounded(backend: Backend) {
         (Some("closed"), Some(1009)),
         "{m}"
     );
+}
+
+/// A subscription selects exactly one root field (GraphQL spec, "Single root field"); two
+/// would each yield `data: null` and lose their records without an error.
+async fn graphql_subscriptions_select_one_root_field(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("one").await;
+    app.append("one", "/a/r0", "x").await;
+    let mut ws = ws_connect(
+        &app,
+        json!({ "Authorization": format!("Bearer {}", app.token) }),
+    )
+    .await;
+    let send = |id: &str, query: &str| {
+        Message::text(
+            json!({ "id": id, "type": "subscribe", "payload": { "query": query } }).to_string(),
+        )
+    };
+    for (id, query) in [
+        (
+            "two",
+            r#"subscription { a: records(pod: "one", stream: "a") { index } b: records(pod: "one", stream: "a") { index } }"#,
+        ),
+        (
+            "spread",
+            r#"subscription { ...F } fragment F on Subscription { a: records(pod: "one", stream: "a") { index } b: records(pod: "one", stream: "a") { index } }"#,
+        ),
+    ] {
+        ws.send(send(id, query)).await.unwrap();
+        let m = ws_next(&mut ws).await;
+        assert_eq!(m["id"], id, "{m}");
+        assert_eq!(code(&m["payload"]), "GRAPHQL_VALIDATION_FAILED", "{m}");
+        let m = ws_next(&mut ws).await;
+        assert_eq!(
+            (m["type"].as_str(), m["id"].as_str()),
+            (Some("complete"), Some(id))
+        );
+    }
+    ws.send(send(
+        "ok",
+        r#"subscription { records(pod: "one", stream: "a") { index } }"#,
+    ))
+    .await
+    .unwrap();
+    let m = ws_next(&mut ws).await;
+    assert_eq!(m["payload"]["data"]["records"]["index"], 0, "{m}");
 }
