@@ -404,28 +404,12 @@ impl SqliteStore {
     ) -> Result<Vec<(String, String, i64)>> {
         let mut tx = self.begin().await?;
         for d in deltas {
-            sqlx::query(
-                "INSERT INTO rate_counts (caller, action, slice, count) VALUES (?, ?, ?, ?) \
-                 ON CONFLICT (caller, action, slice) DO UPDATE SET count = count + excluded.count",
-            )
-            .bind(&d.caller)
-            .bind(&d.action)
-            .bind(d.slice)
-            .bind(d.count)
-            .execute(&mut *tx)
-            .await?;
+            sqlite_add_count(&mut tx, d).await?;
         }
         let mut totals = Vec::with_capacity(keys.len());
         for (caller, action) in keys {
-            let sum: Option<i64> = sqlx::query_scalar(
-                "SELECT SUM(count) FROM rate_counts WHERE caller = ? AND action = ? AND slice >= ?",
-            )
-            .bind(caller)
-            .bind(action)
-            .bind(since)
-            .fetch_one(&mut *tx)
-            .await?;
-            totals.push((caller.clone(), action.clone(), sum.unwrap_or(0)));
+            let sum = sqlite_window_total(&mut tx, caller, action, since).await?;
+            totals.push((caller.clone(), action.clone(), sum));
         }
         tx.commit().await?;
         Ok(totals)
@@ -439,28 +423,11 @@ impl SqliteStore {
     ) -> Result<(bool, i64)> {
         // One writer connection: transactions take turns.
         let mut tx = self.begin().await?;
-        let total: Option<i64> = sqlx::query_scalar(
-            "SELECT SUM(count) FROM rate_counts WHERE caller = ? AND action = ? AND slice >= ?",
-        )
-        .bind(&d.caller)
-        .bind(&d.action)
-        .bind(since)
-        .fetch_one(&mut *tx)
-        .await?;
-        let total = total.unwrap_or(0);
+        let total = sqlite_window_total(&mut tx, &d.caller, &d.action, since).await?;
         if total.saturating_add(d.count) > limit {
             return Ok((false, total));
         }
-        sqlx::query(
-            "INSERT INTO rate_counts (caller, action, slice, count) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (caller, action, slice) DO UPDATE SET count = count + excluded.count",
-        )
-        .bind(&d.caller)
-        .bind(&d.action)
-        .bind(d.slice)
-        .bind(d.count)
-        .execute(&mut *tx)
-        .await?;
+        sqlite_add_count(&mut tx, d).await?;
         tx.commit().await?;
         Ok((true, total + d.count))
     }
@@ -476,4 +443,40 @@ impl SqliteStore {
         .fetch_all(&self.readers)
         .await?)
     }
+}
+
+/// Adds a delta to its (caller, action, slice) count (SQLite).
+async fn sqlite_add_count(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    d: &RateDelta,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO rate_counts (caller, action, slice, count) VALUES (?, ?, ?, ?) \
+         ON CONFLICT (caller, action, slice) DO UPDATE SET count = count + excluded.count",
+    )
+    .bind(&d.caller)
+    .bind(&d.action)
+    .bind(d.slice)
+    .bind(d.count)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A (caller, action)'s total over slices `>= since` (SQLite).
+async fn sqlite_window_total(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    caller: &str,
+    action: &str,
+    since: i64,
+) -> Result<i64> {
+    let sum: Option<i64> = sqlx::query_scalar(
+        "SELECT SUM(count) FROM rate_counts WHERE caller = ? AND action = ? AND slice >= ?",
+    )
+    .bind(caller)
+    .bind(action)
+    .bind(since)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(sum.unwrap_or(0))
 }
