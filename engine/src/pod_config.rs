@@ -75,6 +75,14 @@ impl Engine {
                     format!("route target {to:?} must be stream/name, stream or stream?query"),
                 ));
             }
+            if let Some((_, query)) = to.split_once('?')
+                && let Err(problem) = check_target_query(query)
+            {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("route target {to:?}: {problem}"),
+                ));
+            }
         }
         let content = serde_json::to_value(&routes)
             .map_err(|e| Error::Internal(format!("encoding routes: {e}")))?;
@@ -204,6 +212,36 @@ impl Engine {
 }
 
 /// A DNS name: dot-separated labels of `[a-z0-9-]`, not starting or ending with `-`.
+/// The query of a route target holds only read parameters, each well formed: a route is read
+/// by everyone, so a mistake found at write time is told to the owner instead of to readers.
+fn check_target_query(query: &str) -> std::result::Result<(), String> {
+    let index = |v: &str| v.trim().parse::<i64>().is_ok();
+    let positive = |v: &str| v.trim().parse::<i64>().is_ok_and(|n| n > 0);
+    let flag = |v: &str| matches!(v, "" | "true" | "false" | "1" | "0");
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        let ok = match k.as_ref() {
+            "i" => match v.split_once(':') {
+                Some((a, b)) => index(a) && index(b),
+                None => index(&v),
+            },
+            "after" | "before" => index(&v),
+            "limit" | "maxContentSize" => positive(&v),
+            "unique" | "recursive" | "verify" => flag(&v),
+            "fields" => v
+                .split(',')
+                .map(str::trim)
+                .filter(|f| !f.is_empty())
+                .all(|f| crate::model::RECORD_FIELDS.contains(&f)),
+            "cursor" => true,
+            other => return Err(format!("{other:?} is not a read parameter")),
+        };
+        if !ok {
+            return Err(format!("bad value {v:?} for {k}"));
+        }
+    }
+    Ok(())
+}
+
 fn is_valid_domain(d: &str) -> bool {
     // An IP address is always the main domain (never a pod's): it could never serve one.
     d.parse::<std::net::IpAddr>().is_err()
@@ -231,6 +269,23 @@ mod tests {
         assert!(!super::is_valid_domain("-a.com"));
         assert!(!super::is_valid_domain("a..com"));
         assert!(!super::is_valid_domain("127.0.0.1"));
+        for ok in [
+            "i=0",
+            "i=-3:-1",
+            "fields=index,content&maxContentSize=4&limit=1",
+            "verify=true",
+        ] {
+            assert_eq!(super::check_target_query(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "i=abc",
+            "limit=0",
+            "fields=bogus",
+            "verify=maybe",
+            "batch=true",
+        ] {
+            assert!(super::check_target_query(bad).is_err(), "{bad}");
+        }
         assert!(!super::is_valid_domain("10.0.0.300"));
         assert!(super::is_valid_domain("123.example.com"));
     }

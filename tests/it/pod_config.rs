@@ -135,6 +135,15 @@ async fn routing_links(backend: Backend) {
             .expect("bad key");
         assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()), "{key}");
     }
+    // So is a target whose query a read would refuse.
+    let r = app
+        .pod(Method::POST, "site", "/.config/routing")
+        .bearer_auth(&app.token)
+        .json(&json!({ "/bad": "homepage?i=abc" }))
+        .send()
+        .await
+        .expect("bad target query");
+    assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()));
     // Writes to the routing stream only go through the endpoint.
     let r = app
         .pod(Method::POST, "site", "/.config/routing/routes")
