@@ -90,19 +90,33 @@ pub fn app_with_live(
     let mut pods = pod_routes::router(state.clone());
     if let Some(live) = pod_live {
         let reads = pods;
+        let engine = state.engine.clone();
         pods = Router::new().fallback(move |req: axum::extract::Request| {
             // A path that does not decode goes to the pod routes, which say why.
-            let target = if req.method() == axum::http::Method::GET
+            let path = decoded_path(req.uri().path())
+                .ok()
+                .filter(|p| !pod_routes::reserved_on_pod_host(p));
+            let wants_live = req.method() == axum::http::Method::GET
                 && is_live_request(req.headers())
-                && !(is_sse_only(req.headers()) && has_read_parameters(req.uri().query()))
-                && decoded_path(req.uri().path())
-                    .is_ok_and(|p| !pod_routes::reserved_on_pod_host(&p))
-            {
-                live.clone()
-            } else {
-                reads.clone()
-            };
+                && !(is_sse_only(req.headers()) && has_read_parameters(req.uri().query()));
+            // SSE asked of a path that is not a stream (a record, or nothing) is a read: the
+            // read serves the record or says what is missing. A WebSocket tail says it itself.
+            let check_stream = is_sse_only(req.headers());
+            let pod = req.extensions().get::<PodHost>().map(|p| p.0.clone());
+            let (live, reads, engine) = (live.clone(), reads.clone(), engine.clone());
             async move {
+                let target = match (wants_live, path, pod) {
+                    (true, Some(path), Some(pod)) => {
+                        let stream = path.trim_matches('/');
+                        if !check_stream || engine.is_stream(&pod, stream).await {
+                            live
+                        } else {
+                            reads
+                        }
+                    }
+                    (true, Some(_), None) => live,
+                    _ => reads,
+                };
                 match tower::ServiceExt::oneshot(target, req).await {
                     Ok(resp) => resp,
                     Err(never) => match never {},

@@ -813,6 +813,18 @@ impl Engine {
 
     // ----- reads ----------------------------------------------------------------------------
 
+    /// Whether `path` names an existing stream of `pod`, whoever asks (for a frontend choosing
+    /// between a live tail and a read; the read or the tail then checks permissions).
+    pub async fn is_stream(&self, pod: &str, path: &str) -> bool {
+        if check_stream_path(path).is_err() {
+            return false;
+        }
+        let Ok(pod) = self.pod(pod).await else {
+            return false;
+        };
+        matches!(self.stream(&pod, path).await, Ok(Some(_)))
+    }
+
     /// What a GET of `path` on a pod host addresses: a stream, or a record name in a stream.
     pub async fn resolve(&self, caller: &Caller, pod: &str, path: &str) -> Result<Target> {
         let pod = self.pod(pod).await?;

@@ -613,6 +613,14 @@ async fn event_stream_is_chosen_by_weight_and_reads_keep_their_parameters(backen
         .await
         .expect("a tie");
     assert_eq!(r.text().await.expect("body"), "a1");
+    // A record path is no stream to tail: SSE asked of it reads the record.
+    let r = get("/rd/a", "text/event-stream, */*;q=0.1")
+        .await
+        .expect("record with SSE preferred");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.expect("body"), "a1");
+    let r = get("/rd/none", "text/event-stream").await.expect("nothing");
+    assert_eq!(error_code(r).await, (404, "RECORD_NOT_FOUND".into()));
     // A tail when SSE weighs most.
     let r = get("/rd", "text/event-stream, */*;q=0.5")
         .await
