@@ -194,7 +194,7 @@ impl Engine {
     ) -> Result<()> {
         check_stream_path(stream_path)?;
         check_record_name(name)?;
-        let pod = self.pod(pod).await?;
+        let pod = self.owner_checked_pod(pod).await?;
         let user = require_owner(&pod, caller)?;
         if is_system_path(stream_path) {
             return Err(forbidden(".config records cannot be deleted"));
@@ -242,7 +242,7 @@ impl Engine {
     /// Removes a stream, its descendants and their records. Owner only; not `.config`.
     pub async fn delete_stream(&self, caller: &Caller, pod: &str, path: &str) -> Result<()> {
         check_stream_path(path)?;
-        let pod = self.pod(pod).await?;
+        let pod = self.owner_checked_pod(pod).await?;
         require_owner(&pod, caller)?;
         if is_system_path(path) {
             return Err(forbidden(".config streams cannot be deleted"));
@@ -263,7 +263,7 @@ impl Engine {
 
     /// Removes a pod with all its streams and records. Owner only.
     pub async fn delete_pod(&self, caller: &Caller, pod: &str) -> Result<()> {
-        let pod = self.pod(pod).await?;
+        let pod = self.owner_checked_pod(pod).await?;
         require_owner(&pod, caller)?;
         self.inner.store.delete_pod(pod.id).await?;
         self.changed(Change::Streams).await;

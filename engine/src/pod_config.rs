@@ -33,7 +33,7 @@ pub type Routes = BTreeMap<String, String>;
 impl Engine {
     /// Replaces the pod's routing map (owner only).
     pub async fn set_routing(&self, caller: &Caller, pod: &str, routes: Routes) -> Result<()> {
-        let pod = self.pod(pod).await?;
+        let pod = self.owner_checked_pod(pod).await?;
         let user = require_owner(&pod, caller)?;
         if routes.len() > MAX_ROUTES {
             return Err(Error::new(
@@ -136,7 +136,7 @@ impl Engine {
         pod: &str,
         domains: Vec<String>,
     ) -> Result<()> {
-        let pod = self.pod(pod).await?;
+        let pod = self.owner_checked_pod(pod).await?;
         let user = require_owner(&pod, caller)?;
         let mut domains: Vec<String> = domains
             .iter()

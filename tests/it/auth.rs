@@ -846,6 +846,24 @@ async fn permission_changes_reach_every_instance() {
         .await
         .expect("transfer");
     assert_eq!(r.status(), 201);
+    // Owner-only decisions read the owner of record: on B at once, without waiting for the
+    // notice (B's pod cache is warm from the reads above).
+    let r = b
+        .pod(Method::POST, "club", "/.config/notes/n")
+        .bearer_auth(&a.token)
+        .body("x")
+        .send()
+        .await
+        .expect("old owner's .config write");
+    assert_eq!(error_code(r).await, (403, "FORBIDDEN".into()));
+    let r = b
+        .pod(Method::POST, "club", "/.config/routing")
+        .bearer_auth(&bob)
+        .json(&json!({ "/welcome": "room/hello" }))
+        .send()
+        .await
+        .expect("new owner's routes");
+    assert_eq!(r.status(), 201);
     wait_for(|| async {
         let r = b
             .pod(Method::DELETE, "club", "/room/hello")
