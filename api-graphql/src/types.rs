@@ -103,14 +103,15 @@ impl PodObj {
     }
     /// Streams of the pod the caller may read, ordered by path: those under `prefix` (a stream
     /// path; default: the whole pod), all descendants (`recursive`, default) or only direct
-    /// children. The root stream itself is `stream(path: "")`.
+    /// children. The root stream itself is `stream(path: "")`. `null` with the error beside
+    /// it (a bad `prefix`), so that the pod's other fields survive.
     #[graphql(complexity = "STREAMS_FACTOR * child_complexity + 1")]
     async fn streams(
         &self,
         ctx: &Context<'_>,
         prefix: Option<String>,
         recursive: Option<bool>,
-    ) -> Result<Vec<StreamObj>> {
+    ) -> Result<Option<Vec<StreamObj>>> {
         let recursive = recursive.unwrap_or(true);
         list_streams(
             ctx,
@@ -119,10 +120,12 @@ impl PodObj {
             recursive,
         )
         .await
+        .map(Some)
     }
-    /// One stream by path (`""` = the root stream).
-    async fn stream(&self, ctx: &Context<'_>, path: String) -> Result<StreamObj> {
-        open_stream(ctx, &self.0.name, &path).await
+    /// One stream by path (`""` = the root stream). `null` with the error beside it
+    /// (`STREAM_NOT_FOUND`, `FORBIDDEN`…), so that the pod's other fields survive.
+    async fn stream(&self, ctx: &Context<'_>, path: String) -> Result<Option<StreamObj>> {
+        open_stream(ctx, &self.0.name, &path).await.map(Some)
     }
 }
 

@@ -1793,6 +1793,20 @@ async fn graphql_field_errors_are_null_in_place(backend: Backend) {
         json!({ "stream": { "record": null } }),
         "{body}"
     );
+    // A missing stream under a pod is null in place; the pod and its other fields stay.
+    let body = gql(
+        &app,
+        t,
+        r#"{ pod(name: "errs") { name missing: stream(path: "nope") { path } found: stream(path: "s") { path } } }"#,
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        body["data"]["pod"],
+        json!({ "name": "errs", "missing": null, "found": { "path": "s" } }),
+        "{body}"
+    );
+    assert_eq!(code(&body), "STREAM_NOT_FOUND");
     // A purged record's text is null in place.
     let body = gql(
         &app,
