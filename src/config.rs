@@ -504,8 +504,10 @@ impl Config {
         };
         // A limit of 0 would refuse every request it applies to: a typo, not a setting.
         let parse_limit = |k: &str, default: u64, errors: &mut Vec<String>| -> u64 {
+            let reported = errors.len();
             let v = parse(k, default, errors);
-            if v == 0 && lookup(k).is_some_and(|(raw, _)| raw.trim().parse::<u64>().is_ok()) {
+            // 0 with no error recorded: a 0 was given (a bad number is reported already).
+            if v == 0 && errors.len() == reported {
                 let origin = lookup(k).map_or(Origin::Env, |(_, o)| o);
                 errors.push(format!("{}: must be at least 1", name(k, &origin)));
             }
@@ -564,10 +566,7 @@ impl Config {
             })
             .unwrap_or_default();
         for h in &allowed_record_headers {
-            let token = h
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-            if !token {
+            if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
                 errors.push(format!(
                     "WEBPODS_ALLOWED_RECORD_HEADERS (server.allowed_record_headers): {h:?} is \
                      not a header name (letters, digits and !#$%&'*+-.^_`|~ only)"

@@ -188,10 +188,7 @@ impl Server {
             engine.clone(),
             webpods_api_graphql::GraphqlConfig {
                 max_subscriptions_per_connection: config.live.max_subscriptions_per_connection,
-                ..webpods_api_graphql::GraphqlConfig::new(
-                    MainHost(config.main_host()),
-                    config.engine.max_record_bytes,
-                )
+                ..webpods_api_graphql::GraphqlConfig::new(config.engine.max_record_bytes)
             },
         );
         let router = webpods_api_rest::app_with_live(

@@ -29,7 +29,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use futures::stream::BoxStream;
 use futures::{SinkExt, StreamExt};
-use webpods_api_rest::{ApiError, HostKind, token_of};
+use webpods_api_rest::{ApiError, token_of};
 use webpods_engine::clock::now_ms;
 use webpods_engine::{CLOSE_GRACE, Engine, Error, ErrorKind};
 
@@ -68,27 +68,26 @@ impl Executor for Coded {
             .and_then(|rc| rc.token_expires_at);
         if expires_at.is_some_and(|exp| exp <= now_ms() / 1000) {
             let expired = Error::new(ErrorKind::TokenExpired, "the token has expired");
-            let coded = gql(expired);
-            let mut error = async_graphql::ServerError::new(coded.message, None);
-            error.extensions = coded.extensions;
-            return futures::stream::once(async move { Response::from_errors(vec![error]) })
-                .boxed();
+            return refused(gql(expired));
         }
         if let Some(n) = subscription_root_fields(&request.query).filter(|n| *n != 1) {
-            let coded = crate::error::coded(
+            return refused(crate::error::coded(
                 crate::error::VALIDATION_FAILED,
                 format!("a subscription selects exactly one root field, not {n}"),
-            );
-            let mut error = async_graphql::ServerError::new(coded.message, None);
-            error.extensions = coded.extensions;
-            return futures::stream::once(async move { Response::from_errors(vec![error]) })
-                .boxed();
+            ));
         }
         self.0
             .execute_stream_with_session_data(request, session_data.unwrap_or_default())
             .map(add_codes)
             .boxed()
     }
+}
+
+/// An operation refused before it ran: one response carrying `error`.
+fn refused(error: async_graphql::Error) -> BoxStream<'static, Response> {
+    let mut server_error = async_graphql::ServerError::new(error.message, None);
+    server_error.extensions = error.extensions;
+    futures::stream::once(async move { Response::from_errors(vec![server_error]) }).boxed()
 }
 
 /// The most root fields a subscription operation of `query` selects (fragments expanded), if
@@ -225,20 +224,6 @@ async fn post_graphql(
     out
 }
 
-/// Whether the upgrade's `Origin` (if any) is a page of the main domain.
-fn same_origin(headers: &HeaderMap, config: &GraphqlConfig) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
-        return true; // not a browser page
-    };
-    let host = origin
-        .split_once("://")
-        .map_or(origin, |(_, rest)| rest)
-        .split('/')
-        .next()
-        .unwrap_or("");
-    config.main_host.classify(Some(host)) == HostKind::Main
-}
-
 async fn websocket(
     State(st): State<GqlState>,
     ClientIp(ip): ClientIp,
@@ -255,12 +240,9 @@ async fn websocket(
             "Sec-WebSocket-Protocol must be graphql-transport-ws or graphql-ws",
         );
     };
-    // A pod's pages are same-site with the main domain: never let them ride the cookie.
-    let token = if same_origin(&headers, &st.config) {
-        token_of(&headers, false)
-    } else {
-        bearer_only(&headers)
-    };
+    // A pod's pages are same-site with the main domain: `token_of` lets the cookie count only
+    // for pages of this host.
+    let token = token_of(&headers, false);
     let auth = match Authenticated::new(&st.engine, token.as_deref()) {
         Ok(a) => a,
         Err(e) => return ApiError(e).into_response(),
@@ -462,8 +444,6 @@ impl TransportWs {
         }
     }
 
-    /// Called when the `connection_init` timeout passes: true (and the socket is to close
-    /// with 4408) unless the client sent `connection_init`.
     /// The client's socket failed: remembered when it was a message over the size limit.
     fn read_failed(&self, e: &axum::Error) {
         let too_big = std::error::Error::source(e)
@@ -474,6 +454,8 @@ impl TransportWs {
         }
     }
 
+    /// Called when the `connection_init` timeout passes: true (and the socket is to close
+    /// with 4408) unless the client sent `connection_init`.
     fn init_timed_out(&self) -> bool {
         let mut state = self.state();
         state.init_timed_out = !state.initialised;
@@ -528,15 +510,6 @@ fn chosen_protocol(headers: &HeaderMap) -> Option<&str> {
         .split(',')
         .map(str::trim)
         .find(|p| matches!(*p, "graphql-transport-ws" | "graphql-ws"))
-}
-
-/// The `Authorization` header only (no cookie).
-fn bearer_only(headers: &HeaderMap) -> Option<String> {
-    let mut only = HeaderMap::new();
-    if let Some(v) = headers.get(header::AUTHORIZATION) {
-        only.insert(header::AUTHORIZATION, v.clone());
-    }
-    token_of(&only, false)
 }
 
 /// `connection_init` with `{"Authorization": "Bearer <token>"}` replaces the caller of the

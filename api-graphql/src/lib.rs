@@ -21,7 +21,6 @@ mod types;
 
 use async_graphql::Schema;
 use axum::Router;
-use webpods_api_rest::MainHost;
 use webpods_engine::Engine;
 
 pub use query::{MutationRoot, QueryRoot};
@@ -48,8 +47,6 @@ pub(crate) fn page_complexity(first: Option<i32>, last: Option<i32>) -> usize {
 /// Settings of the GraphQL frontend.
 #[derive(Debug, Clone)]
 pub struct GraphqlConfig {
-    /// The main domain: cookies authenticate WebSocket upgrades only from its pages.
-    pub main_host: MainHost,
     /// Deepest selection nesting accepted (introspection needs about 13).
     pub max_depth: usize,
     /// Largest complexity accepted: fields counted once each, record pages multiplied by
@@ -65,9 +62,8 @@ pub struct GraphqlConfig {
 
 impl GraphqlConfig {
     /// Defaults sized for an engine's `max_record_bytes`.
-    pub fn new(main_host: MainHost, max_record_bytes: usize) -> Self {
+    pub fn new(max_record_bytes: usize) -> Self {
         GraphqlConfig {
-            main_host,
             max_depth: 15,
             max_complexity: 20_000,
             max_body_bytes: max_record_bytes

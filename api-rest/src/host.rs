@@ -28,12 +28,6 @@ pub enum HostKind {
 }
 
 impl MainHost {
-    /// `true` for the main domain itself and every name under it.
-    pub fn covers(&self, domain: &str) -> bool {
-        let d = domain.trim().to_ascii_lowercase();
-        d == self.0 || d.ends_with(&format!(".{}", self.0))
-    }
-
     /// Classifies a `Host` header value.
     pub fn classify(&self, host: Option<&str>) -> HostKind {
         let Some(host) = host else {

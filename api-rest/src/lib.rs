@@ -96,26 +96,23 @@ pub fn app_with_live(
             let path = decoded_path(req.uri().path())
                 .ok()
                 .filter(|p| !pod_routes::reserved_on_pod_host(p));
-            let wants_live = req.method() == axum::http::Method::GET
-                && is_live_request(req.headers())
-                && !(is_sse_only(req.headers()) && has_read_parameters(req.uri().query()));
             // SSE asked of a path that is not a stream (a record, or nothing) is a read: the
             // read serves the record or says what is missing. A WebSocket tail says it itself.
             let check_stream = is_sse_only(req.headers());
             let pod = req.extensions().get::<PodHost>().map(|p| p.0.clone());
+            let target = match (asks_for_a_tail(&req), path, pod) {
+                (true, Some(path), Some(pod)) if check_stream => {
+                    Err((path.trim_matches('/').to_string(), pod))
+                }
+                (true, Some(_), _) => Ok(live.clone()),
+                _ => Ok(reads.clone()),
+            };
             let (live, reads, engine) = (live.clone(), reads.clone(), engine.clone());
             async move {
-                let target = match (wants_live, path, pod) {
-                    (true, Some(path), Some(pod)) => {
-                        let stream = path.trim_matches('/');
-                        if !check_stream || engine.is_stream(&pod, stream).await {
-                            live
-                        } else {
-                            reads
-                        }
-                    }
-                    (true, Some(_), None) => live,
-                    _ => reads,
+                let target = match target {
+                    Ok(target) => target,
+                    Err((stream, pod)) if engine.is_stream(&pod, &stream).await => live,
+                    Err(_) => reads,
                 };
                 match tower::ServiceExt::oneshot(target, req).await {
                     Ok(resp) => resp,
@@ -130,37 +127,29 @@ pub fn app_with_live(
 /// Whether a request asks for a live tail (SPEC §4.4): a WebSocket upgrade, or SSE
 /// ([`prefers_event_stream`]).
 pub fn is_live_request(headers: &axum::http::HeaderMap) -> bool {
-    let upgrade = headers
+    is_websocket_upgrade(headers) || prefers_event_stream(headers)
+}
+
+/// A GET that is a tail rather than a read: [`is_live_request`], unless it is SSE with a
+/// parameter only reads take (`?verify=true`, `?i=N`, `?recursive=true`…: answered as reads,
+/// not silently dropped by a tail). Whether the path is a stream is decided later.
+pub(crate) fn asks_for_a_tail(req: &axum::extract::Request) -> bool {
+    req.method() == axum::http::Method::GET
+        && is_live_request(req.headers())
+        && !(is_sse_only(req.headers()) && pod_routes::has_read_only_parameters(req.uri().query()))
+}
+
+fn is_websocket_upgrade(headers: &axum::http::HeaderMap) -> bool {
+    headers
         .get_all(axum::http::header::UPGRADE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| v.to_ascii_lowercase().contains("websocket"));
-    upgrade || prefers_event_stream(headers)
+        .any(|v| v.to_ascii_lowercase().contains("websocket"))
 }
 
 /// SSE without a WebSocket upgrade.
 fn is_sse_only(headers: &axum::http::HeaderMap) -> bool {
-    !headers.contains_key(axum::http::header::UPGRADE) && prefers_event_stream(headers)
-}
-
-/// Parameters that only a read takes, never a pod host's live tail (which takes `after` and
-/// `afterHash`; recursive tails are `/ws` subscriptions): `?verify=true`, `?i=N` or
-/// `?recursive=true` asked for with an SSE `Accept` are answered as reads, not silently
-/// dropped by a tail.
-fn has_read_parameters(query: Option<&str>) -> bool {
-    const READ_ONLY: [&str; 9] = [
-        "i",
-        "verify",
-        "unique",
-        "limit",
-        "before",
-        "fields",
-        "maxContentSize",
-        "cursor",
-        "recursive",
-    ];
-    url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
-        .any(|(k, _)| READ_ONLY.contains(&k.as_ref()))
+    !is_websocket_upgrade(headers) && prefers_event_stream(headers)
 }
 
 /// Whether `Accept` names `text/event-stream` with a weight (`q`) above zero and above every

@@ -130,17 +130,30 @@ struct Query {
     format: RecordFormat,
 }
 
+/// Whether a query holds a parameter that only reads take, never a pod host's live tail (which
+/// takes `after` and `afterHash`; recursive tails are `/ws` subscriptions). A query that does
+/// not parse is the read's to refuse.
+pub(crate) fn has_read_only_parameters(query: Option<&str>) -> bool {
+    Query::parse(query).map_or(true, |q| {
+        q.pages_a_stream() || q.format.fields.is_some() || q.format.max_content_size.is_some()
+    })
+}
+
 impl Query {
-    /// Parameters that only a stream takes.
-    fn addresses_a_stream(&self) -> bool {
+    /// Parameters that select or page a stream's records (`after` aside, which tails take too).
+    fn pages_a_stream(&self) -> bool {
         self.i.is_some()
             || self.cursor.is_some()
-            || self.after.is_some()
             || self.before.is_some()
             || self.limit.is_some()
             || self.unique
             || self.recursive
             || self.verify
+    }
+
+    /// Parameters that only a stream takes.
+    fn addresses_a_stream(&self) -> bool {
+        self.pages_a_stream() || self.after.is_some()
     }
 
     fn parse(q: Option<&str>) -> Result<Query, ApiError> {

@@ -135,7 +135,7 @@ fn pod_route(req: &Request) -> &'static str {
     let config = path.starts_with(".config/") || path == ".config";
     match *req.method() {
         Method::GET | Method::HEAD => {
-            if crate::is_live_request(req.headers()) {
+            if crate::asks_for_a_tail(req) {
                 "pod_live"
             } else if path.trim_end_matches('/') == ".config/api/streams" {
                 "pod_streams"

@@ -414,11 +414,7 @@ impl Engine {
     pub async fn transfer_owner(&self, caller: &Caller, pod: &str, new_owner: &str) -> Result<()> {
         let pod = self.owner_checked_pod(pod).await?;
         let user = require_owner(&pod, caller)?;
-        // User ids are UUIDs, stored in their lowercase form: `1C11D658-…` names `1c11d658-…`.
-        let new_owner = match uuid::Uuid::parse_str(new_owner) {
-            Ok(id) => id.hyphenated().to_string(),
-            Err(_) => new_owner.to_string(),
-        };
+        let new_owner = names::canonical_user_id(new_owner);
         if self.inner.store.get_user(&new_owner).await?.is_none() {
             return Err(Error::new(ErrorKind::UserNotFound, "no such user"));
         }
@@ -749,7 +745,7 @@ impl Engine {
         {
             // Every frontend counted the request as a write before it came here; refused,
             // it wrote nothing.
-            self.rate_refund(&user.user_id, Action::Write);
+            self.rate_refund(&user.user_id, Action::Write, 1);
             return Err(e);
         }
         let mut created = false;
@@ -768,13 +764,12 @@ impl Engine {
                 CreateStream::Created(s) => (s, true),
                 CreateStream::Exists(s) => {
                     // Another request created it first: this one did not use its count.
-                    self.rate_refund(&user.user_id, Action::StreamCreate);
+                    self.rate_refund(&user.user_id, Action::StreamCreate, 1);
                     (s, false)
                 }
                 CreateStream::NameConflict => {
-                    for _ in i..missing.len() {
-                        self.rate_refund(&user.user_id, Action::StreamCreate);
-                    }
+                    let unused = u64::try_from(missing.len() - i).unwrap_or(u64::MAX);
+                    self.rate_refund(&user.user_id, Action::StreamCreate, unused);
                     return Err(Error::new(
                         ErrorKind::NameConflict,
                         format!("{prefix:?} is the name of a record in its parent stream"),

@@ -343,7 +343,7 @@ pub fn json_content_problem(content: &[u8]) -> Option<String> {
     while let Some(&c) = b.get(i) {
         i += 1;
         match (in_string, c) {
-            (false, b'"') | (true, b'"') => in_string = !in_string,
+            (_, b'"') => in_string = !in_string,
             (false, b'[' | b'{') => {
                 depth += 1;
                 if depth > MAX_JSON_DEPTH {

@@ -54,16 +54,15 @@ pub fn check_stream_path(path: &str) -> Result<()> {
     if path.is_empty() {
         return Ok(());
     }
-    // Each segment is a stream row, created on the first write below it: one request may
-    // create at most this many.
-    let depth = path.split('/').count();
-    if depth > MAX_PATH_SEGMENTS {
-        return Err(Error::new(
-            ErrorKind::InvalidPath,
-            format!("a stream path has at most {MAX_PATH_SEGMENTS} segments, not {depth}"),
-        ));
-    }
     for (i, seg) in path.split('/').enumerate() {
+        // Each segment is a stream row, created on the first write below it: one request may
+        // create at most this many.
+        if i == MAX_PATH_SEGMENTS {
+            return Err(Error::new(
+                ErrorKind::InvalidPath,
+                format!("a stream path has at most {MAX_PATH_SEGMENTS} segments"),
+            ));
+        }
         if !(is_valid_segment(seg) || (i == 0 && seg == CONFIG)) {
             return Err(Error::new(
                 ErrorKind::InvalidPath,
@@ -77,6 +76,15 @@ pub fn check_stream_path(path: &str) -> Result<()> {
 /// `true` for `.config` and everything under it.
 pub fn is_system_path(path: &str) -> bool {
     path == CONFIG || path.starts_with(".config/")
+}
+
+/// A user id as stored: UUIDs in their lowercase hyphenated form, whatever form names them
+/// (they are case-insensitive); anything else as it is.
+pub(crate) fn canonical_user_id(id: &str) -> String {
+    match uuid::Uuid::parse_str(id) {
+        Ok(u) => u.hyphenated().to_string(),
+        Err(_) => id.to_string(),
+    }
 }
 
 /// The parent path and last segment of a non-root path.

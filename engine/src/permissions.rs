@@ -71,12 +71,9 @@ impl Engine {
                     } else if !deleted.contains(&r.name)
                         && let Ok(g) = serde_json::from_slice::<Grant>(&r.content)
                     {
-                        // A UUID in any case names the same user.
-                        let user = match uuid::Uuid::parse_str(&g.user_id) {
-                            Ok(id) => id.hyphenated().to_string(),
-                            Err(_) => g.user_id,
-                        };
-                        grants.entry(user).or_insert((g.read, g.write));
+                        grants
+                            .entry(crate::names::canonical_user_id(&g.user_id))
+                            .or_insert((g.read, g.write));
                     }
                 }
                 let t = Arc::new(PermTable {

@@ -211,7 +211,6 @@ impl Engine {
     }
 }
 
-/// A DNS name: dot-separated labels of `[a-z0-9-]`, not starting or ending with `-`.
 /// The query of a route target holds only read parameters, each well formed: a route is read
 /// by everyone, so a mistake found at write time is told to the owner instead of to readers.
 fn check_target_query(query: &str) -> std::result::Result<(), String> {
@@ -242,10 +241,11 @@ fn check_target_query(query: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// A DNS name: dot-separated labels of `[a-z0-9-]`, not starting or ending with `-`, whose
+/// last label is not all digits — so never an IP address, which always names the main domain
+/// and could never serve a pod.
 fn is_valid_domain(d: &str) -> bool {
-    // An IP address is always the main domain (never a pod's): it could never serve one.
-    d.parse::<std::net::IpAddr>().is_err()
-        && d.len() <= 253
+    d.len() <= 253
         && d.contains('.')
         && !d
             .rsplit('.')

@@ -36,8 +36,8 @@ pub enum Action {
 }
 
 impl Action {
-    /// Counted by an atomic add in the database before the decision, so that every
-    /// instance's count is in it at once (see the module doc).
+    /// Decided in the database, one caller at a time, so that every instance's count is in
+    /// the decision (see the module doc).
     fn counted_in_the_database(self) -> bool {
         matches!(self, Action::PodCreate | Action::StreamCreate)
     }
@@ -153,11 +153,11 @@ impl RateLimiter {
         let limit = self.limits.limit(action);
         if n > limit {
             // It would never fit: no point in telling the caller to come back.
-            let reset = (now_ms() / SLICE_MS + WINDOW_SLICES) * SLICE_MS / 1000;
+            let reset = window_end(now_ms() / SLICE_MS);
             return Err(refusal(action, limit, n, limit, reset));
         }
         if action.counted_in_the_database() {
-            return self.check_in_the_database(caller, action, n).await;
+            return self.check_in_the_database(caller, action, limit, n).await;
         }
         let key = (caller.to_string(), action);
         let known = self.lock().contains_key(&key);
@@ -173,11 +173,10 @@ impl RateLimiter {
                 ..Counter::default()
             });
         }
-        let limit = self.limits.limit(action);
         let slice = now_ms() / SLICE_MS;
         // A sliding window has no moment when everything resets at once: the requests of this
         // slice are the last to leave it.
-        let reset = (slice + WINDOW_SLICES) * SLICE_MS / 1000;
+        let reset = window_end(slice);
         // Decided under the lock; a refusal then reads the database without it.
         let (free_at, local, left) = {
             let mut map = self.lock();
@@ -223,9 +222,9 @@ impl RateLimiter {
         &self,
         caller: &str,
         action: Action,
+        limit: u64,
         n: u64,
     ) -> Result<RateStatus> {
-        let limit = self.limits.limit(action);
         let slice = now_ms() / SLICE_MS;
         let since = slice - WINDOW_SLICES + 1;
         let delta = RateDelta {
@@ -241,7 +240,7 @@ impl RateLimiter {
             return Ok(RateStatus {
                 limit,
                 remaining: limit.saturating_sub(total),
-                reset: (slice + WINDOW_SLICES) * SLICE_MS / 1000,
+                reset: window_end(slice),
             });
         }
         let left = limit.saturating_sub(total);
@@ -251,16 +250,12 @@ impl RateLimiter {
         Err(refusal(action, limit, n, left, reset))
     }
 
-    /// Takes back one request of `caller` for `action` counted in this window: the request was
-    /// refused by another limit after it was counted (a write whose stream creation was
-    /// refused), so it used nothing.
-    pub(crate) fn refund(&self, caller: &str, action: Action) {
-        self.refund_n(caller, action, 1);
-    }
-
-    /// Takes back `n` requests (flushed as a negative count when they were flushed already).
-    /// A creation was counted in the database, so its key may not be held here yet.
-    fn refund_n(&self, caller: &str, action: Action, n: i64) {
+    /// Takes back `n` requests of `caller` for `action` counted in this window: they were
+    /// refused by another limit after they were counted (a write whose stream creation was
+    /// refused), so they used nothing. Flushed as a negative count when they were flushed
+    /// already; a creation was counted in the database, so its key may not be held here yet.
+    pub(crate) fn refund(&self, caller: &str, action: Action, n: u64) {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
         let slice = now_ms() / SLICE_MS;
         let mut map = self.lock();
         let key = (caller.to_string(), action);
@@ -295,7 +290,7 @@ impl RateLimiter {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(error = %e, "rate-limit slices could not be read");
-                return (slice + WINDOW_SLICES) * SLICE_MS / 1000;
+                return window_end(slice);
             }
         };
         free_at(stored.into_iter().chain(local), limit, wanted, slice)
@@ -421,11 +416,16 @@ impl crate::Engine {
     }
 
     /// Takes back a request counted by [`Engine::rate_limit`] that another limit then refused.
-    pub(crate) fn rate_refund(&self, caller: &str, action: Action) {
+    pub(crate) fn rate_refund(&self, caller: &str, action: Action, n: u64) {
         if let Some(l) = &self.inner.rate {
-            l.refund(caller, action);
+            l.refund(caller, action, n);
         }
     }
+}
+
+/// The unix second at which requests counted in `slice` leave the sliding window.
+fn window_end(slice: i64) -> i64 {
+    (slice + WINDOW_SLICES) * SLICE_MS / 1000
 }
 
 /// 429 `RATE_LIMIT_EXCEEDED` for `n` requests of which `left` would have fitted.
