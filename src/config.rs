@@ -438,8 +438,13 @@ impl Config {
                 ));
                 None
             });
-        let (public, origin) = lookup("WEBPODS_PUBLIC_URL")
-            .unwrap_or_else(|| ("http://localhost:3000".to_string(), Origin::Env));
+        // Unset, the public URL is the listen port on `localhost`, so the printed URL and the
+        // absolute links point where the server listens (port 0 has no port yet: 3000).
+        let (public, origin) = lookup("WEBPODS_PUBLIC_URL").unwrap_or_else(|| {
+            let port = listen.map_or(0, |l| l.port());
+            let port = if port == 0 { 3000 } else { port };
+            (format!("http://localhost:{port}"), Origin::Env)
+        });
         let public_url = match Url::parse(&public) {
             Ok(u) if u.host_str().is_some() && matches!(u.scheme(), "http" | "https") => Some(u),
             _ => {
@@ -828,6 +833,20 @@ mod tests {
         assert_eq!(c.rate_limits.write, 1000);
         assert_eq!(c.store.statement_timeout, Some(Duration::from_secs(30)));
         assert!(c.providers.is_empty());
+    }
+
+    #[test]
+    fn the_default_public_url_follows_the_listen_port() {
+        let c = with(&[("WEBPODS_LISTEN", "127.0.0.1:18080")]).expect("config");
+        assert_eq!(c.public_url.as_str(), "http://localhost:18080/");
+        let c = with(&[("WEBPODS_LISTEN", "127.0.0.1:0")]).expect("config");
+        assert_eq!(c.public_url.as_str(), "http://localhost:3000/");
+        let c = with(&[
+            ("WEBPODS_LISTEN", "127.0.0.1:18080"),
+            ("WEBPODS_PUBLIC_URL", "https://pods.example.com"),
+        ])
+        .expect("config");
+        assert_eq!(c.public_url.as_str(), "https://pods.example.com/");
     }
 
     #[test]

@@ -171,7 +171,14 @@ impl MutationRoot {
     async fn create_pod(&self, ctx: &Context<'_>, name: String) -> Result<Option<PodObj>> {
         charge(ctx, Action::PodCreate).await?;
         let (engine, rc) = parts(ctx)?;
-        engine.create_pod(&rc.caller, &name).await.gql()?;
+        if let Err(e) = engine.create_pod(&rc.caller, &name).await {
+            // Refused before anything was created (an invalid name, a name taken): the
+            // creation limit is not used up.
+            if !matches!(e.kind(), ErrorKind::Internal | ErrorKind::Unavailable) {
+                engine.rate_refund(&rc.rate_key, Action::PodCreate, 1).await;
+            }
+            return Err(e).gql();
+        }
         Ok(Some(PodObj(
             engine.pod_info(&rc.caller, &name).await.gql()?,
         )))

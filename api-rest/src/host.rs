@@ -148,12 +148,12 @@ pub fn dispatch(state: AppState, main: Router, pods: Router) -> Router {
                     .rate_limiting()
                     .then(|| rate_action(pod.is_some(), req.method(), req.uri().path()))
                     .flatten();
-                let rate = match action {
-                    None => None,
+                let (rate, key) = match action {
+                    None => (None, None),
                     Some(action) => {
                         let key = rate_key(&st, &req, pod.is_some());
                         match st.engine.rate_limit(&key, action).await {
-                            Ok(status) => status,
+                            Ok(status) => (status, Some(key)),
                             // 429 with `Retry-After` and the limit headers (`ApiError`).
                             Err(e) => return ApiError(e).into_response(),
                         }
@@ -170,6 +170,16 @@ pub fn dispatch(state: AppState, main: Router, pods: Router) -> Router {
                     Ok(resp) => resp,
                     Err(never) => match never {},
                 };
+                // A pod creation refused as a bad request (an invalid name, a name taken)
+                // created nothing: it does not use up the small creation limit.
+                let mut rate = rate;
+                if action == Some(Action::PodCreate)
+                    && resp.status().is_client_error()
+                    && let (Some(key), Some(s)) = (key, rate.as_mut())
+                {
+                    st.engine.rate_refund(&key, Action::PodCreate, 1).await;
+                    s.remaining = (s.remaining + 1).min(s.limit);
+                }
                 // A 429 from inside (stream creation) carries its own bucket's headers.
                 if let Some(s) = rate
                     && resp.status() != StatusCode::TOO_MANY_REQUESTS

@@ -44,6 +44,13 @@ pub fn router(state: AppState) -> Router {
 /// path as given. Reads, writes and live tails all take their path from here.
 pub fn decoded_path(raw: &str) -> Result<String, ApiError> {
     let raw = raw.strip_prefix('/').unwrap_or(raw);
+    // `//x` would otherwise reach the engine as `/x`, whose parent path is the root stream.
+    if raw.starts_with('/') {
+        return Err(ApiError::new(
+            ErrorKind::InvalidPath,
+            "the path begins with an empty segment (`//`)",
+        ));
+    }
     if !raw.contains('%') {
         return Ok(raw.to_string());
     }
@@ -151,6 +158,31 @@ impl Query {
             || self.verify
     }
 
+    /// Why the read parameters cannot all be honoured together, if they cannot: each one
+    /// given must change the answer, so none is dropped silently.
+    fn conflict(&self) -> Option<&'static str> {
+        let paging = self.after.is_some()
+            || self.before.is_some()
+            || self.limit.is_some()
+            || self.unique
+            || self.recursive
+            || self.cursor.is_some();
+        let formatting = self.format.fields.is_some() || self.format.max_content_size.is_some();
+        if self.verify && (paging || formatting || self.i.is_some()) {
+            return Some("verify=true checks the whole stream and takes no other read parameter");
+        }
+        if self.i.as_deref().is_some_and(|i| !i.contains(':')) && formatting {
+            return Some("i=N reads one record raw; fields and maxContentSize shape lists");
+        }
+        if self.i.is_some() && paging {
+            return Some(
+                "i= selects records by index; it does not combine with after, before, limit, \
+                 unique, recursive or cursor",
+            );
+        }
+        None
+    }
+
     /// Parameters that only a stream takes.
     fn addresses_a_stream(&self) -> bool {
         self.pages_a_stream() || self.after.is_some()
@@ -184,7 +216,16 @@ impl Query {
                 "i" => out.i = Some(v.into_owned()),
                 "cursor" => out.cursor = Some(v.into_owned()),
                 "after" => out.after = Some(index(&v)?),
-                "before" => out.before = Some(index(&v)?),
+                "before" => {
+                    let k = index(&v)?;
+                    if k < 0 {
+                        return Err(ApiError::new(
+                            ErrorKind::InvalidIndex,
+                            "before must be an index (0 or more); the last N records are after=-N",
+                        ));
+                    }
+                    out.before = Some(k);
+                }
                 "limit" => out.limit = Some(positive("limit", &v)?),
                 "access" => out.access = Some(v.into_owned()),
                 "unique" => out.unique = flag("unique", &v)?,
@@ -317,9 +358,24 @@ async fn read(
                 }
                 other => other?,
             };
+            if q.addresses_a_stream()
+                || q.format.fields.is_some()
+                || q.format.max_content_size.is_some()
+            {
+                return Err(ApiError::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "{path:?} names a record, read raw; i, after, before, limit, unique, \
+                         recursive, verify, fields and maxContentSize apply to streams"
+                    ),
+                ));
+            }
             Ok(raw(&record, headers))
         }
         Target::Stream(stream) => {
+            if let Some(conflict) = q.conflict() {
+                return Err(ApiError::new(ErrorKind::InvalidInput, conflict));
+            }
             if q.verify {
                 return Ok(Json(engine.verify(pod, &stream).await?).into_response());
             }

@@ -1,5 +1,6 @@
-//! `X-Request-Id` on every response (echoed when the client sent a sane one), one log line per
-//! request (request id, method, route, path, status, duration), the request metrics, and the
+//! `X-Request-Id` on every response (the client's own echoed when it is printable ASCII of at
+//! most 1,024 bytes), one log line per request (request id, method, route, path, status,
+//! duration), the request metrics, and the
 //! count of running handlers that a graceful shutdown waits for ([`webpods_engine::InFlight`]).
 //! Once the drain began, a request that was not yet counted is refused with 503 `UNAVAILABLE`
 //! (probes excepted): live tails take their last look at the log when the counted requests
@@ -25,6 +26,9 @@ use crate::host::{HostKind, is_system_route};
 use crate::{ApiError, AppState};
 
 const HEADER: &str = "x-request-id";
+/// The longest client-sent id echoed (SPEC §4.7); a longer one, or one that is not printable
+/// ASCII, is replaced by a fresh UUID rather than copied into every log line.
+const MAX_ECHOED: usize = 1024;
 
 /// Middleware (`axum::middleware::from_fn_with_state`): assigns the request id, logs the
 /// request and counts it in the metrics under its route name.
@@ -37,7 +41,12 @@ pub async fn request_id_layer(
         .headers()
         .get(HEADER)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::trim)
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_ECHOED
+                && v.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
+        })
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let value = HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("invalid"));

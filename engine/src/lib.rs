@@ -745,7 +745,7 @@ impl Engine {
         {
             // Every frontend counted the request as a write before it came here; refused,
             // it wrote nothing.
-            self.rate_refund(&user.user_id, Action::Write, 1);
+            self.rate_refund(&user.user_id, Action::Write, 1).await;
             return Err(e);
         }
         let mut created = false;
@@ -764,12 +764,14 @@ impl Engine {
                 CreateStream::Created(s) => (s, true),
                 CreateStream::Exists(s) => {
                     // Another request created it first: this one did not use its count.
-                    self.rate_refund(&user.user_id, Action::StreamCreate, 1);
+                    self.rate_refund(&user.user_id, Action::StreamCreate, 1)
+                        .await;
                     (s, false)
                 }
                 CreateStream::NameConflict => {
                     let unused = u64::try_from(missing.len() - i).unwrap_or(u64::MAX);
-                    self.rate_refund(&user.user_id, Action::StreamCreate, unused);
+                    self.rate_refund(&user.user_id, Action::StreamCreate, unused)
+                        .await;
                     return Err(Error::new(
                         ErrorKind::NameConflict,
                         format!("{prefix:?} is the name of a record in its parent stream"),

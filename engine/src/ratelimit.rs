@@ -254,20 +254,23 @@ impl RateLimiter {
     /// refused by another limit after they were counted (a write whose stream creation was
     /// refused), so they used nothing. Flushed as a negative count when they were flushed
     /// already; a creation was counted in the database, so its key may not be held here yet.
-    pub(crate) fn refund(&self, caller: &str, action: Action, n: u64) {
+    pub(crate) async fn refund(&self, caller: &str, action: Action, n: u64) {
         let n = i64::try_from(n).unwrap_or(i64::MAX);
         let slice = now_ms() / SLICE_MS;
-        let mut map = self.lock();
-        let key = (caller.to_string(), action);
-        let counter = if action.counted_in_the_database() {
-            Some(map.entry(key).or_insert_with(|| Counter {
-                last_slice: slice,
-                ..Counter::default()
-            }))
-        } else {
-            map.get_mut(&key)
-        };
-        if let Some(c) = counter {
+        if action.counted_in_the_database() {
+            // The next decision reads the database: the count goes back there now.
+            let delta = RateDelta {
+                caller: caller.to_string(),
+                action: action.as_str().to_string(),
+                slice,
+                count: -n,
+            };
+            if let Err(e) = self.store.add_rate_counts(&[delta], &[], slice).await {
+                tracing::warn!(error = %e, "a rate-limit refund could not be written");
+            }
+            return;
+        }
+        if let Some(c) = self.lock().get_mut(&(caller.to_string(), action)) {
             *c.pending.entry(slice).or_default() -= n;
         }
     }
@@ -415,10 +418,12 @@ impl crate::Engine {
         }
     }
 
-    /// Takes back a request counted by [`Engine::rate_limit`] that another limit then refused.
-    pub(crate) fn rate_refund(&self, caller: &str, action: Action, n: u64) {
+    /// Takes back `n` requests counted by [`Engine::rate_limit`] that did nothing: another
+    /// limit refused them, or (a pod creation) the request was refused before anything was
+    /// created. Only for refusals that certainly changed nothing.
+    pub async fn rate_refund(&self, caller: &str, action: Action, n: u64) {
         if let Some(l) = &self.inner.rate {
-            l.refund(caller, action, n);
+            l.refund(caller, action, n).await;
         }
     }
 }

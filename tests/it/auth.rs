@@ -19,7 +19,8 @@ both_backends!(
     narrower_tokens,
     accepted_token_still_expires,
     permission_streams,
-    a_write_refused_by_the_stream_limit_creates_nothing
+    a_write_refused_by_the_stream_limit_creates_nothing,
+    refused_pod_creations_use_up_nothing
 );
 
 /// A server with the loopback provider configured as `idp` (so not in local mode).
@@ -1123,6 +1124,39 @@ async fn a_write_refused_by_the_stream_limit_creates_nothing(backend: Backend) {
         .await
         .expect("too deep");
     assert_eq!(error_code(r).await, (400, "INVALID_PATH".into()));
+    app.stop().await;
+}
+
+/// A pod creation refused as a bad request (an invalid name, a name taken) created nothing,
+/// so it does not count against the small creation limit; the headers say what is left.
+async fn refused_pod_creations_use_up_nothing(backend: Backend) {
+    let url = fresh_database(backend).await;
+    let app = TestApp::spawn_on(
+        &url,
+        &[
+            ("WEBPODS_RATE_LIMITS", "on"),
+            ("WEBPODS_RATE_LIMIT_POD_CREATE", "2"),
+        ],
+    )
+    .await;
+    let create = |name: &str| {
+        app.main(Method::POST, "/api/pods")
+            .bearer_auth(&app.token)
+            .json(&json!({ "name": name }))
+            .send()
+    };
+    let r = create("first").await.expect("create");
+    assert_eq!(r.status(), 201);
+    for (name, status) in [("Bad_Name", 400), ("-x", 400), ("first", 409), ("a", 400)] {
+        let r = create(name).await.expect("create");
+        assert_eq!(r.status(), status, "{name}");
+        assert_eq!(r.headers()["x-ratelimit-remaining"], "1", "{name}");
+    }
+    let r = create("second").await.expect("create");
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["x-ratelimit-remaining"], "0");
+    let r = create("third").await.expect("create");
+    assert_eq!(r.status(), 429);
     app.stop().await;
 }
 

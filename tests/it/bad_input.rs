@@ -219,6 +219,8 @@ async fn bad_names_and_paths(backend: Backend) {
         ("names", "/s/", 400, "MISSING_NAME"),
         ("names", "/a//b/c", 400, "INVALID_PATH"),
         ("names", "//v/a", 400, "INVALID_PATH"),
+        // Not the root stream's record `x`: the first segment is empty.
+        ("names", "//x", 400, "INVALID_PATH"),
         ("names", "/a%20b/c", 400, "INVALID_PATH"),
         ("names", "/s/bad%20name", 400, "INVALID_NAME"),
         ("names", "/a%2Fb/c", 400, "INVALID_PATH"),

@@ -1115,6 +1115,20 @@ async fn graphql_rate_limits(backend: Backend) {
     )
     .await;
     let t = Some(app.token.as_str());
+    // Creations refused as bad requests (an invalid name, a taken one) use up nothing.
+    for (query, want) in [
+        (
+            r#"mutation { createPod(name: "Bad_Name") { name } }"#,
+            "INVALID_INPUT",
+        ),
+        (
+            r#"mutation { createPod(name: "-x") { name } }"#,
+            "INVALID_INPUT",
+        ),
+    ] {
+        let body = gql(&app, t, query, json!({})).await;
+        assert_eq!(code(&body), want, "{body}");
+    }
     ok(
         &app,
         t,
@@ -1122,6 +1136,14 @@ async fn graphql_rate_limits(backend: Backend) {
         json!({}),
     )
     .await;
+    let body = gql(
+        &app,
+        t,
+        r#"mutation { createPod(name: "rl") { name } }"#,
+        json!({}),
+    )
+    .await;
+    assert_eq!(code(&body), "RATE_LIMIT_EXCEEDED", "{body}");
     let body = gql(
         &app,
         t,

@@ -208,6 +208,26 @@ async fn read_options(backend: Backend) {
         .await
         .expect("unknown field");
     assert_eq!(error_code(r).await, (400, "INVALID_INPUT".into()));
+    // Parameters that cannot all be honoured are refused, never one of them dropped.
+    for (path, code) in [
+        ("/s?i=0:1&verify=true", "INVALID_INPUT"),
+        ("/s?verify=true&limit=2", "INVALID_INPUT"),
+        ("/s?i=0&after=1", "INVALID_INPUT"),
+        ("/s?i=0:2&limit=1", "INVALID_INPUT"),
+        ("/s?i=0&fields=name", "INVALID_INPUT"),
+        ("/s/a?after=1", "INVALID_INPUT"),
+        ("/s/a?fields=name", "INVALID_INPUT"),
+        ("/s?before=-2", "INVALID_INDEX"),
+    ] {
+        let r = app
+            .pod(Method::GET, "opts", path)
+            .send()
+            .await
+            .expect("conflict");
+        assert_eq!(error_code(r).await, (400, code.into()), "{path}");
+    }
+    let page = get("/s?i=0:2&fields=name").await;
+    assert_eq!(page["records"], json!([{ "name": "a" }, { "name": "b" }]));
     // A missing top-level name: a record of the root stream, unless the query asks for a
     // stream.
     for (path, code) in [

@@ -56,6 +56,24 @@ async fn create_append_and_read_back(backend: Backend) {
     assert!(h.contains_key("x-request-id"));
     assert_eq!(r.text().await.expect("body"), "hello 1");
 
+    // The client's request id comes back as sent (SPEC §4.7), a long one with spaces too;
+    // only one past 1,024 bytes is replaced.
+    for (sent, echoed) in [
+        ("abc-123".to_string(), true),
+        (format!("trace {}", "x".repeat(300)), true),
+        ("y".repeat(1025), false),
+    ] {
+        let r = app
+            .pod(Method::GET, "alice", "/blog/posts/p1")
+            .header("x-request-id", &sent)
+            .send()
+            .await
+            .expect("get");
+        let got = r.headers()["x-request-id"].to_str().expect("ascii");
+        assert_eq!(got == sent, echoed, "{sent:.20}…");
+        assert!(!got.is_empty());
+    }
+
     // The first record's previous hash is empty; ?i=N and negative indices address records.
     let r = app
         .pod(Method::GET, "alice", "/blog/posts?i=0")
