@@ -1,17 +1,23 @@
 //! Rate limits (SPEC §9): per caller (user id, else client IP) and action, over a sliding hour
 //! made of one-minute slices, shared by all instances and surviving restarts.
 //!
-//! Requests are counted locally. Every `flush_interval` the local deltas are added to the
-//! database (`rate_counts`) and the global totals of the active keys are read back in the same
-//! call; a decision is `global total + local unflushed < limit`. So no request waits for the
-//! database, except the first one of a caller/action this process has not seen, which loads
-//! its total once. The overshoot is bounded by instances × flush interval × request rate.
+//! Every count is added to the database (`rate_counts`) *before* the request it admits, in one
+//! short transaction that takes a per-key lock, reads the window's total and adds the count
+//! only if it fits ([`Store::add_rate_count_within`]). So the limit holds exactly however many
+//! instances share it: concurrent decisions for one caller take turns in the database.
 //!
-//! Creations (pods, streams) are decided in the database instead, one short transaction each
-//! ([`Action::counted_in_the_database`]): under a per-key lock it reads the window's total
-//! and adds the count only if it fits. They write to the database anyway, their limits are
-//! small (10 pods an hour), and an overshoot there is what a limit is for — two instances
-//! taking ten pod creations each in the same moment would otherwise allow twenty.
+//! - **Reads and writes** do not pay that round trip per request: an instance reserves a
+//!   *lease* of several requests at once (a tenth of the limit, less as the window fills: a
+//!   quarter of what is left, so near the limit every request is decided alone) and admits
+//!   requests from it locally. What a lease has left is given back at the next sync (every
+//!   `flush_interval`), so quota reserved here but unused keeps another instance from it for
+//!   at most that long. A process killed outright loses its lease: the caller is counted for
+//!   up to one lease of requests it did not make, never the other way round.
+//! - **Creations** (pods, streams) reserve exactly what each request needs: they write to the
+//!   database anyway, and their limits are small (10 pods an hour).
+//!
+//! Refunds (a request counted and then refused by another rule, so it did nothing) go back
+//! into the lease, or straight to the database for creations.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -100,17 +106,52 @@ pub struct RateStatus {
 
 #[derive(Default)]
 struct Counter {
-    /// Total over the window as of the last sync (includes what we flushed).
-    global: i64,
-    /// Counted here and not yet flushed, by slice.
+    /// Requests reserved in the database (in slice `lease_slice`) and not used yet.
+    lease: i64,
+    lease_slice: i64,
+    /// What the window had left, every instance's reservations included, after this
+    /// instance's last reservation (the `X-RateLimit-Remaining` beside the lease).
+    remaining: i64,
+    /// To add to the database at the next sync, by slice: unused leases and refunds given
+    /// back (negative counts).
     pending: HashMap<i64, i64>,
-    /// Taken by a flush that has not answered yet (still counted until it does).
-    flushing: i64,
     /// Last slice this key was used in (keys idle for a whole window are dropped).
     last_slice: i64,
     /// After a refusal: when the caller may try again (unix seconds), so that a caller who
-    /// keeps knocking costs no database read per refusal.
+    /// keeps knocking costs no database read per refusal until the next sync.
     free_at: Option<i64>,
+    /// One reservation at a time per key on this instance: the requests that arrive while it
+    /// runs use its lease instead of reserving their own.
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Counter {
+    /// Takes `n` from the lease if it holds them (a lease of an earlier slice is given back
+    /// first: requests are counted in the slice they are made in); returns what is left.
+    fn take(&mut self, slice: i64, n: i64) -> Option<i64> {
+        if self.lease_slice != slice {
+            self.give_back_lease();
+            self.lease_slice = slice;
+        }
+        if self.lease < n {
+            return None;
+        }
+        self.lease -= n;
+        Some(self.remaining + self.lease)
+    }
+
+    fn give_back_lease(&mut self) {
+        if self.lease > 0 {
+            *self.pending.entry(self.lease_slice).or_default() -= self.lease;
+            self.lease = 0;
+        }
+    }
+}
+
+/// How many requests to reserve at once when `available` are left of `limit` and `n` are
+/// needed now.
+fn lease_size(limit: i64, available: i64, n: i64) -> i64 {
+    n.max((limit / 10).min(available / 4))
 }
 
 type Key = (String, Action);
@@ -160,58 +201,83 @@ impl RateLimiter {
             return self.check_in_the_database(caller, action, limit, n).await;
         }
         let key = (caller.to_string(), action);
-        let known = self.lock().contains_key(&key);
-        if !known {
-            let since = now_ms() / SLICE_MS - WINDOW_SLICES + 1;
-            let totals = self
-                .store
-                .add_rate_counts(&[], &[(key.0.clone(), action.as_str().to_string())], since)
-                .await?;
-            let global = totals.first().map_or(0, |t| t.2);
-            self.lock().entry(key.clone()).or_insert(Counter {
-                global,
-                ..Counter::default()
-            });
-        }
         let slice = now_ms() / SLICE_MS;
         // A sliding window has no moment when everything resets at once: the requests of this
         // slice are the last to leave it.
         let reset = window_end(slice);
-        // Decided under the lock; a refusal then reads the database without it.
-        let (free_at, local, left) = {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        let cap = i64::try_from(limit).unwrap_or(i64::MAX);
+        let status = |left: i64| RateStatus {
+            limit,
+            remaining: u64::try_from(left).unwrap_or(0),
+            reset,
+        };
+        let gate = {
             let mut map = self.lock();
-            let c = map.entry(key).or_default();
+            let c = map.entry(key.clone()).or_default();
             c.last_slice = slice;
-            let used = c.global + c.flushing + c.pending.values().sum::<i64>();
-            let used = u64::try_from(used).unwrap_or(0);
-            if used.saturating_add(n) <= limit {
-                *c.pending.entry(slice).or_default() += i64::try_from(n).unwrap_or(i64::MAX);
-                return Ok(RateStatus {
-                    limit,
-                    remaining: limit - used - n,
-                    reset,
-                });
+            if let Some(left) = c.take(slice, n) {
+                return Ok(status(left));
             }
-            // What this instance has not flushed yet, by slice (what is being flushed counts
-            // as now); the database has the rest.
-            let mut local: Vec<(i64, i64)> = c.pending.iter().map(|(s, n)| (*s, *n)).collect();
-            local.push((slice, c.flushing));
-            let left = limit.saturating_sub(used);
-            (c.free_at.filter(|at| *at > now_ms() / 1000), local, left)
+            if let Some(at) = c.free_at.filter(|at| *at > now_ms() / 1000) {
+                let left = u64::try_from(c.remaining + c.lease).unwrap_or(0);
+                return Err(refusal(action, limit, n as u64, left, at));
+            }
+            c.gate.clone()
         };
-        let reset = match free_at {
-            Some(known) => known,
-            None => {
-                let at = self
-                    .reset_after_refusal(caller, action, limit, n, local)
-                    .await;
-                if let Some(c) = self.lock().get_mut(&(caller.to_string(), action)) {
-                    c.free_at = Some(at);
+        let _turn = gate.lock().await;
+        let mut want = {
+            let mut map = self.lock();
+            let c = map.entry(key.clone()).or_default();
+            // Reserved by the request this one waited for.
+            if let Some(left) = c.take(slice, n) {
+                return Ok(status(left));
+            }
+            lease_size(cap, if c.remaining > 0 { c.remaining } else { cap }, n)
+        };
+        let since = slice - WINDOW_SLICES + 1;
+        let mut total = 0;
+        for _ in 0..3 {
+            let delta = RateDelta {
+                caller: caller.to_string(),
+                action: action.as_str().to_string(),
+                slice,
+                count: want,
+            };
+            let added;
+            (added, total) = self.store.add_rate_count_within(&delta, since, cap).await?;
+            if added {
+                let mut map = self.lock();
+                let c = map.entry(key).or_default();
+                if c.lease_slice != slice {
+                    c.give_back_lease();
+                    c.lease_slice = slice;
                 }
-                at
+                c.lease += want - n;
+                c.remaining = cap - total;
+                c.free_at = None;
+                return Ok(status(c.remaining + c.lease));
             }
+            let available = cap - total;
+            if available < n {
+                break;
+            }
+            // Less is left than the lease asked for: ask for a part of what is.
+            want = lease_size(cap, available, n);
+        }
+        let left = u64::try_from(cap - total).unwrap_or(0);
+        // Unsynced give-backs are this instance's part of the counts; the database has the rest.
+        let local: Vec<(i64, i64)> = match self.lock().get(&(caller.to_string(), action)) {
+            Some(c) => c.pending.iter().map(|(s, n)| (*s, *n)).collect(),
+            None => Vec::new(),
         };
-        Err(refusal(action, limit, n, left, reset))
+        let at = self
+            .reset_after_refusal(caller, action, limit, n as u64, local)
+            .await;
+        if let Some(c) = self.lock().get_mut(&(caller.to_string(), action)) {
+            c.free_at = Some(at);
+        }
+        Err(refusal(action, limit, n as u64, left, at))
     }
 
     /// Adds `n` to the caller's count in the database only if the window's total (every
@@ -270,8 +336,13 @@ impl RateLimiter {
             }
             return;
         }
+        // Back into the lease (of this slice; an older one's was given back already).
         if let Some(c) = self.lock().get_mut(&(caller.to_string(), action)) {
-            *c.pending.entry(slice).or_default() -= n;
+            if c.lease_slice == slice {
+                c.lease += n;
+            } else {
+                *c.pending.entry(slice).or_default() -= n;
+            }
         }
     }
 
@@ -306,66 +377,51 @@ impl RateLimiter {
         }
     }
 
-    /// Adds local deltas to the database and refreshes the global totals.
+    /// Gives back what the leases have left and writes out refunds, so that quota this
+    /// instance reserved but did not use is free for the others again.
     async fn flush(&self) -> Result<()> {
         let now_slice = now_ms() / SLICE_MS;
         let since = now_slice - WINDOW_SLICES + 1;
-        let (deltas, keys) = {
+        let deltas = {
             let mut map = self.lock();
-            map.retain(|_, c| c.last_slice >= since || !c.pending.is_empty());
             let mut deltas = Vec::new();
             for ((caller, action), c) in map.iter_mut() {
+                c.give_back_lease();
+                // A cached refusal is re-checked after a sync: others may have given back.
+                c.free_at = None;
                 for (slice, count) in c.pending.drain() {
-                    c.flushing += count;
-                    deltas.push(RateDelta {
-                        caller: caller.clone(),
-                        action: action.as_str().to_string(),
-                        slice,
-                        count,
-                    });
-                }
-            }
-            let keys: Vec<(String, String)> = map
-                .keys()
-                .map(|(c, a)| (c.clone(), a.as_str().to_string()))
-                .collect();
-            (deltas, keys)
-        };
-        if keys.is_empty() {
-            return Ok(());
-        }
-        match self.store.add_rate_counts(&deltas, &keys, since).await {
-            Ok(totals) => {
-                let totals: HashMap<(String, String), i64> =
-                    totals.into_iter().map(|(c, a, n)| ((c, a), n)).collect();
-                let mut map = self.lock();
-                for ((caller, action), c) in map.iter_mut() {
-                    c.global = totals
-                        .get(&(caller.clone(), action.as_str().to_string()))
-                        .copied()
-                        .unwrap_or(0);
-                    c.flushing = 0;
-                }
-                Ok(())
-            }
-            Err(e) => {
-                // Keep the counts for the next attempt.
-                let mut map = self.lock();
-                for d in deltas {
-                    let action = match d.action.as_str() {
-                        "read" => Action::Read,
-                        "write" => Action::Write,
-                        "pod_create" => Action::PodCreate,
-                        _ => Action::StreamCreate,
-                    };
-                    if let Some(c) = map.get_mut(&(d.caller, action)) {
-                        *c.pending.entry(d.slice).or_default() += d.count;
-                        c.flushing -= d.count;
+                    if count != 0 {
+                        deltas.push(RateDelta {
+                            caller: caller.clone(),
+                            action: action.as_str().to_string(),
+                            slice,
+                            count,
+                        });
                     }
                 }
-                Err(e.into())
             }
+            map.retain(|_, c| c.last_slice >= since);
+            deltas
+        };
+        if deltas.is_empty() {
+            return Ok(());
         }
+        if let Err(e) = self.store.add_rate_counts(&deltas, &[], since).await {
+            // Keep them for the next attempt.
+            let mut map = self.lock();
+            for d in deltas {
+                let action = match d.action.as_str() {
+                    "read" => Action::Read,
+                    "write" => Action::Write,
+                    "pod_create" => Action::PodCreate,
+                    _ => Action::StreamCreate,
+                };
+                let c = map.entry((d.caller, action)).or_default();
+                *c.pending.entry(d.slice).or_default() += d.count;
+            }
+            return Err(e.into());
+        }
+        Ok(())
     }
 }
 

@@ -1203,6 +1203,72 @@ async fn creation_limits_hold_across_instances_in_a_burst() {
     b.stop().await;
 }
 
+/// Writes (and reads, counted the same way) are limited exactly across instances too: a burst
+/// of writes for one user spread over two instances never admits more than the limit, and the
+/// quota one instance reserved but did not use is free for the other after a sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn write_limits_hold_across_instances_in_a_burst() {
+    let url = fresh_database(Backend::Postgres).await;
+    let limits = [
+        ("WEBPODS_RATE_LIMITS", "on"),
+        ("WEBPODS_RATE_LIMIT_WRITE", "40"),
+    ];
+    let a = TestApp::spawn_on(&url, &limits).await;
+    let b = TestApp::spawn_on(&url, &limits).await;
+    a.create_pod("burst").await;
+    let token = a.token.clone();
+    let write = |app: &TestApp, i: usize| {
+        app.pod(Method::POST, "burst", &format!("/s/w{i}"))
+            .bearer_auth(&token)
+            .body("x")
+            .send()
+    };
+    let burst = (0..100).map(|i| write(if i % 2 == 0 { &a } else { &b }, i));
+    let statuses: Vec<u16> = futures::future::join_all(burst)
+        .await
+        .into_iter()
+        .map(|r| r.expect("write").status().as_u16())
+        .collect();
+    let mut created = statuses.iter().filter(|s| **s == 201).count();
+    assert!(
+        statuses.iter().all(|s| *s == 201 || *s == 429),
+        "{statuses:?}"
+    );
+    // The stream's first write created it: the burst counts 40 writes at most.
+    assert!(
+        created <= 40,
+        "{created} writes admitted under a limit of 40"
+    );
+    // After a sync, what is left is used up exactly, through either instance.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut refused = [false, false];
+    let mut i = 100;
+    while refused != [true, true] && i < 200 {
+        let which = i % 2;
+        let r = write(if which == 0 { &a } else { &b }, i)
+            .await
+            .expect("write");
+        match r.status().as_u16() {
+            201 => created += 1,
+            429 => refused[which] = true,
+            other => panic!("status {other}"),
+        }
+        i += 1;
+    }
+    assert_eq!(created, 40, "writes admitted in all under a limit of 40");
+    let records = a
+        .pod(Method::GET, "burst", "/s?limit=1000")
+        .send()
+        .await
+        .expect("list")
+        .json::<serde_json::Value>()
+        .await
+        .expect("json");
+    assert_eq!(records["total"], 40);
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A header holding a number of seconds.
 fn header_secs(r: &reqwest::Response, name: &str) -> u64 {
     r.headers()[name]
