@@ -18,7 +18,8 @@ use crate::{Engine, Inner};
 /// What changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Change {
-    /// A permission stream (of this pod) got a record, or lost a record's content to a purge.
+    /// A permission stream (of this pod) got a record, or a stream lost a record's content to
+    /// a purge: its permission decisions and its cached reads are stale.
     Permissions {
         pod: String,
         stream_id: i64,
@@ -72,7 +73,13 @@ impl Change {
 impl Inner {
     async fn apply(&self, change: &Change) {
         match change {
-            Change::Permissions { stream_id, .. } => self.perms.invalidate(stream_id).await,
+            Change::Permissions { stream_id, .. } => {
+                // Its cached reads too: a purge signals this before it answers, so another
+                // instance stops serving the erased content with this notice, not with the
+                // (batched) append notice that follows.
+                self.reads.appended(*stream_id);
+                self.perms.invalidate(stream_id).await;
+            }
             Change::Pod(p) => {
                 self.pods.invalidate(p).await;
                 self.routes.invalidate(p).await;

@@ -122,3 +122,45 @@ async fn another_instance_sees_appends_through_notices() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Instance B cached a record's content by name and by index; instance A purges it: B stops
+/// serving the erased content within the notice latency (the purge's own notice, sent before
+/// its 204), well before the cache's 5 s time-to-live could hide a missing invalidation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_instance_stops_serving_purged_content() {
+    let url = fresh_database(Backend::Postgres).await;
+    let a = TestApp::spawn_on(&url, &[]).await;
+    let b = TestApp::spawn_on(&url, &[]).await;
+    a.create_pod("cache").await;
+    for round in 0..10 {
+        let path = format!("/s/secret{round}");
+        a.append("cache", &path, "erase me").await;
+        // B caches the content, by name and by index.
+        let by_index = format!("/s?i={}", round * 2);
+        assert_eq!(get_text(&b, &path).await, (200, "erase me".into()));
+        assert_eq!(get_text(&b, &by_index).await, (200, "erase me".into()));
+        let r = a
+            .pod(Method::DELETE, "cache", &format!("{path}?purge=true"))
+            .bearer_auth(&a.token)
+            .send()
+            .await
+            .expect("purge");
+        assert_eq!(r.status(), 204);
+        let started = Instant::now();
+        loop {
+            let (status, body) = get_text(&b, &by_index).await;
+            let (by_name, _) = get_text(&b, &path).await;
+            if status == 410 && by_name == 404 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_millis(1500),
+                "instance B still serves {status} {body:?} after {:?}",
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    a.stop().await;
+    b.stop().await;
+}
