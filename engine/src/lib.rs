@@ -791,8 +791,12 @@ impl Engine {
     ) -> Result<actor::Committed> {
         match self.submit_once(pod, stream, entry).await? {
             actor::Submitted::Committed(c) => Ok(c),
-            actor::Submitted::StreamGone(_) => Err(Error::from(
-                webpods_storage::Error::StreamNotFound(stream.id),
+            actor::Submitted::StreamGone(_) => Err(Error::new(
+                ErrorKind::StreamNotFound,
+                format!(
+                    "stream {:?} was deleted while the append waited; nothing was written",
+                    stream.path
+                ),
             )),
         }
     }
