@@ -21,9 +21,29 @@ pub struct Claims {
     pub exp: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pods: Option<Vec<String>>,
-    /// `"read"`, `"write"` or `"read write"`; absent = both.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `"read"`, `"write"` or `"read write"`; absent = both. Also read from a list
+    /// (`["read", "write"]`), as tokens made by other tools may carry it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "scope_claim"
+    )]
     pub scope: Option<String>,
+}
+
+/// A `scope` claim as a string, or a list of strings joined by spaces.
+fn scope_claim<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Claim {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<Claim>::deserialize(d)? {
+        None => None,
+        Some(Claim::One(s)) => Some(s),
+        Some(Claim::Many(v)) => Some(v.join(" ")),
+    })
 }
 
 /// What a token allows, parsed from `scope`.
@@ -191,6 +211,20 @@ mod tests {
             ErrorKind::InvalidToken
         );
         assert!(k.verify(&sign(claims(now - 10))).is_ok());
+    }
+
+    #[test]
+    fn a_scope_claim_may_be_a_list() {
+        let k = keys();
+        let sign = |scope: serde_json::Value| {
+            let c = serde_json::json!({"sub": "u1", "iat": 1, "type": "webpods", "scope": scope});
+            encode(&Header::new(Algorithm::HS256), &c, &k.encoding).expect("sign")
+        };
+        let both = k.verify(&sign(serde_json::json!(["read", "write"])));
+        assert_eq!(both.expect("list").scope.as_deref(), Some("read write"));
+        let read = k.verify(&sign(serde_json::json!("read")));
+        assert_eq!(read.expect("string").scope.as_deref(), Some("read"));
+        assert!(k.verify(&sign(serde_json::json!(42))).is_err());
     }
 
     #[test]
