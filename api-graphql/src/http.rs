@@ -216,12 +216,36 @@ async fn post_graphql(
         Ok(a) => a,
         Err(e) => return error_response(StatusCode::UNAUTHORIZED, gql(e)),
     };
-    let request = request.data(RequestCtx::new(&st.engine, auth, ip));
-    let resp = st.executor.execute(request).await;
+    let ctx = RequestCtx::new(&st.engine, auth, ip);
+    let rate = ctx.rate.clone();
+    let resp = st.executor.execute(request.data(ctx)).await;
+    let seen = *rate.lock().unwrap_or_else(|p| p.into_inner());
+    // Refused by a rate limit with nothing else answered: 429, as REST (SPEC §9).
+    let refused = seen.is_some_and(|s| s.retry_after.is_some()) && !has_data(&resp.data);
     let mut out = Json(resp).into_response();
-    out.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if refused {
+        *out.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    }
+    let h = out.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(s) = seen {
+        webpods_api_rest::rate_headers(h, s.limit, s.remaining, s.reset);
+        if let Some(secs) = s.retry_after {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+    }
     out
+}
+
+/// Whether a response answered any root field (with something other than `null`).
+fn has_data(data: &async_graphql::Value) -> bool {
+    match data {
+        async_graphql::Value::Object(fields) => fields
+            .values()
+            .any(|v| !matches!(v, async_graphql::Value::Null)),
+        async_graphql::Value::Null => false,
+        _ => true,
+    }
 }
 
 async fn websocket(

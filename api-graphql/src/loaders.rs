@@ -105,6 +105,34 @@ pub(crate) struct RequestCtx {
     pub streams: DataLoader<StreamListLoader>,
     /// Live subscriptions of the connection (see [`SubscriptionSlot`]).
     pub subscriptions: Arc<AtomicUsize>,
+    /// The rate-limit state the request's fields met, for the HTTP response's headers.
+    pub rate: Arc<std::sync::Mutex<Option<RateSeen>>>,
+}
+
+/// One rate-limit bucket as a request's fields left it (SPEC §9): the headers of `POST
+/// /graphql`. A refusal wins over a count, and of two counts the one with less left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RateSeen {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset: i64,
+    /// Set when a field was refused: seconds until one more request fits.
+    pub retry_after: Option<i64>,
+}
+
+impl RequestCtx {
+    /// Notes what one field's rate-limit decision left.
+    pub fn saw_rate(&self, seen: RateSeen) {
+        let mut slot = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        let keep_old = slot.is_some_and(|old| {
+            (old.retry_after.is_some() && seen.retry_after.is_none())
+                || (old.retry_after.is_some() == seen.retry_after.is_some()
+                    && old.remaining < seen.remaining)
+        });
+        if !keep_old {
+            *slot = Some(seen);
+        }
+    }
 }
 
 /// One of a connection's limited subscription slots, freed when the subscription ends.
@@ -164,6 +192,7 @@ impl RequestCtx {
             ),
             caller,
             subscriptions: Arc::new(AtomicUsize::new(0)),
+            rate: Arc::default(),
         }
     }
 }

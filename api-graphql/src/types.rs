@@ -15,7 +15,7 @@ use webpods_engine::{
 use webpods_engine::names::{check_stream_path, split_last};
 
 use crate::error::{OrGql, coded, gql, invalid};
-use crate::loaders::RequestCtx;
+use crate::loaders::{RateSeen, RequestCtx};
 use crate::{GraphqlSettings, STREAMS_FACTOR, page_complexity};
 
 /// A stream path argument as the engine takes it: one leading `/` is allowed (`/blog/posts`),
@@ -34,8 +34,30 @@ pub(crate) fn parts<'a>(ctx: &'a Context<'_>) -> Result<(&'a Engine, &'a Request
 /// (a pod creation for `createPod`), every subscription a read.
 pub(crate) async fn charge(ctx: &Context<'_>, action: Action) -> Result<()> {
     let (engine, rc) = parts(ctx)?;
-    engine.rate_limit(&rc.rate_key, action).await.gql()?;
-    Ok(())
+    match engine.rate_limit(&rc.rate_key, action).await {
+        Ok(None) => Ok(()),
+        Ok(Some(s)) => {
+            rc.saw_rate(RateSeen {
+                limit: s.limit,
+                remaining: s.remaining,
+                reset: s.reset,
+                retry_after: None,
+            });
+            Ok(())
+        }
+        Err(e) => {
+            if let Some(d) = e.details() {
+                let num = |k: &str| d.get(k).and_then(serde_json::Value::as_i64).unwrap_or(0);
+                rc.saw_rate(RateSeen {
+                    limit: u64::try_from(num("limit")).unwrap_or(0),
+                    remaining: u64::try_from(num("remaining")).unwrap_or(0),
+                    reset: num("reset"),
+                    retry_after: Some(num("retryAfter").max(1)),
+                });
+            }
+            Err(gql(e))
+        }
+    }
 }
 
 pub(crate) fn caller<'a>(ctx: &'a Context<'_>) -> Result<&'a Caller> {

@@ -96,8 +96,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The `X-RateLimit-*` headers of SPEC §9.
-pub(crate) fn rate_headers(h: &mut axum::http::HeaderMap, limit: u64, remaining: u64, reset: i64) {
+/// The `X-RateLimit-*` headers of SPEC §9 (REST, and GraphQL's `POST /graphql`).
+pub fn rate_headers(h: &mut axum::http::HeaderMap, limit: u64, remaining: u64, reset: i64) {
     h.insert("x-ratelimit-limit", axum::http::HeaderValue::from(limit));
     h.insert(
         "x-ratelimit-remaining",

@@ -20,7 +20,7 @@ use std::time::Instant;
 use axum::Router;
 use webpods_engine::{Engine, InFlight};
 
-pub use error::{ApiError, upgrade_refused};
+pub use error::{ApiError, rate_headers, upgrade_refused};
 pub use host::{HostKind, MainHost, PodHost, cross_origin, token_of};
 pub use main_routes::starting_router;
 pub use pod_routes::decoded_path;

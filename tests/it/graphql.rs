@@ -1167,8 +1167,35 @@ async fn graphql_rate_limits(backend: Backend) {
     }
     let body = gql(&app, None, read, json!({})).await;
     assert_eq!(code(&body), "RATE_LIMIT_EXCEEDED", "{body}");
-    // Another caller has their own budget.
-    ok(&app, t, read, json!({})).await;
+    // Another caller has their own budget. The HTTP response carries SPEC §9's headers, and a
+    // request refused outright is a 429 with Retry-After, as in REST.
+    let post = |token: Option<&str>| {
+        let req = app
+            .main(Method::POST, "/graphql")
+            .json(&json!({ "query": read }));
+        match token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+        .send()
+    };
+    let r = post(t).await.expect("read");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-ratelimit-limit"], "4");
+    assert_eq!(r.headers()["x-ratelimit-remaining"], "3");
+    assert!(r.headers().contains_key("x-ratelimit-reset"));
+    assert!(!r.headers().contains_key("retry-after"));
+    let r = post(None).await.expect("refused read");
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-ratelimit-remaining"], "0");
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=3600).contains(&retry), "{retry}");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(code(&body), "RATE_LIMIT_EXCEEDED", "{body}");
     app.stop().await;
 }
 
