@@ -210,7 +210,8 @@ async fn sse(
                 .data(caught_up_frame(None, next_index)),
             Err(LiveEnd::Shutdown) => return None,
             Err(LiveEnd::Error(e)) => {
-                let body = serde_json::json!({ "error": error_body(&e) });
+                // The WebSocket frame's shape (SPEC §6.1), as `caughtUp`'s data is.
+                let body = serde_json::json!({ "type": "error", "error": error_body(&e) });
                 let event = Event::default().event("error").data(body.to_string());
                 return Some((Ok::<_, Infallible>(event), None));
             }

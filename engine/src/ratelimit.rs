@@ -317,9 +317,10 @@ impl RateLimiter {
     }
 
     /// Takes back `n` requests of `caller` for `action` counted in this window: they were
-    /// refused by another limit after they were counted (a write whose stream creation was
-    /// refused), so they used nothing. Flushed as a negative count when they were flushed
-    /// already; a creation was counted in the database, so its key may not be held here yet.
+    /// refused after they were counted (a write whose stream creation was refused, a pod
+    /// creation with a taken name), so they used nothing. A read or write goes back into this
+    /// instance's lease (or, from an earlier minute, to the database at the next sync); a
+    /// creation goes back to the database at once, where the next decision looks.
     pub(crate) async fn refund(&self, caller: &str, action: Action, n: u64) {
         let n = i64::try_from(n).unwrap_or(i64::MAX);
         let slice = now_ms() / SLICE_MS;
@@ -474,9 +475,9 @@ impl crate::Engine {
         }
     }
 
-    /// Takes back `n` requests counted by [`Engine::rate_limit`] that did nothing: another
-    /// limit refused them, or (a pod creation) the request was refused before anything was
-    /// created. Only for refusals that certainly changed nothing.
+    /// Takes back `n` requests counted by [`rate_limit`](crate::Engine::rate_limit) that did
+    /// nothing: another limit refused them, or (a pod creation) the request was refused before
+    /// anything was created. Only for refusals that certainly changed nothing.
     pub async fn rate_refund(&self, caller: &str, action: Action, n: u64) {
         if let Some(l) = &self.inner.rate {
             l.refund(caller, action, n).await;

@@ -870,6 +870,30 @@ async fn sse_resumes_from_last_event_id(backend: Backend) {
     app.append("sse", "/news/n5", "news 5").await;
     let ev = s.next().await.unwrap();
     assert_eq!((ev.event.as_str(), ev.id.as_deref()), ("record", Some("5")));
+    // A tail that ends with an error says so in the WebSocket frame's shape, then ends.
+    app.append("sse", "/gone/g0", "g").await;
+    let mut gone = SseReader::open(&app, "sse", "/gone", None).await;
+    assert_eq!(gone.next().await.unwrap().event, "record");
+    assert_eq!(gone.next().await.unwrap().event, "caughtUp");
+    let r = app
+        .pod(Method::DELETE, "sse", "/gone")
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let ev = gone.next().await.expect("an error event");
+    assert_eq!(ev.event, "error");
+    let v: Value = serde_json::from_str(&ev.data).unwrap();
+    assert_eq!(
+        (v["type"].as_str(), v["error"]["code"].as_str()),
+        (Some("error"), Some("STREAM_NOT_FOUND")),
+        "{v}"
+    );
+    assert!(
+        gone.next().await.is_none(),
+        "the response ends after the error"
+    );
     // A plain GET on the same URL is still the JSON list.
     let r = app.pod(Method::GET, "sse", "/news").send().await.unwrap();
     let page: Value = r.json().await.unwrap();
