@@ -9,10 +9,14 @@
 //! - **Reads and writes** do not pay that round trip per request: an instance reserves a
 //!   *lease* of several requests at once (a tenth of the limit, less as the window fills: a
 //!   quarter of what is left, so near the limit every request is decided alone) and admits
-//!   requests from it locally. What a lease has left is given back at the next sync (every
-//!   `flush_interval`), so quota reserved here but unused keeps another instance from it for
-//!   at most that long. A process killed outright loses its lease: the caller is counted for
-//!   up to one lease of requests it did not make, never the other way round.
+//!   requests from it locally, within the minute it was reserved in. Once the caller's
+//!   window is three-quarters full, what a lease has left is given back at the next sync
+//!   (every `flush_interval`), so near the limit quota reserved here but unused keeps another
+//!   instance from it for at most that long; before that, a lease is kept while its caller
+//!   keeps coming back (given back after [`LEASE_IDLE_MS`] without), so a caller who sends a
+//!   request every few seconds costs no reservation per request. A process killed outright
+//!   loses its leases: the caller is counted for up to one lease of requests it did not make,
+//!   never the other way round.
 //! - **Creations** (pods, streams) reserve exactly what each request needs: they write to the
 //!   database anyway, and their limits are small (10 pods an hour).
 //!
@@ -29,6 +33,9 @@ use crate::clock::now_ms;
 use crate::error::{Error, ErrorKind, Result};
 
 const SLICE_MS: i64 = 60_000;
+/// A caller not seen for this long gives back its lease at the next sync, wherever the rest
+/// of its window stands.
+const LEASE_IDLE_MS: i64 = 10_000;
 /// Slices in the sliding window (one hour).
 const WINDOW_SLICES: i64 = 60;
 
@@ -117,6 +124,8 @@ struct Counter {
     pending: HashMap<i64, i64>,
     /// Last slice this key was used in (keys idle for a whole window are dropped).
     last_slice: i64,
+    /// When this key was last used here (epoch ms): an idle key's lease goes back.
+    last_used_ms: i64,
     /// After a refusal: when the caller may try again (unix seconds), so that a caller who
     /// keeps knocking costs no database read per refusal until the next sync.
     free_at: Option<i64>,
@@ -177,7 +186,7 @@ impl RateLimiter {
                 let Some(l) = weak.upgrade() else {
                     return;
                 };
-                if let Err(e) = l.flush().await {
+                if let Err(e) = l.flush(false).await {
                     tracing::warn!(error = %e, "rate-limit counters could not be synced");
                 }
             }
@@ -216,6 +225,7 @@ impl RateLimiter {
             let mut map = self.lock();
             let c = map.entry(key.clone()).or_default();
             c.last_slice = slice;
+            c.last_used_ms = now_ms();
             if let Some(left) = c.take(slice, n) {
                 return Ok(status(left));
             }
@@ -373,21 +383,28 @@ impl RateLimiter {
 
     /// Syncs now (at shutdown: requests counted since the last tick must not be forgotten).
     pub(crate) async fn flush_now(&self) {
-        if let Err(e) = self.flush().await {
+        if let Err(e) = self.flush(true).await {
             tracing::warn!(error = %e, "rate-limit counters could not be synced at shutdown");
         }
     }
 
-    /// Gives back what the leases have left and writes out refunds, so that quota this
-    /// instance reserved but did not use is free for the others again.
-    async fn flush(&self) -> Result<()> {
+    /// Writes out refunds and unused leases given back, so that quota this instance reserved
+    /// but did not use is free for the others again. A lease is given back here once its
+    /// caller's window is three-quarters full, once the caller has not been seen here for
+    /// [`LEASE_IDLE_MS`], or (`all`) at shutdown; until then it costs no one anything, and
+    /// keeping it spares a caller who comes back every few seconds a reservation per request.
+    async fn flush(&self, all: bool) -> Result<()> {
         let now_slice = now_ms() / SLICE_MS;
         let since = now_slice - WINDOW_SLICES + 1;
         let deltas = {
             let mut map = self.lock();
             let mut deltas = Vec::new();
             for ((caller, action), c) in map.iter_mut() {
-                c.give_back_lease();
+                let cap = i64::try_from(self.limits.limit(*action)).unwrap_or(i64::MAX);
+                let idle = now_ms() - c.last_used_ms >= LEASE_IDLE_MS;
+                if all || idle || c.remaining < cap / 4 || c.last_slice < since {
+                    c.give_back_lease();
+                }
                 // A cached refusal is re-checked after a sync: others may have given back.
                 c.free_at = None;
                 for (slice, count) in c.pending.drain() {
@@ -401,7 +418,7 @@ impl RateLimiter {
                     }
                 }
             }
-            map.retain(|_, c| c.last_slice >= since);
+            map.retain(|_, c| c.last_slice >= since || c.lease > 0);
             deltas
         };
         if deltas.is_empty() {

@@ -1269,6 +1269,52 @@ async fn write_limits_hold_across_instances_in_a_burst() {
     b.stop().await;
 }
 
+/// A caller who comes back every few seconds reads from the lease its first request reserved:
+/// the database holds that one reservation, not one per request; a graceful shutdown gives
+/// back what the lease did not use, leaving exactly the requests made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_returning_caller_costs_one_reservation_and_shutdown_gives_back_the_rest() {
+    let url = fresh_database(Backend::Postgres).await;
+    let app = TestApp::spawn_on(
+        &url,
+        &[
+            ("WEBPODS_RATE_LIMITS", "on"),
+            ("WEBPODS_RATE_LIMIT_READ", "1000"),
+        ],
+    )
+    .await;
+    app.create_pod("lease").await;
+    app.append("lease", "/s/a", "x").await;
+    let pool = sqlx::PgPool::connect(&url).await.expect("pool");
+    let reads_counted = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COALESCE(SUM(count), 0)::bigint FROM rate_counts WHERE action = 'read'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("rate counts")
+    };
+    for i in 0..5 {
+        let r = app
+            .pod(Method::GET, "lease", "/s/a")
+            .bearer_auth(&app.token)
+            .send()
+            .await
+            .expect("read");
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["x-ratelimit-remaining"],
+            (999 - i).to_string().as_str()
+        );
+        // Longer than a sync: a lease given back at every sync would be reserved again.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    // One lease of a tenth of the limit, reserved once.
+    assert_eq!(reads_counted().await, 100);
+    app.stop().await;
+    assert_eq!(reads_counted().await, 5);
+}
+
 /// A header holding a number of seconds.
 fn header_secs(r: &reqwest::Response, name: &str) -> u64 {
     r.headers()[name]
