@@ -133,6 +133,14 @@ impl RequestCtx {
             *slot = Some(seen);
         }
     }
+
+    /// The request counted last gave its count back (a refused pod creation).
+    pub fn gave_back_one(&self) {
+        let mut slot = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = slot.as_mut().filter(|s| s.retry_after.is_none()) {
+            s.remaining = (s.remaining + 1).min(s.limit);
+        }
+    }
 }
 
 /// One of a connection's limited subscription slots, freed when the subscription ends.

@@ -176,6 +176,7 @@ impl MutationRoot {
             // creation limit is not used up.
             if !matches!(e.kind(), ErrorKind::Internal | ErrorKind::Unavailable) {
                 engine.rate_refund(&rc.rate_key, Action::PodCreate, 1).await;
+                rc.gave_back_one();
             }
             return Err(e).gql();
         }

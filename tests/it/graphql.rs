@@ -1115,19 +1115,22 @@ async fn graphql_rate_limits(backend: Backend) {
     )
     .await;
     let t = Some(app.token.as_str());
-    // Creations refused as bad requests (an invalid name, a taken one) use up nothing.
-    for (query, want) in [
-        (
-            r#"mutation { createPod(name: "Bad_Name") { name } }"#,
-            "INVALID_INPUT",
-        ),
-        (
-            r#"mutation { createPod(name: "-x") { name } }"#,
-            "INVALID_INPUT",
-        ),
+    // Creations refused as bad requests (an invalid name, a taken one) use up nothing, and
+    // the headers say so.
+    for query in [
+        r#"mutation { createPod(name: "Bad_Name") { name } }"#,
+        r#"mutation { createPod(name: "-x") { name } }"#,
     ] {
-        let body = gql(&app, t, query, json!({})).await;
-        assert_eq!(code(&body), want, "{body}");
+        let r = app
+            .main(Method::POST, "/graphql")
+            .bearer_auth(&app.token)
+            .json(&json!({ "query": query }))
+            .send()
+            .await
+            .expect("createPod");
+        assert_eq!(r.headers()["x-ratelimit-remaining"], "1");
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(code(&body), "INVALID_INPUT", "{body}");
     }
     ok(
         &app,
