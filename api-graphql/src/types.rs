@@ -46,13 +46,12 @@ pub(crate) async fn charge(ctx: &Context<'_>, action: Action) -> Result<()> {
             Ok(())
         }
         Err(e) => {
-            if let Some(d) = e.details() {
-                let num = |k: &str| d.get(k).and_then(serde_json::Value::as_i64).unwrap_or(0);
+            if let Some((s, retry_after)) = e.rate_refusal() {
                 rc.saw_rate(RateSeen {
-                    limit: u64::try_from(num("limit")).unwrap_or(0),
-                    remaining: u64::try_from(num("remaining")).unwrap_or(0),
-                    reset: num("reset"),
-                    retry_after: Some(num("retryAfter").max(1)),
+                    limit: s.limit,
+                    remaining: s.remaining,
+                    reset: s.reset,
+                    retry_after: Some(retry_after),
                 });
             }
             Err(gql(e))

@@ -72,21 +72,13 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from_static("close"),
             );
         }
-        if kind == ErrorKind::RateLimitExceeded
-            && let Some(d) = e.details()
-        {
-            // The refused bucket's own figures (SPEC §9): the request-level bucket or one the
-            // engine counts itself (stream creation), never another's.
-            let num = |k: &str| d.get(k).and_then(serde_json::Value::as_i64).unwrap_or(0);
+        // The refused bucket's own figures (SPEC §9): the request-level bucket or one the
+        // engine counts itself (stream creation), never another's; what is left may be more
+        // than 0 (a request counting as several).
+        if let Some((s, retry_after)) = e.rate_refusal() {
             let h = resp.headers_mut();
-            let limit = u64::try_from(num("limit")).unwrap_or(0);
-            // What is left (a request counting as several may be refused with some left).
-            let remaining = u64::try_from(num("remaining")).unwrap_or(0);
-            rate_headers(h, limit, remaining, num("reset"));
-            h.insert(
-                "retry-after",
-                axum::http::HeaderValue::from(num("retryAfter").max(1)),
-            );
+            rate_headers(h, s.limit, s.remaining, s.reset);
+            h.insert("retry-after", axum::http::HeaderValue::from(retry_after));
         }
         if kind == ErrorKind::Unavailable {
             resp.headers_mut()

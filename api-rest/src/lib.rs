@@ -98,21 +98,23 @@ pub fn app_with_live(
                 .filter(|p| !pod_routes::reserved_on_pod_host(p));
             // SSE asked of a path that is not a stream (a record, or nothing) is a read: the
             // read serves the record or says what is missing. A WebSocket tail says it itself.
-            let check_stream = is_sse_only(req.headers());
             let pod = req.extensions().get::<PodHost>().map(|p| p.0.clone());
-            let target = match (asks_for_a_tail(&req), path, pod) {
-                (true, Some(path), Some(pod)) if check_stream => {
-                    Err((path.trim_matches('/').to_string(), pod))
+            let route = match (asks_for_a_tail(&req), path, pod) {
+                (true, Some(path), Some(pod)) if is_sse_only(req.headers()) => {
+                    let path = path.trim_matches('/').to_string();
+                    PodRoute::TailIfStream { pod, path }
                 }
-                (true, Some(_), _) => Ok(live.clone()),
-                _ => Ok(reads.clone()),
+                (true, Some(_), _) => PodRoute::Tail,
+                _ => PodRoute::Read,
             };
             let (live, reads, engine) = (live.clone(), reads.clone(), engine.clone());
             async move {
-                let target = match target {
-                    Ok(target) => target,
-                    Err((stream, pod)) if engine.is_stream(&pod, &stream).await => live,
-                    Err(_) => reads,
+                let target = match route {
+                    PodRoute::Tail => live,
+                    PodRoute::TailIfStream { pod, path } if engine.is_stream(&pod, &path).await => {
+                        live
+                    }
+                    PodRoute::TailIfStream { .. } | PodRoute::Read => reads,
                 };
                 match tower::ServiceExt::oneshot(target, req).await {
                     Ok(resp) => resp,
@@ -122,6 +124,14 @@ pub fn app_with_live(
         });
     }
     host::dispatch(state, main, pods)
+}
+
+/// Where a pod host's request goes: a live tail, a read, or (SSE) a tail only if `path` is an
+/// existing stream of `pod`.
+enum PodRoute {
+    Tail,
+    Read,
+    TailIfStream { pod: String, path: String },
 }
 
 /// Whether a request asks for a live tail (SPEC §4.4): a WebSocket upgrade, or SSE

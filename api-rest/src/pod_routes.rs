@@ -141,33 +141,34 @@ struct Query {
 /// takes `after` and `afterHash`; recursive tails are `/ws` subscriptions). A query that does
 /// not parse is the read's to refuse.
 pub(crate) fn has_read_only_parameters(query: Option<&str>) -> bool {
-    Query::parse(query).map_or(true, |q| {
-        q.pages_a_stream() || q.format.fields.is_some() || q.format.max_content_size.is_some()
-    })
+    Query::parse(query).map_or(true, |q| q.pages_a_stream() || q.shapes_records())
 }
 
 impl Query {
-    /// Parameters that select or page a stream's records (`after` aside, which tails take too).
-    fn pages_a_stream(&self) -> bool {
-        self.i.is_some()
-            || self.cursor.is_some()
+    /// Parameters that page a list (`after` aside, which tails take too).
+    fn pages(&self) -> bool {
+        self.cursor.is_some()
             || self.before.is_some()
             || self.limit.is_some()
             || self.unique
             || self.recursive
-            || self.verify
+    }
+
+    /// Parameters that select or page a stream's records (`after` aside).
+    fn pages_a_stream(&self) -> bool {
+        self.i.is_some() || self.verify || self.pages()
+    }
+
+    /// `fields` and `maxContentSize`: how records of a JSON answer are rendered.
+    fn shapes_records(&self) -> bool {
+        self.format.fields.is_some() || self.format.max_content_size.is_some()
     }
 
     /// Why the read parameters cannot all be honoured together, if they cannot: each one
     /// given must change the answer, so none is dropped silently.
     fn conflict(&self) -> Option<&'static str> {
-        let paging = self.after.is_some()
-            || self.before.is_some()
-            || self.limit.is_some()
-            || self.unique
-            || self.recursive
-            || self.cursor.is_some();
-        let formatting = self.format.fields.is_some() || self.format.max_content_size.is_some();
+        let paging = self.after.is_some() || self.pages();
+        let formatting = self.shapes_records();
         if self.verify && (paging || formatting || self.i.is_some()) {
             return Some("verify=true checks the whole stream and takes no other read parameter");
         }
@@ -358,10 +359,7 @@ async fn read(
                 }
                 other => other?,
             };
-            if q.addresses_a_stream()
-                || q.format.fields.is_some()
-                || q.format.max_content_size.is_some()
-            {
+            if q.addresses_a_stream() || q.shapes_records() {
                 return Err(ApiError::new(
                     ErrorKind::InvalidInput,
                     format!(

@@ -1,7 +1,7 @@
 //! `X-Request-Id` on every response (the client's own echoed when it is printable ASCII of at
 //! most 1,024 bytes), one log line per request (request id, method, route, path, status,
-//! duration), the request metrics, and the
-//! count of running handlers that a graceful shutdown waits for ([`webpods_engine::InFlight`]).
+//! duration), the request metrics, and the count of running handlers that a graceful shutdown
+//! waits for ([`webpods_engine::InFlight`]).
 //! Once the drain began, a request that was not yet counted is refused with 503 `UNAVAILABLE`
 //! (probes excepted): live tails take their last look at the log when the counted requests
 //! are done, and a record acknowledged after that look would never reach them.

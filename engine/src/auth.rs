@@ -343,6 +343,12 @@ impl Engine {
             .map_err(|e| Error::Internal(format!("redirect uri: {e}")))
     }
 
+    /// The main domain: `public_url`'s host, in lower case.
+    pub(crate) fn main_host(&self) -> String {
+        let public = &self.auth().public_url;
+        public.host_str().unwrap_or("").to_ascii_lowercase()
+    }
+
     /// The URL of a pod host (`{scheme}://{pod}.{main host}[:port]`).
     pub fn pod_origin(&self, pod: &str) -> String {
         let u = &self.auth().public_url;
@@ -382,7 +388,7 @@ impl Engine {
             return false;
         };
         let public = &self.auth().public_url;
-        let main = public.host_str().unwrap_or("").to_ascii_lowercase();
+        let main = self.main_host();
         let ours = u.scheme() == public.scheme()
             && u.port_or_known_default() == public.port_or_known_default();
         if host == main {

@@ -159,14 +159,7 @@ impl Engine {
         // The main domain and every name under it are the service's own: a pod claiming
         // `www.alice.{main}` would serve on another pod's sub-host and pass as a login
         // redirect target. Checked here, so that REST and GraphQL refuse it alike.
-        let main = self
-            .inner
-            .config
-            .auth
-            .public_url
-            .host_str()
-            .unwrap_or("")
-            .to_ascii_lowercase();
+        let main = self.main_host();
         if let Some(bad) = domains
             .iter()
             .find(|d| **d == main || d.ends_with(&format!(".{main}")))

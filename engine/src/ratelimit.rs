@@ -163,6 +163,16 @@ fn lease_size(limit: i64, available: i64, n: i64) -> i64 {
     n.max((limit / 10).min(available / 4))
 }
 
+/// A count of `caller`'s `action` in `slice`, as the database stores it.
+fn delta(caller: &str, action: Action, slice: i64, count: i64) -> RateDelta {
+    RateDelta {
+        caller: caller.to_string(),
+        action: action.as_str().to_string(),
+        slice,
+        count,
+    }
+}
+
 type Key = (String, Action);
 
 pub(crate) struct RateLimiter {
@@ -214,7 +224,7 @@ impl RateLimiter {
         // A sliding window has no moment when everything resets at once: the requests of this
         // slice are the last to leave it.
         let reset = window_end(slice);
-        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        let need = i64::try_from(n).unwrap_or(i64::MAX);
         let cap = i64::try_from(limit).unwrap_or(i64::MAX);
         let status = |left: i64| RateStatus {
             limit,
@@ -226,12 +236,12 @@ impl RateLimiter {
             let c = map.entry(key.clone()).or_default();
             c.last_slice = slice;
             c.last_used_ms = now_ms();
-            if let Some(left) = c.take(slice, n) {
+            if let Some(left) = c.take(slice, need) {
                 return Ok(status(left));
             }
             if let Some(at) = c.free_at.filter(|at| *at > now_ms() / 1000) {
                 let left = u64::try_from(c.remaining + c.lease).unwrap_or(0);
-                return Err(refusal(action, limit, n as u64, left, at));
+                return Err(refusal(action, limit, n, left, at));
             }
             c.gate.clone()
         };
@@ -240,22 +250,20 @@ impl RateLimiter {
             let mut map = self.lock();
             let c = map.entry(key.clone()).or_default();
             // Reserved by the request this one waited for.
-            if let Some(left) = c.take(slice, n) {
+            if let Some(left) = c.take(slice, need) {
                 return Ok(status(left));
             }
-            lease_size(cap, if c.remaining > 0 { c.remaining } else { cap }, n)
+            lease_size(cap, if c.remaining > 0 { c.remaining } else { cap }, need)
         };
         let since = slice - WINDOW_SLICES + 1;
         let mut total = 0;
         for _ in 0..3 {
-            let delta = RateDelta {
-                caller: caller.to_string(),
-                action: action.as_str().to_string(),
-                slice,
-                count: want,
-            };
+            let reservation = delta(caller, action, slice, want);
             let added;
-            (added, total) = self.store.add_rate_count_within(&delta, since, cap).await?;
+            (added, total) = self
+                .store
+                .add_rate_count_within(&reservation, since, cap)
+                .await?;
             if added {
                 let mut map = self.lock();
                 let c = map.entry(key).or_default();
@@ -263,17 +271,17 @@ impl RateLimiter {
                     c.give_back_lease();
                     c.lease_slice = slice;
                 }
-                c.lease += want - n;
+                c.lease += want - need;
                 c.remaining = cap - total;
                 c.free_at = None;
                 return Ok(status(c.remaining + c.lease));
             }
             let available = cap - total;
-            if available < n {
+            if available < need {
                 break;
             }
             // Less is left than the lease asked for: ask for a part of what is.
-            want = lease_size(cap, available, n);
+            want = lease_size(cap, available, need);
         }
         let left = u64::try_from(cap - total).unwrap_or(0);
         // Unsynced give-backs are this instance's part of the counts; the database has the rest.
@@ -282,12 +290,12 @@ impl RateLimiter {
             None => Vec::new(),
         };
         let at = self
-            .reset_after_refusal(caller, action, limit, n as u64, local)
+            .reset_after_refusal(caller, action, limit, n, local)
             .await;
         if let Some(c) = self.lock().get_mut(&(caller.to_string(), action)) {
             c.free_at = Some(at);
         }
-        Err(refusal(action, limit, n as u64, left, at))
+        Err(refusal(action, limit, n, left, at))
     }
 
     /// Adds `n` to the caller's count in the database only if the window's total (every
@@ -303,14 +311,9 @@ impl RateLimiter {
     ) -> Result<RateStatus> {
         let slice = now_ms() / SLICE_MS;
         let since = slice - WINDOW_SLICES + 1;
-        let delta = RateDelta {
-            caller: caller.to_string(),
-            action: action.as_str().to_string(),
-            slice,
-            count: i64::try_from(n).unwrap_or(i64::MAX),
-        };
+        let count = delta(caller, action, slice, i64::try_from(n).unwrap_or(i64::MAX));
         let cap = i64::try_from(limit).unwrap_or(i64::MAX);
-        let (added, total) = self.store.add_rate_count_within(&delta, since, cap).await?;
+        let (added, total) = self.store.add_rate_count_within(&count, since, cap).await?;
         let total = u64::try_from(total).unwrap_or(0);
         if added {
             return Ok(RateStatus {
@@ -336,13 +339,8 @@ impl RateLimiter {
         let slice = now_ms() / SLICE_MS;
         if action.counted_in_the_database() {
             // The next decision reads the database: the count goes back there now.
-            let delta = RateDelta {
-                caller: caller.to_string(),
-                action: action.as_str().to_string(),
-                slice,
-                count: -n,
-            };
-            if let Err(e) = self.store.add_rate_counts(&[delta], &[], slice).await {
+            let back = delta(caller, action, slice, -n);
+            if let Err(e) = self.store.add_rate_counts(&[back]).await {
                 tracing::warn!(error = %e, "a rate-limit refund could not be written");
             }
             return;
@@ -396,46 +394,44 @@ impl RateLimiter {
     async fn flush(&self, all: bool) -> Result<()> {
         let now_slice = now_ms() / SLICE_MS;
         let since = now_slice - WINDOW_SLICES + 1;
-        let deltas = {
+        // (key, slice, count) owed to the database.
+        let owed: Vec<(Key, i64, i64)> = {
             let mut map = self.lock();
-            let mut deltas = Vec::new();
-            for ((caller, action), c) in map.iter_mut() {
-                let cap = i64::try_from(self.limits.limit(*action)).unwrap_or(i64::MAX);
+            let mut owed = Vec::new();
+            for (key, c) in map.iter_mut() {
+                let cap = i64::try_from(self.limits.limit(key.1)).unwrap_or(i64::MAX);
                 let idle = now_ms() - c.last_used_ms >= LEASE_IDLE_MS;
                 if all || idle || c.remaining < cap / 4 || c.last_slice < since {
                     c.give_back_lease();
                 }
                 // A cached refusal is re-checked after a sync: others may have given back.
                 c.free_at = None;
-                for (slice, count) in c.pending.drain() {
-                    if count != 0 {
-                        deltas.push(RateDelta {
-                            caller: caller.clone(),
-                            action: action.as_str().to_string(),
-                            slice,
-                            count,
-                        });
-                    }
-                }
+                owed.extend(
+                    c.pending
+                        .drain()
+                        .filter(|(_, count)| *count != 0)
+                        .map(|(slice, count)| (key.clone(), slice, count)),
+                );
             }
             map.retain(|_, c| c.last_slice >= since || c.lease > 0);
-            deltas
+            owed
         };
-        if deltas.is_empty() {
+        if owed.is_empty() {
             return Ok(());
         }
-        if let Err(e) = self.store.add_rate_counts(&deltas, &[], since).await {
+        let deltas: Vec<RateDelta> = owed
+            .iter()
+            .map(|((caller, action), slice, count)| delta(caller, *action, *slice, *count))
+            .collect();
+        if let Err(e) = self.store.add_rate_counts(&deltas).await {
             // Keep them for the next attempt.
             let mut map = self.lock();
-            for d in deltas {
-                let action = match d.action.as_str() {
-                    "read" => Action::Read,
-                    "write" => Action::Write,
-                    "pod_create" => Action::PodCreate,
-                    _ => Action::StreamCreate,
-                };
-                let c = map.entry((d.caller, action)).or_default();
-                *c.pending.entry(d.slice).or_default() += d.count;
+            for (key, slice, count) in owed {
+                *map.entry(key)
+                    .or_default()
+                    .pending
+                    .entry(slice)
+                    .or_default() += count;
             }
             return Err(e.into());
         }
@@ -532,6 +528,25 @@ fn refusal(action: Action, limit: u64, n: u64, left: u64, reset: i64) -> Error {
         message,
         serde_json::json!({ "limit": limit, "remaining": left, "reset": reset, "retryAfter": retry_after }),
     )
+}
+
+impl Error {
+    /// The figures of a 429 `RATE_LIMIT_EXCEEDED` (as the limiter wrote them in the details),
+    /// for a frontend's headers: the refused bucket's state, and the seconds until one more
+    /// request fits (`Retry-After`).
+    pub fn rate_refusal(&self) -> Option<(RateStatus, i64)> {
+        if self.kind() != ErrorKind::RateLimitExceeded {
+            return None;
+        }
+        let d = self.details()?;
+        let num = |k: &str| d.get(k).and_then(serde_json::Value::as_i64).unwrap_or(0);
+        let status = RateStatus {
+            limit: u64::try_from(num("limit")).unwrap_or(0),
+            remaining: u64::try_from(num("remaining")).unwrap_or(0),
+            reset: num("reset"),
+        };
+        Some((status, num("retryAfter").max(1)))
+    }
 }
 
 #[cfg(test)]

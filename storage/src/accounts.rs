@@ -1,8 +1,6 @@
 //! Accounts: identities, login sessions, single-use OAuth states, permission records and
 //! rate-limit counters.
 
-use sqlx::Row;
-
 use crate::{PgStore, RECORD_COLUMNS, RecordRow, Result, SqliteStore, Store};
 
 /// A login session.
@@ -88,15 +86,9 @@ impl Store {
         dispatch!(self, s => s.records_by_author(stream_id, author).await)
     }
 
-    /// Adds counts, and returns the totals of the same (caller, action) pairs over slices
-    /// `>= since`.
-    pub async fn add_rate_counts(
-        &self,
-        deltas: &[RateDelta],
-        keys: &[(String, String)],
-        since: i64,
-    ) -> Result<Vec<(String, String, i64)>> {
-        dispatch!(self, s => s.add_rate_counts(deltas, keys, since).await)
+    /// Adds counts (negative ones give back what was counted), unconditionally.
+    pub async fn add_rate_counts(&self, deltas: &[RateDelta]) -> Result<()> {
+        dispatch!(self, s => s.add_rate_counts(deltas).await)
     }
 
     /// Adds `count` to (caller, action)'s slice only if the total over slices `>= since`
@@ -213,49 +205,26 @@ impl PgStore {
         .await?)
     }
 
-    async fn add_rate_counts(
-        &self,
-        deltas: &[RateDelta],
-        keys: &[(String, String)],
-        since: i64,
-    ) -> Result<Vec<(String, String, i64)>> {
-        if !deltas.is_empty() {
-            let callers: Vec<&str> = deltas.iter().map(|d| d.caller.as_str()).collect();
-            let actions: Vec<&str> = deltas.iter().map(|d| d.action.as_str()).collect();
-            let slices: Vec<i64> = deltas.iter().map(|d| d.slice).collect();
-            let counts: Vec<i64> = deltas.iter().map(|d| d.count).collect();
-            sqlx::query(
-                "INSERT INTO rate_counts (caller, action, slice, count) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[]) \
-                 ON CONFLICT (caller, action, slice) DO UPDATE SET count = rate_counts.count + excluded.count",
-            )
-            .bind(&callers)
-            .bind(&actions)
-            .bind(&slices)
-            .bind(&counts)
-            .execute(&self.pool)
-            .await?;
+    async fn add_rate_counts(&self, deltas: &[RateDelta]) -> Result<()> {
+        if deltas.is_empty() {
+            return Ok(());
         }
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let callers: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
-        let actions: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
-        let rows = sqlx::query(
-            "SELECT r.caller, r.action, SUM(r.count)::bigint FROM rate_counts r \
-             JOIN UNNEST($1::text[], $2::text[]) AS k(caller, action) \
-               ON k.caller = r.caller AND k.action = r.action \
-             WHERE r.slice >= $3 GROUP BY r.caller, r.action",
+        let callers: Vec<&str> = deltas.iter().map(|d| d.caller.as_str()).collect();
+        let actions: Vec<&str> = deltas.iter().map(|d| d.action.as_str()).collect();
+        let slices: Vec<i64> = deltas.iter().map(|d| d.slice).collect();
+        let counts: Vec<i64> = deltas.iter().map(|d| d.count).collect();
+        sqlx::query(
+            "INSERT INTO rate_counts (caller, action, slice, count) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[]) \
+             ON CONFLICT (caller, action, slice) DO UPDATE SET count = rate_counts.count + excluded.count",
         )
         .bind(&callers)
         .bind(&actions)
-        .bind(since)
-        .fetch_all(&self.pool)
+        .bind(&slices)
+        .bind(&counts)
+        .execute(&self.pool)
         .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect())
+        Ok(())
     }
 
     async fn add_rate_count_within(
@@ -396,23 +365,13 @@ impl SqliteStore {
         .await?)
     }
 
-    async fn add_rate_counts(
-        &self,
-        deltas: &[RateDelta],
-        keys: &[(String, String)],
-        since: i64,
-    ) -> Result<Vec<(String, String, i64)>> {
+    async fn add_rate_counts(&self, deltas: &[RateDelta]) -> Result<()> {
         let mut tx = self.begin().await?;
         for d in deltas {
             sqlite_add_count(&mut tx, d).await?;
         }
-        let mut totals = Vec::with_capacity(keys.len());
-        for (caller, action) in keys {
-            let sum = sqlite_window_total(&mut tx, caller, action, since).await?;
-            totals.push((caller.clone(), action.clone(), sum));
-        }
         tx.commit().await?;
-        Ok(totals)
+        Ok(())
     }
 
     async fn add_rate_count_within(

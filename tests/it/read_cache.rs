@@ -124,8 +124,9 @@ async fn another_instance_sees_appends_through_notices() {
 }
 
 /// Instance B cached a record's content by name and by index; instance A purges it: B stops
-/// serving the erased content within the notice latency (the purge's own notice, sent before
-/// its 204), well before the cache's 5 s time-to-live could hide a missing invalidation.
+/// serving the erased content within the notice latency, well before the cache's 5 s
+/// time-to-live could hide a missing invalidation. (Which notice arrives first, the purge's
+/// own or the append notice after it, this test cannot tell: in one process both are quick.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn another_instance_stops_serving_purged_content() {
     let url = fresh_database(Backend::Postgres).await;
