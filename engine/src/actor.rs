@@ -266,23 +266,30 @@ fn start_commit(myself: &ActorRef<StreamMsg>, state: &mut StreamState) {
     let chain = state.chain.take();
     let me = myself.clone();
     tokio::spawn(async move {
-        let chain = commit(&env, &ctx, chain, batch).await;
+        let (chain, answers) = commit(&env, &ctx, chain, batch).await;
+        // The actor first, so that its next commit is queued to run ahead of the request
+        // tasks the answers wake (each writes its response before yielding). Answering first
+        // left one stream without a statement in flight a third of the time under load.
         // If the actor is gone the next one reloads the head from storage anyway.
         let _ = me.send_message(StreamMsg::CommitDone(chain));
+        if let Some(answers) = answers {
+            answers.send();
+        }
     });
 }
 
 type Replies = Vec<oneshot::Sender<AppendReply>>;
 type Outcomes = Vec<Result<EntryOutcome, Error>>;
 
-/// Commits the batch (fast path if it can, else the locking path), answers each entry, and
-/// returns the chain as it stands afterwards.
+/// Commits the batch (fast path if it can, else the locking path) and returns the chain as it
+/// stands afterwards, with the answers to the committed entries still to send. Entries that
+/// failed are answered here.
 async fn commit(
     env: &ActorEnv,
     ctx: &StreamCtx,
     chain: Option<Chain>,
     batch: Vec<(Entry, oneshot::Sender<AppendReply>)>,
-) -> Option<Chain> {
+) -> (Option<Chain>, Option<Answers>) {
     let mut started = Instant::now();
     let (mut entries, mut replies): (Vec<Entry>, Replies) = batch.into_iter().unzip();
     if let Some(chain) = chain {
@@ -292,8 +299,10 @@ async fn commit(
                     head: head_after(&plan, chain.head),
                     child_version: chain.child_version,
                 };
-                finish(env, ctx, plan, outcomes, replies, started);
-                return Some(chain);
+                return (
+                    Some(chain),
+                    Some(finish(env, ctx, plan, outcomes, replies, started)),
+                );
             }
             Fast::LeadWritten {
                 plan,
@@ -304,10 +313,10 @@ async fn commit(
                 // been: then they are answered with the error, as any uncertain commit is).
                 let rest_entries = entries.split_off(outcomes.len());
                 let rest_replies = replies.split_off(outcomes.len());
-                finish(env, ctx, plan, outcomes, replies, started);
+                finish(env, ctx, plan, outcomes, replies, started).send();
                 if let Some(err) = rest {
                     fail(env, ctx, rest_replies, err);
-                    return None;
+                    return (None, None);
                 }
                 (entries, replies) = (rest_entries, rest_replies);
                 // The rest is a commit of its own (the commit-duration metric).
@@ -316,7 +325,7 @@ async fn commit(
             Fast::NotTaken => {}
             Fast::Failed(err) => {
                 fail(env, ctx, replies, err);
-                return None;
+                return (None, None);
             }
         }
     }
@@ -344,18 +353,20 @@ async fn commit(
                 head: head_after(&plan, head),
                 child_version,
             };
-            finish(env, ctx, plan, outcomes, replies, started);
-            Some(chain)
+            (
+                Some(chain),
+                Some(finish(env, ctx, plan, outcomes, replies, started)),
+            )
         }
         Err(webpods_storage::Error::StreamNotFound(_)) => {
             for (entry, reply) in entries.into_iter().zip(replies) {
                 let _ = reply.send(AppendReply::StreamGone(entry));
             }
-            None
+            (None, None)
         }
         Err(e) => {
             fail(env, ctx, replies, Error::from(e));
-            None
+            (None, None)
         }
     }
 }
@@ -522,7 +533,8 @@ fn appending(records: Vec<RecordRow>) -> BatchPlan {
     }
 }
 
-/// After a commit: publish to live tails, count, answer each entry.
+/// After a commit: mark cached reads stale, publish to live tails, count, and return the
+/// answers to each entry.
 fn finish(
     env: &ActorEnv,
     ctx: &StreamCtx,
@@ -530,7 +542,7 @@ fn finish(
     outcomes: Outcomes,
     replies: Replies,
     started: Instant,
-) {
+) -> Answers {
     // Committed: cached reads of the stream are stale from now on, and live tails may see it
     // (before the next batch of this stream commits).
     if !plan.records.is_empty() {
@@ -540,21 +552,44 @@ fn finish(
     env.registry
         .metrics
         .observe_commit(plan.records.len(), started.elapsed());
-    let records = Arc::new(plan.records);
-    for (reply, outcome) in replies.into_iter().zip(outcomes) {
-        let done = outcome.map(|o| match o {
-            EntryOutcome::Appended(range) => Committed {
-                records: records.clone(),
-                range,
-                replayed: false,
-            },
-            EntryOutcome::Replayed(rows) => Committed {
-                range: 0..rows.len(),
-                records: Arc::new(rows),
-                replayed: true,
-            },
-        });
-        let _ = reply.send(AppendReply::Done(done));
+    Answers {
+        records: Arc::new(plan.records),
+        outcomes,
+        replies,
+    }
+}
+
+/// The answers to a committed batch's entries, built once the commit is durable and its
+/// effects published ([`finish`]), sent by [`Answers::send`].
+#[must_use = "the entries wait for their answers"]
+struct Answers {
+    records: Arc<Vec<RecordRow>>,
+    outcomes: Outcomes,
+    replies: Replies,
+}
+
+impl Answers {
+    fn send(self) {
+        let Answers {
+            records,
+            outcomes,
+            replies,
+        } = self;
+        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+            let done = outcome.map(|o| match o {
+                EntryOutcome::Appended(range) => Committed {
+                    records: records.clone(),
+                    range,
+                    replayed: false,
+                },
+                EntryOutcome::Replayed(rows) => Committed {
+                    range: 0..rows.len(),
+                    records: Arc::new(rows),
+                    replayed: true,
+                },
+            });
+            let _ = reply.send(AppendReply::Done(done));
+        }
     }
 }
 
