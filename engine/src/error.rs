@@ -157,6 +157,10 @@ impl From<webpods_storage::Error> for Error {
         match e.kind() {
             K::Unavailable => Error::Unavailable(e.to_string()),
             K::NotFound => Error::new(ErrorKind::StreamNotFound, "stream not found"),
+            K::Unstorable => Error::new(
+                ErrorKind::InvalidInput,
+                "text values may not contain NUL characters",
+            ),
             K::Internal => Error::Internal(e.to_string()),
         }
     }

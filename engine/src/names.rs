@@ -6,6 +6,10 @@ use crate::error::{Error, ErrorKind, Result};
 pub const CONFIG: &str = ".config";
 /// The deepest a stream may be nested.
 pub const MAX_PATH_SEGMENTS: usize = 64;
+/// The longest a stream path may be, in bytes. PostgreSQL's unique index on (pod, path) holds
+/// at most ~2,700 bytes per entry; a bound below it, the same on every backend, refuses a
+/// longer path up front instead of failing its creation halfway down.
+pub const MAX_PATH_BYTES: usize = 2048;
 
 /// `^[a-z0-9][a-z0-9-]{0,61}[a-z0-9]$`.
 pub fn is_valid_pod_name(name: &str) -> bool {
@@ -53,6 +57,15 @@ pub fn check_record_name(name: &str) -> Result<()> {
 pub fn check_stream_path(path: &str) -> Result<()> {
     if path.is_empty() {
         return Ok(());
+    }
+    if path.len() > MAX_PATH_BYTES {
+        return Err(Error::new(
+            ErrorKind::InvalidPath,
+            format!(
+                "a stream path has at most {MAX_PATH_BYTES} bytes (this one has {})",
+                path.len()
+            ),
+        ));
     }
     for (i, seg) in path.split('/').enumerate() {
         // Each segment is a stream row, created on the first write below it: one request may
@@ -129,6 +142,12 @@ mod tests {
         let deepest = vec!["d"; MAX_PATH_SEGMENTS].join("/");
         assert!(check_stream_path(&deepest).is_ok());
         let err = check_stream_path(&format!("{deepest}/d")).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidPath);
+        // Eight segments of 256 bytes: 2,055 bytes, over the bound at fewer than 64 segments.
+        let longest = vec!["x".repeat(255); 8].join("/");
+        assert_eq!(longest.len(), 2047);
+        assert!(check_stream_path(&longest).is_ok());
+        let err = check_stream_path(&vec!["x".repeat(256); 8].join("/")).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidPath);
         assert_eq!(split_last("a/b/c"), ("a/b", "c"));
         assert_eq!(split_last("a"), ("", "a"));

@@ -62,6 +62,9 @@ pub enum Error {
 pub enum ErrorKind {
     Unavailable,
     NotFound,
+    /// The database refused a value the caller sent: text with a NUL character, which
+    /// PostgreSQL cannot store (SQLSTATE 22021). Nothing was written.
+    Unstorable,
     Internal,
 }
 
@@ -70,6 +73,9 @@ impl Error {
         match self {
             Error::Unavailable(_) => ErrorKind::Unavailable,
             Error::StreamNotFound(_) => ErrorKind::NotFound,
+            Error::Database(_) if self.sqlstate().as_deref() == Some("22021") => {
+                ErrorKind::Unstorable
+            }
             _ => ErrorKind::Internal,
         }
     }

@@ -21,7 +21,8 @@ both_backends!(
     odd_requests_get_the_envelope,
     wrong_methods_get_the_envelope_and_allow,
     one_precondition_at_a_time,
-    endpoint_streams_have_no_children
+    endpoint_streams_have_no_children,
+    nul_characters_and_long_paths_are_bad_input
 );
 
 fn sign(claims: serde_json::Value, secret: &str) -> String {
@@ -780,4 +781,93 @@ async fn endpoint_streams_have_no_children(backend: Backend) {
         paths.iter().all(|p| !p.contains("/sub")),
         "no stream below an endpoint stream: {paths:?}"
     );
+}
+
+/// A NUL character cannot be stored in PostgreSQL's text: each place one can arrive is a bad
+/// request (on PostgreSQL these were 500s, and an idempotency key with a NUL failed the whole
+/// group commit, other callers' appends with it). A path too long for PostgreSQL's unique
+/// index is refused before any of its streams is created.
+async fn nul_characters_and_long_paths_are_bad_input(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.create_pod("nul").await;
+    app.append("nul", "/s/a", "x").await;
+    for (path, code) in [
+        ("/a%00", "INVALID_NAME"),
+        ("/s/a%00", "INVALID_NAME"),
+        ("/a%00/b", "INVALID_PATH"),
+        ("/s/a%00?i=0", "INVALID_NAME"),
+    ] {
+        for method in [Method::GET, Method::DELETE] {
+            let r = app
+                .pod(method.clone(), "nul", path)
+                .bearer_auth(&app.token)
+                .send()
+                .await
+                .expect("send");
+            let (status, got) = error_code(r).await;
+            assert_eq!(status, 400, "{method} {path}: {got}");
+            if method == Method::GET {
+                assert_eq!(got, code, "{method} {path}");
+            }
+        }
+    }
+    let r = app
+        .pod(Method::POST, "nul", "/.config/owner")
+        .bearer_auth(&app.token)
+        .json(&json!({ "userId": "\u{0}" }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(error_code(r).await, (404, "USER_NOT_FOUND".into()));
+
+    let graphql = |query: &str, variables: serde_json::Value| {
+        app.main(Method::POST, "/graphql")
+            .bearer_auth(&app.token)
+            .json(&json!({ "query": query, "variables": variables }))
+    };
+    let body = json_of(graphql(
+        "mutation($k: String!) { appendRecord(pod: \"nul\", stream: \"s\", name: \"b\", \
+         content: \"x\", idempotencyKey: $k) { index } }",
+        json!({ "k": "k\u{0}" }),
+    ))
+    .await;
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"], "INVALID_INPUT",
+        "{body}"
+    );
+    let body = json_of(graphql(
+        "query($n: String!) { stream(pod: \"nul\", path: \"s\") { record(name: $n) { index } } }",
+        json!({ "n": "a\u{0}" }),
+    ))
+    .await;
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"], "RECORD_NOT_FOUND",
+        "{body}"
+    );
+    // Nothing above was written.
+    assert_eq!(app.all_records("nul", "s").await.len(), 1);
+
+    // Eleven segments of 256 characters: 2,826 bytes, over the 2,048 a path may have. Varied
+    // characters, as PostgreSQL compresses repeated ones below its index's limit.
+    let segment = |i: usize| {
+        (0..256)
+            .map(|j| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[(i * 7 + j * 13) % 36]))
+            .collect::<String>()
+    };
+    let long: Vec<String> = (0..11).map(segment).collect();
+    let r = app
+        .pod(Method::POST, "nul", &format!("/{}/r", long.join("/")))
+        .bearer_auth(&app.token)
+        .header("content-type", "text/plain")
+        .body("x")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(error_code(r).await, (400, "INVALID_PATH".into()));
+    let r = app
+        .pod(Method::GET, "nul", &format!("/{}", long[0]))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 404, "no stream of the refused path was created");
 }
