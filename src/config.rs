@@ -120,6 +120,8 @@ enum Kind {
     Bool,
     /// A TOML array of strings, or a comma-separated string (variables).
     List,
+    /// A duration: an integer of seconds or a string such as `"90s"` or `"12h"`.
+    Duration,
 }
 
 /// Every file key `(section, key)` and the variable that overrides it.
@@ -208,6 +210,7 @@ fn kind_of(var: &str) -> Kind {
     match var {
         "WEBPODS_ALLOWED_RECORD_HEADERS" => Kind::List,
         "WEBPODS_RATE_LIMITS" => Kind::Bool,
+        "WEBPODS_JWT_EXPIRY" => Kind::Duration,
         v if v.ends_with("_SECS")
             || v.ends_with("_BYTES")
             || v.ends_with("_RECORDS")
@@ -300,6 +303,9 @@ fn as_string(kind: Kind, v: toml::Value) -> Result<String, &'static str> {
         (Kind::Int, _) => Err("an integer"),
         (Kind::Bool, V::Boolean(b)) => Ok(if b { "on" } else { "off" }.to_string()),
         (Kind::Bool, _) => Err("true or false"),
+        (Kind::Duration, V::Integer(i)) => Ok(i.to_string()),
+        (Kind::Duration, V::String(s)) => Ok(s),
+        (Kind::Duration, _) => Err("seconds or a string such as \"12h\""),
         (Kind::List, V::Array(items)) => items
             .into_iter()
             .map(|i| match i {
@@ -526,6 +532,15 @@ impl Config {
         let max_recursive = parse_limit("WEBPODS_MAX_RECURSIVE_STREAMS", 256, &mut errors);
         let ws_message = parse_limit("WEBPODS_WS_MAX_MESSAGE_BYTES", 65_536, &mut errors);
         let ws_idle = parse("WEBPODS_WS_IDLE_TIMEOUT_SECS", 60, &mut errors);
+        // Pings go out every third of it: below 2 s the check could not keep its word.
+        if let Some((v, origin)) = lookup("WEBPODS_WS_IDLE_TIMEOUT_SECS")
+            && v.trim().parse::<u64>().is_ok_and(|secs| secs < 2)
+        {
+            errors.push(format!(
+                "{}: must be at least 2 seconds, got {v:?}",
+                name("WEBPODS_WS_IDLE_TIMEOUT_SECS", &origin)
+            ));
+        }
         let live_send = parse("WEBPODS_LIVE_SEND_TIMEOUT_SECS", 10, &mut errors);
         let live_behind = parse("WEBPODS_LIVE_MAX_BEHIND", 100_000, &mut errors);
         let idle = parse("WEBPODS_ACTOR_IDLE_SECS", 30, &mut errors);
@@ -675,7 +690,7 @@ impl Config {
             max_batch_bytes: size(max_batch),
             live: {
                 let d = webpods_api_ws::LiveConfig::default();
-                let idle_timeout = Duration::from_secs(ws_idle.max(2));
+                let idle_timeout = Duration::from_secs(ws_idle);
                 webpods_api_ws::LiveConfig {
                     max_subscriptions_per_connection: size(max_subs.max(1)),
                     max_message_bytes: size(ws_message.max(256)),
@@ -992,6 +1007,16 @@ mod tests {
     }
 
     #[test]
+    fn a_websocket_idle_timeout_under_2_s_is_refused() {
+        for bad in ["0", "1"] {
+            let errs = with(&[("WEBPODS_WS_IDLE_TIMEOUT_SECS", bad)]).unwrap_err();
+            assert!(errs[0].contains("must be at least 2 seconds"), "{errs:?}");
+        }
+        let c = with(&[("WEBPODS_WS_IDLE_TIMEOUT_SECS", "3")]).expect("config");
+        assert_eq!(c.live.idle_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
     fn a_bad_log_filter_is_refused() {
         let errs = with(&[("WEBPODS_LOG", "garbage===")]).unwrap_err();
         assert!(errs[0].starts_with("WEBPODS_LOG (log.filter)"), "{errs:?}");
@@ -1029,7 +1054,7 @@ mod tests {
         let text = r#"
             [auth]
             jwt_secret = "s3cret-s3cret-s3cret"
-            jwt_expiry = "12h"
+            jwt_expiry = 43200
             [[auth.providers]]
             id = "github"
             client_id = "abc"

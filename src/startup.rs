@@ -42,30 +42,30 @@ pub struct Server {
 /// a server and its database can start in any order; other errors fail at once.
 pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     let give_up = Instant::now() + config.connect_retry;
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = Duration::from_millis(200);
     let mut attempt = 1u32;
     let store = loop {
-        match Store::connect(&config.database_url, &config.store).await {
+        let e = match Store::connect(&config.database_url, &config.store).await {
             Ok(store) => break store,
-            Err(e)
-                if e.kind() == webpods_storage::ErrorKind::Unavailable
-                    && Instant::now() + delay < give_up =>
-            {
-                tracing::warn!(
-                    attempt,
-                    error = %e,
-                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                    "database unreachable; retrying"
-                );
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-                attempt += 1;
-            }
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("connecting to the database (attempt {attempt})"));
-            }
+            Err(e) => e,
+        };
+        // The last wait ends at the deadline, where one more attempt is made: giving up as
+        // soon as the next full backoff step would pass it stopped up to 5 s early.
+        let left = give_up.saturating_duration_since(Instant::now());
+        if e.kind() != webpods_storage::ErrorKind::Unavailable || left.is_zero() {
+            return Err(e)
+                .with_context(|| format!("connecting to the database (attempt {attempt})"));
         }
+        let delay = backoff.min(left);
+        tracing::warn!(
+            attempt,
+            error = %e,
+            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "database unreachable; retrying"
+        );
+        tokio::time::sleep(delay).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        attempt += 1;
     };
     store.migrate().await.context("applying migrations")?;
     Ok(store)

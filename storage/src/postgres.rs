@@ -73,6 +73,14 @@ impl PgStore {
         // first runs, and for good for the `UNNEST`-fed write statement) cost more than the
         // statement itself (measured: ~2 ms of planning for a 0.3 ms append).
         connect = connect.options([("plan_cache_mode", "force_generic_plan")]);
+        // Two at least: a split batch's lead and follower statements run at once, and the
+        // follower waits for the lead's row lock (a pool of one would deadlock them).
+        if options.max_connections < 2 {
+            tracing::warn!(
+                configured = options.max_connections,
+                "a PostgreSQL pool needs 2 connections at least; using 2"
+            );
+        }
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(2))
             .acquire_timeout(options.acquire_timeout)

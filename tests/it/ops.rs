@@ -1146,6 +1146,19 @@ async fn startup_waits_for_the_database() {
         format!("{err:#}").contains("connecting to the database"),
         "{err:#}"
     );
+    // It retries for the whole budget: the backoff (0.2, 0.4, 0.8, 1.6 s…) once gave up after
+    // 1.4 s of a 3 s budget, as the next step would have passed it.
+    let config = crate::support::test_config(&url, &[("WEBPODS_DB_CONNECT_RETRY_SECS", "3")]);
+    let started = Instant::now();
+    let err = webpods::startup::Server::build(config)
+        .await
+        .err()
+        .expect("the database stays down: startup fails");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(10),
+        "gave up after {took:?}: {err:#}"
+    );
 
     let config = crate::support::test_config(&url, &[("WEBPODS_DB_CONNECT_RETRY_SECS", "30")]);
     let token_file = config.token_file.clone();
