@@ -686,7 +686,9 @@ async fn write(
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct BatchItem {
     name: String,
-    content: Option<serde_json::Value>,
+    /// The value as sent: a JSON string is text content; any other value is stored as its
+    /// own JSON text, byte for byte (re-serializing it rounded big numbers and rewrote `1E2`).
+    content: Option<Box<serde_json::value::RawValue>>,
     content_base64: Option<String>,
     content_type: Option<String>,
     headers: Option<BTreeMap<String, String>>,
@@ -699,8 +701,15 @@ impl BatchItem {
         let (content, default_type) = match (self.content, self.content_base64) {
             (Some(_), Some(_)) => return Err(bad("give content or contentBase64, not both")),
             (None, None) => return Err(bad("content or contentBase64 is required")),
-            (Some(serde_json::Value::String(s)), None) => (Bytes::from(s), "text/plain"),
-            (Some(v), None) => (Bytes::from(v.to_string()), "application/json"),
+            (Some(raw), None) if raw.get().starts_with('"') => {
+                let text: String = serde_json::from_str(raw.get())
+                    .map_err(|e| bad(&format!("content is not a valid string: {e}")))?;
+                (Bytes::from(text), "text/plain")
+            }
+            (Some(raw), None) => (
+                Bytes::from(String::from(Box::<str>::from(raw))),
+                "application/json",
+            ),
             (None, Some(b)) => (
                 Bytes::from(
                     base64::engine::general_purpose::STANDARD

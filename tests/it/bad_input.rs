@@ -543,6 +543,32 @@ async fn json_content_reads_back_exactly_on_every_path(backend: Backend) {
             );
         }
     }
+    // A batch item's `content` given as a JSON value is stored as that value's text, not
+    // re-serialized (which rounded the big integer and rewrote 1E2 as 100.0).
+    let value = r#"{"n":123456789012345678901234567890, "e":1E2}"#;
+    let r = app
+        .pod(Method::POST, "exact", "/b?batch=true")
+        .bearer_auth(&app.token)
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"[{{"name":"o","content":{value}}},{{"name":"t","content":"a\u00e9"}}]"#
+        ))
+        .send()
+        .await
+        .expect("batch");
+    assert_eq!(r.status(), 201);
+    for (name, stored, content_type) in [
+        ("o", value, "application/json"),
+        ("t", "a\u{e9}", "text/plain"),
+    ] {
+        let r = app
+            .pod(Method::GET, "exact", &format!("/b/{name}"))
+            .send()
+            .await
+            .expect("read");
+        assert_eq!(r.headers()["content-type"], content_type);
+        assert_eq!(r.text().await.expect("body"), stored, "{name}");
+    }
 }
 
 /// `DELETE /stream/` (an empty record name) is a missing name, not the stream: it once fell
