@@ -33,6 +33,8 @@
 //! transfer, a permission-stream record or a deleted pod (signalled with their cache
 //! invalidation, see `invalidation.rs`), a deleted stream, or [`Engine::permissions_changed`];
 //! and every `permission_recheck` as a safety net. A token's expiry ends its subscriptions.
+//! Such changes are looked at while waiting for records and between history pages, so a
+//! revoked reader that is catching up gets at most the pages already read.
 //!
 //! ## Recursive subscriptions
 //! A stream and all its readable descendants, including streams created later: a set of the
@@ -710,6 +712,13 @@ impl Subscription {
                     self.lagged = true;
                     continue;
                 }
+                // Catching up reads page after page without waiting: a revocation or an
+                // expiry must be seen between pages too, not only once caught up (a probe's
+                // revoked reader got 59,000 more records of history).
+                self.note_changes()?;
+                if self.must_recheck {
+                    continue;
+                }
                 self.fill().await?;
                 continue;
             }
@@ -819,6 +828,22 @@ impl Subscription {
             self.buf.push_back(row);
         }
         Ok(())
+    }
+
+    /// Takes note, without waiting, of what [`wait`](Self::wait) would wake for besides
+    /// records: the token's expiry and permission changes of the pod.
+    fn note_changes(&mut self) -> Result<(), LiveEnd> {
+        use broadcast::error::TryRecvError;
+        if self.expires.is_some_and(|at| at <= Instant::now()) {
+            return Err(Error::new(ErrorKind::TokenExpired, "the token has expired").into());
+        }
+        loop {
+            match self.perms.try_recv() {
+                Ok(pod) if pod != self.pod => {}
+                Ok(_) | Err(TryRecvError::Lagged(_)) => self.must_recheck = true,
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return Ok(()),
+            }
+        }
     }
 
     /// Waits for something that can produce an event.

@@ -27,6 +27,7 @@ both_backends!(
     lagging_subscription_reads_from_storage,
     revoked_reader_gets_forbidden,
     permission_record_revokes_tails,
+    revocation_ends_a_tail_that_is_catching_up,
     expired_token_ends_the_tail,
     after_hash_detects_forks,
     sse_resumes_from_last_event_id,
@@ -783,6 +784,50 @@ async fn permission_record_revokes_tails(backend: Backend) {
             .unwrap();
         assert_eq!(error_code(r).await, (403, "FORBIDDEN".into()), "{delete}");
     }
+    app.stop().await;
+}
+
+/// A tail still reading its history page by page (256 records a page) sees a revocation
+/// between pages: it once read on to the end of the history (a probe's revoked reader got
+/// 59,000 more records), as changes were only looked at once caught up.
+async fn revocation_ends_a_tail_that_is_catching_up(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (bob, bob_token) = club(&app, "catch").await;
+    for b in 0..3 {
+        let r = app
+            .pod(Method::POST, "catch", "/room?batch=true")
+            .bearer_auth(&app.token)
+            .body(crate::support::batch_body(&format!("b{b}-"), 1000))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let bob_caller = app.engine.authenticate(Some(&bob_token)).unwrap();
+    let mut sub = app
+        .engine
+        .subscribe(&bob_caller, "catch", "room", LiveRequest::default())
+        .await
+        .expect("bob may read");
+    for _ in 0..10 {
+        assert!(matches!(sub.next().await, Ok(LiveEvent::Record(_))));
+    }
+    grant(&app, &app.token, "catch", &bob, false).await;
+    let mut after = 0;
+    let end = loop {
+        match sub.next().await {
+            Ok(LiveEvent::Record(_)) => after += 1,
+            Ok(other) => panic!("still catching up, got {other:?}"),
+            Err(end) => break end,
+        }
+    };
+    match end {
+        webpods_engine::LiveEnd::Error(e) => assert_eq!(e.kind().code(), "FORBIDDEN", "{e:?}"),
+        other => panic!("expected FORBIDDEN, got {other:?}"),
+    }
+    // What was read before the change may still go out: the page in hand, and one page read
+    // while the change's signal was on its way. Not the other 2,700 records.
+    assert!(after <= 2 * 256, "{after} records after the revocation");
     app.stop().await;
 }
 
