@@ -514,15 +514,24 @@ impl Config {
             },
         };
         // A limit of 0 would refuse every request it applies to: a typo, not a setting.
+        // A number with a floor: `unit` names it in the message.
+        let parse_at_least =
+            |k: &str, default: u64, min: u64, unit: &str, errors: &mut Vec<String>| -> u64 {
+                let reported = errors.len();
+                let v = parse(k, default, errors);
+                // Below with no error recorded: it was given so (a bad number is reported
+                // already, and replaced by 0).
+                if v < min && errors.len() == reported {
+                    let origin = lookup(k).map_or(Origin::Env, |(_, o)| o);
+                    errors.push(format!(
+                        "{}: must be at least {min}{unit}",
+                        name(k, &origin)
+                    ));
+                }
+                v
+            };
         let parse_limit = |k: &str, default: u64, errors: &mut Vec<String>| -> u64 {
-            let reported = errors.len();
-            let v = parse(k, default, errors);
-            // 0 with no error recorded: a 0 was given (a bad number is reported already).
-            if v == 0 && errors.len() == reported {
-                let origin = lookup(k).map_or(Origin::Env, |(_, o)| o);
-                errors.push(format!("{}: must be at least 1", name(k, &origin)));
-            }
-            v
+            parse_at_least(k, default, 1, "", errors)
         };
         let max_record_bytes =
             parse_limit("WEBPODS_MAX_RECORD_BYTES", 10 * 1024 * 1024, &mut errors);
@@ -531,16 +540,14 @@ impl Config {
         let max_subs = parse_limit("WEBPODS_MAX_SUBSCRIPTIONS_PER_CONNECTION", 100, &mut errors);
         let max_recursive = parse_limit("WEBPODS_MAX_RECURSIVE_STREAMS", 256, &mut errors);
         let ws_message = parse_limit("WEBPODS_WS_MAX_MESSAGE_BYTES", 65_536, &mut errors);
-        let ws_idle = parse("WEBPODS_WS_IDLE_TIMEOUT_SECS", 60, &mut errors);
         // Pings go out every third of it: below 2 s the check could not keep its word.
-        if let Some((v, origin)) = lookup("WEBPODS_WS_IDLE_TIMEOUT_SECS")
-            && v.trim().parse::<u64>().is_ok_and(|secs| secs < 2)
-        {
-            errors.push(format!(
-                "{}: must be at least 2 seconds, got {v:?}",
-                name("WEBPODS_WS_IDLE_TIMEOUT_SECS", &origin)
-            ));
-        }
+        let ws_idle = parse_at_least(
+            "WEBPODS_WS_IDLE_TIMEOUT_SECS",
+            60,
+            2,
+            " seconds",
+            &mut errors,
+        );
         let live_send = parse("WEBPODS_LIVE_SEND_TIMEOUT_SECS", 10, &mut errors);
         let live_behind = parse("WEBPODS_LIVE_MAX_BEHIND", 100_000, &mut errors);
         let idle = parse("WEBPODS_ACTOR_IDLE_SECS", 30, &mut errors);

@@ -266,7 +266,7 @@ fn start_commit(myself: &ActorRef<StreamMsg>, state: &mut StreamState) {
     let chain = state.chain.take();
     let me = myself.clone();
     tokio::spawn(async move {
-        let (chain, answers) = commit(&env, &ctx, chain, batch).await;
+        let (chain, answers) = commit(&env, &ctx, chain, batch).await.unzip();
         // The actor first, so that its next commit is queued to run ahead of the request
         // tasks the answers wake (each writes its response before yielding). Answering first
         // left one stream without a statement in flight a third of the time under load.
@@ -282,14 +282,14 @@ type Replies = Vec<oneshot::Sender<AppendReply>>;
 type Outcomes = Vec<Result<EntryOutcome, Error>>;
 
 /// Commits the batch (fast path if it can, else the locking path) and returns the chain as it
-/// stands afterwards, with the answers to the committed entries still to send. Entries that
-/// failed are answered here.
+/// stands afterwards, with the answers to the committed entries still to send; `None` when it
+/// failed, its entries answered here (the next commit then finds the head in storage).
 async fn commit(
     env: &ActorEnv,
     ctx: &StreamCtx,
     chain: Option<Chain>,
     batch: Vec<(Entry, oneshot::Sender<AppendReply>)>,
-) -> (Option<Chain>, Option<Answers>) {
+) -> Option<(Chain, Answers)> {
     let mut started = Instant::now();
     let (mut entries, mut replies): (Vec<Entry>, Replies) = batch.into_iter().unzip();
     if let Some(chain) = chain {
@@ -299,10 +299,7 @@ async fn commit(
                     head: head_after(&plan, chain.head),
                     child_version: chain.child_version,
                 };
-                return (
-                    Some(chain),
-                    Some(finish(env, ctx, plan, outcomes, replies, started)),
-                );
+                return Some((chain, finish(env, ctx, plan, outcomes, replies, started)));
             }
             Fast::LeadWritten {
                 plan,
@@ -316,7 +313,7 @@ async fn commit(
                 finish(env, ctx, plan, outcomes, replies, started).send();
                 if let Some(err) = rest {
                     fail(env, ctx, rest_replies, err);
-                    return (None, None);
+                    return None;
                 }
                 (entries, replies) = (rest_entries, rest_replies);
                 // The rest is a commit of its own (the commit-duration metric).
@@ -325,7 +322,7 @@ async fn commit(
             Fast::NotTaken => {}
             Fast::Failed(err) => {
                 fail(env, ctx, replies, err);
-                return (None, None);
+                return None;
             }
         }
     }
@@ -353,20 +350,17 @@ async fn commit(
                 head: head_after(&plan, head),
                 child_version,
             };
-            (
-                Some(chain),
-                Some(finish(env, ctx, plan, outcomes, replies, started)),
-            )
+            Some((chain, finish(env, ctx, plan, outcomes, replies, started)))
         }
         Err(webpods_storage::Error::StreamNotFound(_)) => {
             for (entry, reply) in entries.into_iter().zip(replies) {
                 let _ = reply.send(AppendReply::StreamGone(entry));
             }
-            (None, None)
+            None
         }
         Err(e) => {
             fail(env, ctx, replies, Error::from(e));
-            (None, None)
+            None
         }
     }
 }

@@ -415,8 +415,7 @@ impl Engine {
         let pod = self.owner_checked_pod(pod).await?;
         let user = require_owner(&pod, caller)?;
         let new_owner = names::canonical_user_id(new_owner);
-        // A NUL cannot be in any user id, and PostgreSQL refuses to look one up.
-        if new_owner.contains('\0') || self.inner.store.get_user(&new_owner).await?.is_none() {
+        if self.inner.store.get_user(&new_owner).await?.is_none() {
             return Err(Error::new(ErrorKind::UserNotFound, "no such user"));
         }
         let content = serde_json::json!({ "userId": new_owner });
@@ -1065,8 +1064,6 @@ impl Engine {
         }
         let store = &self.inner.store;
         let row = match &key {
-            // No record has a NUL in its name, and PostgreSQL refuses to look one up.
-            RecordKey::Name(name) if name.contains('\0') => None,
             RecordKey::Name(name) => store.latest_by_name(stream_id, name).await?,
             RecordKey::Index(index) => store.get_record(stream_id, *index).await?,
         }
@@ -1135,11 +1132,6 @@ impl Engine {
             .observe_cache(CacheKind::Streams, cached.is_some());
         if let Some(s) = cached {
             return Ok(Some(s));
-        }
-        // No stream has a NUL in its path (names are checked on creation), and PostgreSQL
-        // refuses to look one up: a read of `/a%00` is a bad name, not a database error.
-        if path.contains('\0') {
-            return Ok(None);
         }
         let found = self.inner.store.get_stream(pod.id, path).await?;
         if let Some(s) = &found {

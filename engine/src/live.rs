@@ -639,6 +639,11 @@ async fn on_notice(inner: &Inner, notice: Notice) {
     }
 }
 
+/// How a subscription whose token expired ends.
+fn token_expired() -> LiveEnd {
+    Error::new(ErrorKind::TokenExpired, "the token has expired").into()
+}
+
 impl Subscription {
     /// The stream's head index when the subscription started (`-1`: empty).
     pub fn head_index(&self) -> i64 {
@@ -835,7 +840,7 @@ impl Subscription {
     fn note_changes(&mut self) -> Result<(), LiveEnd> {
         use broadcast::error::TryRecvError;
         if self.expires.is_some_and(|at| at <= Instant::now()) {
-            return Err(Error::new(ErrorKind::TokenExpired, "the token has expired").into());
+            return Err(token_expired());
         }
         loop {
             match self.perms.try_recv() {
@@ -879,9 +884,7 @@ impl Subscription {
             Woke::Perm(Err(RecvError::Closed)) | Woke::Feed(Err(RecvError::Closed)) => {
                 return Err(LiveEnd::Shutdown);
             }
-            Woke::Expired => {
-                return Err(Error::new(ErrorKind::TokenExpired, "the token has expired").into());
-            }
+            Woke::Expired => return Err(token_expired()),
             Woke::Perm(Ok(pod)) if pod != self.pod => {}
             Woke::Perm(_) | Woke::Tick => self.must_recheck = true,
             Woke::Feed(Ok(FeedMsg::Records(rows))) => self.accept(&rows),

@@ -57,6 +57,13 @@ pub enum Error {
     Corrupt(String),
 }
 
+/// Whether a key sent from outside (a path, a record name, a user id) can name a stored row.
+/// None holds a NUL, and PostgreSQL refuses text with one (SQLSTATE 22021): looking it up is
+/// finding nothing, on every backend, not a database error.
+fn lookable(key: &str) -> bool {
+    !key.contains('\0')
+}
+
 /// The coarse class of an [`Error`], for callers that map errors to their own transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -468,6 +475,9 @@ impl Store {
     }
 
     pub async fn get_user(&self, id: &str) -> Result<Option<UserRow>> {
+        if !lookable(id) {
+            return Ok(None);
+        }
         dispatch!(self, s => s.get_user(id).await)
     }
 
@@ -507,6 +517,9 @@ impl Store {
     }
 
     pub async fn get_stream(&self, pod_id: i64, path: &str) -> Result<Option<StreamRow>> {
+        if !lookable(path) {
+            return Ok(None);
+        }
         dispatch!(self, s => s.get_stream(pod_id, path).await)
     }
 
@@ -563,6 +576,9 @@ impl Store {
 
     /// The latest record (highest index) with this name.
     pub async fn latest_by_name(&self, stream_id: i64, name: &str) -> Result<Option<RecordRow>> {
+        if !lookable(name) {
+            return Ok(None);
+        }
         dispatch!(self, s => s.latest_by_name(stream_id, name).await)
     }
 
